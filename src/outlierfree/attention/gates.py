@@ -1,0 +1,99 @@
+"""Gated attention: each head's output is multiplied by ``sigmoid(G(x))`` before the output projection.
+
+x is the attention layer's input (B, T, d_model); head h's output o_h (B, T, d_head) becomes
+``o_h * sigmoid(G_h(x))``. A head can then switch itself off (gate -> 0) instead of learning a no-op through
+extreme softmax logits (Bondarenko et al., 2023, eq. 4.2). The gate networks (``AttentionConfig.gate_type``):
+
+    head_linear   G_h(x) = x_h . w_h + b_h                     x_h = head h's own slice of x (d_head features)
+    linear        G_h(x) = x . w_h + b_h                       all d_model features (Qwen's head-wise gate)
+    mlp           G_h(x) = w2_h . relu(W1_h x_h + b1_h) + b2_h  d_head -> d_head/4 -> 1
+    elementwise   G_hd(x) = x . w_hd + b_hd                    one gate per output element (Qwen's element-wise)
+    scalar        G_h = b_h                                    unconditional, one learned scalar per head
+
+``gate_per='head'`` makes a conditional gate one value per head and sequence: the mean of G over (unpadded)
+tokens. The bias starts at ``logit(gate_init)``; in ``gate_finetune`` mode the weights start at zero and the
+output is divided by ``gate_init``, so a patched pretrained model is unchanged at initialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import AttentionConfig
+
+
+class AttentionGate(nn.Module):
+    """The gate of one attention layer; ``forward(x)`` returns the multiplier for the per-head output."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, cfg: AttentionConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.gate_type, self.gate_per = cfg.gate_type, cfg.gate_per
+        self.scale = 1.0 / cfg.gate_init if cfg.gate_finetune else 1.0
+        H, D = n_heads, head_dim
+        if cfg.gate_type in ("head_linear", "mlp") and H * D != d_model:
+            raise ValueError(f"per-head gates need d_model == n_heads * d_head ({d_model} != {H} * {D})")
+        if cfg.gate_type == "head_linear":
+            self.weight = nn.Parameter(torch.empty(H, D))  # (H, D): one d_head -> 1 linear per head
+            self.bias = nn.Parameter(torch.empty(H))
+        elif cfg.gate_type == "linear":
+            self.proj = nn.Linear(d_model, H)
+        elif cfg.gate_type == "mlp":
+            hidden = max(1, D // 4)
+            self.w1 = nn.Parameter(torch.empty(H, D, hidden))  # (H, D, D/4)
+            self.b1 = nn.Parameter(torch.zeros(H, hidden))
+            self.w2 = nn.Parameter(torch.empty(H, hidden))  # (H, D/4)
+            self.bias = nn.Parameter(torch.empty(H))
+        elif cfg.gate_type == "elementwise":
+            self.proj = nn.Linear(d_model, H * D)
+        elif cfg.gate_type == "scalar":
+            self.bias = nn.Parameter(torch.empty(H))
+        self.reset_parameters(cfg)
+
+    @torch.no_grad()
+    def reset_parameters(self, cfg: AttentionConfig) -> None:
+        """Weights ~ N(0, 0.02^2) (zeros in fine-tuning mode); bias = logit(gate_init)."""
+        std = 0.0 if cfg.gate_finetune else 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("bias") and name in ("bias", "proj.bias"):
+                p.fill_(cfg.gate_bias_init)
+            elif name == "b1":
+                p.zero_()
+            else:
+                p.normal_(0.0, std) if std > 0 else p.zero_()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate logits G(x): (B, T, H, 1), or (B, T, H, D) for ``elementwise``, or (1, 1, H, 1) for ``scalar``."""
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        if self.gate_type == "head_linear":
+            xh = x.view(B, T, H, D)
+            return (torch.einsum("bthd,hd->bth", xh, self.weight) + self.bias)[..., None]
+        if self.gate_type == "linear":
+            return self.proj(x)[..., None]  # (B, T, H, 1)
+        if self.gate_type == "mlp":
+            xh = x.view(B, T, H, D)
+            h = torch.relu(torch.einsum("bthd,hde->bthe", xh, self.w1) + self.b1)  # (B, T, H, D/4)
+            return (torch.einsum("bthe,he->bth", h, self.w2) + self.bias)[..., None]
+        if self.gate_type == "elementwise":
+            return self.proj(x).view(B, T, H, D)
+        return self.bias.view(1, 1, H, 1)  # scalar
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Gate probabilities to multiply the (B, T, H, D) head outputs with.
+
+        Args:
+            x: the attention layer's input, (B, T, d_model).
+            token_mask: optional (B, T) bool, True for real tokens; used by ``gate_per='head'`` to average over
+                real tokens only.
+        """
+        g = self.logits(x)
+        if self.gate_per == "head" and self.gate_type != "scalar":
+            if token_mask is None:
+                g = g.mean(dim=1, keepdim=True)  # (B, 1, H, 1|D)
+            else:
+                w = token_mask.to(g.dtype)[:, :, None, None]  # (B, T, 1, 1)
+                g = (g * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+        p = torch.sigmoid(g)
+        return p * self.scale if self.scale != 1.0 else p

@@ -1,0 +1,82 @@
+"""Clipped softmax and the mask helpers every attention path shares.
+
+    clipped_softmax(x) = clip((zeta - gamma) * softmax(x) + gamma, 0, 1),   gamma <= 0 <= 1 <= zeta
+
+With gamma < 0 a head reaches an *exact* zero probability at finite logits (softmax(x) <= -gamma / (zeta - gamma)),
+so it no longer needs to push its logits to extremes to "do nothing" (Bondarenko et al., 2023, eq. 4.1).
+Gamma may be ``-alpha / T`` with T either fixed or the number of keys each query row can see.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import AttentionConfig
+
+
+def keep_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool,
+              device: torch.device | None = None) -> torch.Tensor | None:
+    """Normalise any attention mask into a boolean "may attend" mask, broadcastable to (B, H, Tq, Tk).
+
+    Accepts the boolean masks of transformers' ``sdpa_mask`` (True = attend), additive float masks (0 = attend,
+    large negative = masked) and ``None``. With ``None`` and ``causal`` a lower-triangular mask is made (aligned to
+    the last key, as with a KV cache); ``None`` without ``causal`` stays ``None`` (every key visible).
+    """
+    if attention_mask is None:
+        if not causal or q_len == 1:
+            return None
+        # query i (of the last q_len positions) sees keys 0 .. k_len - q_len + i
+        q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
+        k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+        return (k_pos <= q_pos)[None, None]  # (1, 1, Tq, Tk)
+    if attention_mask.dtype == torch.bool:
+        mask = attention_mask
+    else:
+        # additive masks use dtype-min (or -inf) for masked keys; anything below half of min is masked
+        mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return mask[..., -k_len:]
+
+
+def visible_keys(mask: torch.Tensor | None, k_len: int) -> torch.Tensor | float:
+    """Number of keys each query row can see, shape (B|1, H|1, Tq, 1), or ``k_len`` when nothing is masked."""
+    if mask is None:
+        return float(k_len)
+    return mask.sum(dim=-1, keepdim=True).clamp_min(1).to(torch.float32)
+
+
+def gamma_for(cfg: AttentionConfig, mask: torch.Tensor | None, k_len: int) -> torch.Tensor | float:
+    """Gamma for a config: a number, or one value per query row (alpha with ``alpha_t='row'``)."""
+    g = cfg.fixed_gamma()
+    if g is not None:
+        return g
+    return -cfg.alpha / visible_keys(mask, k_len)
+
+
+def clipped_softmax(scores: torch.Tensor, gamma: torch.Tensor | float = 0.0, zeta: float = 1.0,
+                    mask: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
+    """``clip((zeta - gamma) * softmax(scores) + gamma, 0, 1)`` over ``dim``, with masked entries exactly zero.
+
+    Args:
+        scores: attention logits, e.g. (B, H, Tq, Tk).
+        gamma: <= 0; a float, or a tensor broadcastable to ``scores`` (per-row gamma).
+        zeta: >= 1.
+        mask: boolean "may attend" mask broadcastable to ``scores``, or ``None``.
+
+    With ``gamma == 0`` and ``zeta == 1`` the result equals ``softmax`` bit for bit (no stretch, no clip is
+    applied), so vanilla models lose nothing by going through this function.
+    """
+    if mask is not None:
+        # dtype-min instead of -inf: a fully masked row then gives a finite uniform softmax that the mask zeroes,
+        # where -inf would give NaN
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    low_precision = scores.dtype in (torch.float16, torch.bfloat16)
+    # half-precision softmax is computed in float32 (as transformers' OPT does); float32/64 stay as they are
+    probs = F.softmax(scores.float() if low_precision else scores, dim=dim)
+    plain = isinstance(gamma, (int, float)) and gamma == 0 and zeta == 1
+    if not plain:
+        probs = torch.clamp((zeta - gamma) * probs + gamma, 0.0, 1.0)
+    probs = probs.to(scores.dtype)
+    if mask is not None:
+        probs = probs.masked_fill(~mask, 0.0)
+    return probs

@@ -1,0 +1,131 @@
+"""Build models from scratch with any attention variant, and patch a variant into an existing HF model.
+
+    model = build_model("bert", "tiny", AttentionConfig("clipped", gamma=-0.025))
+    model = patch_model(AutoModel.from_pretrained(path), AttentionConfig("gated", gate_finetune=True))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..attention.config import AttentionConfig
+from ..attention.gates import AttentionGate
+from ..errors import OutlierfreeError, require
+from . import hf_compat
+from .sizes import SIZES
+
+
+def _attention_config(attention: AttentionConfig | dict | str | None, **kw: Any) -> AttentionConfig:
+    if isinstance(attention, str):
+        return AttentionConfig(variant=attention, **kw)
+    cfg = AttentionConfig.from_dict(attention)
+    return cfg.replace(**kw) if kw else cfg
+
+
+def model_config(family: str, size: str = "tiny", **overrides: Any) -> Any:
+    """The Hugging Face config of a named family/size, with ``overrides`` applied (e.g. ``vocab_size``)."""
+    require(family in hf_compat.FAMILIES, f"unknown model family {family!r}",
+            f"use one of {', '.join(hf_compat.FAMILIES)}")
+    require(size in SIZES[family], f"unknown size {size!r} for {family}",
+            f"use one of {', '.join(SIZES[family])} (see `outlierfree models`)")
+    fam = hf_compat.FAMILIES[family]
+    fields = {**SIZES[family][size], **overrides}
+    config = hf_compat.transformers_class(fam.config_class)(**fields)
+    config.architectures = [fam.task_class]
+    return config
+
+
+def build_model(family: str, size: str = "tiny", attention: AttentionConfig | dict | str | None = None,
+                seed: int | None = None, **overrides: Any) -> nn.Module:
+    """A freshly initialised ``BertForMaskedLM`` / ``OPTForCausalLM`` / ``ViTForImageClassification``.
+
+    Args:
+        family: ``bert``, ``opt`` or ``vit``.
+        size: a name from ``outlierfree models`` (``tiny``, ``base``, ``125m``, ``s16``...).
+        attention: the variant (an :class:`AttentionConfig`, its dict, or just the variant name).
+        seed: seeds torch before initialising, for reproducible weights.
+        overrides: Hugging Face config fields to change (``vocab_size``, ``num_labels``...).
+    """
+    config = model_config(family, size, **overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    cls = hf_compat.transformers_class(hf_compat.FAMILIES[family].task_class)
+    model = cls(config)
+    return patch_model(model, _attention_config(attention))
+
+
+def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None = None, strict: bool = True,
+                **kw: Any) -> nn.Module:
+    """Put an attention variant into an existing Hugging Face model, in place; returns the model.
+
+    Every attention module then runs through the ``outlierfree`` attention function; gated variants get an
+    :class:`AttentionGate` per layer (``<attention module>.outlierfree_gate``). The variant is recorded in
+    ``model.config.outlierfree`` so that :func:`save_model` / :func:`load_model` round-trip it. Patching again
+    replaces the previous variant.
+
+    Args:
+        strict: only BERT, OPT and ViT models are accepted (the families whose variants are tested); pass
+            ``False`` to patch any transformers model whose attention uses the attention interface.
+    """
+    cfg = _attention_config(attention, **kw)
+    config = getattr(model, "config", None)
+    family = hf_compat.family_of(config) if config is not None else None
+    if strict and family is None:
+        mt = getattr(config, "model_type", type(model).__name__)
+        raise OutlierfreeError(f"cannot patch a {mt!r} model: variants are supported for bert, opt and vit",
+                               "pass a BERT, OPT or ViT checkpoint (or strict=False in Python, untested)")
+    if cfg.alpha is not None and cfg.alpha_t == "fixed" and cfg.max_len is None:
+        cfg = cfg.replace(max_len=hf_compat.max_length(config))
+    modules = hf_compat.attention_modules(model)
+    require(len(modules) > 0, f"found no attention modules in {type(model).__name__}",
+            "pass a transformers model whose attention uses the attention interface")
+    for _, module in modules:
+        unpatch_module(module)
+        module.outlierfree = cfg
+        if cfg.variant == "gated":
+            dims = hf_compat.attention_dims(module)
+            ref = next(module.parameters())
+            module.outlierfree_gate = AttentionGate(dims.d_model, dims.n_heads, dims.head_dim, cfg).to(
+                device=ref.device, dtype=ref.dtype)
+            module._outlierfree_hook = module.register_forward_pre_hook(_stash_layer_input, with_kwargs=True)
+    config.outlierfree = cfg.to_dict()
+    hf_compat.set_attention_implementation(model, hf_compat.IMPL_NAME)
+    return model
+
+
+def unpatch_module(module: nn.Module) -> None:
+    """Remove a previous variant from one attention module (gate, hook, config)."""
+    hook = getattr(module, "_outlierfree_hook", None)
+    if hook is not None:
+        hook.remove()
+    for name in ("outlierfree_gate",):
+        if name in module._modules:
+            del module._modules[name]
+    for name in ("outlierfree", "_outlierfree_hook", "_outlierfree_x"):
+        if name in module.__dict__:
+            delattr(module, name)
+
+
+def _stash_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # the gate needs x, the attention layer's input, which the attention interface is not given
+    module._outlierfree_x = hf_compat.layer_input(args, kwargs)
+
+
+def attention_config_of(model: nn.Module) -> AttentionConfig | None:
+    """The variant a model was built or patched with (``None`` for a stock model)."""
+    d = getattr(getattr(model, "config", None), "outlierfree", None)
+    return AttentionConfig.from_dict(d) if d is not None else None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_count(family: str, size: str, attention: AttentionConfig | None = None) -> int:
+    """Parameters of a named size without allocating its weights (built on the meta device)."""
+    with torch.device("meta"):
+        return count_parameters(build_model(family, size, attention))
