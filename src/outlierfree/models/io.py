@@ -112,16 +112,19 @@ def load_model(path: str | os.PathLike, model_class: Any = None, dtype: torch.dt
     config = load_config(path)
     cls = model_class or hf_compat.model_class_for(config)
     variant = getattr(config, "outlierfree", None)
+    kwargs: dict[str, Any] = dict(local_files_only=True, dtype=dtype)
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
     try:
-        if variant is None:
-            kwargs: dict[str, Any] = dict(local_files_only=True, dtype=dtype)
-            if gguf is not None:
-                kwargs["gguf_file"] = gguf
-            model = cls.from_pretrained(d, **kwargs)
-        else:
-            model = cls(config).to(dtype)
+        with _quiet_transformers():  # gate tensors are "unexpected" to the stock class: we load them below
+            model, info = cls.from_pretrained(d, output_loading_info=True, **kwargs)
+        missing = [k for k in info.get("missing_keys", []) if "outlierfree_gate" not in k]
+        if missing and variant is not None:
+            raise OutlierfreeError(f"checkpoint {str(path)!r} lacks weights {sorted(missing)[:3]}",
+                                   "re-save the model with outlierfree; the file is incomplete")
+        if variant is not None:
             patch_model(model, variant)
-            _load_weights(model, d)
+            _load_gates(model, d)
     except OutlierfreeError:
         raise
     except Exception as e:
@@ -132,30 +135,38 @@ def load_model(path: str | os.PathLike, model_class: Any = None, dtype: torch.dt
     return model
 
 
-def _load_weights(model: nn.Module, d: Path) -> None:
-    """Load every safetensors shard of ``d`` into ``model``; only tied parameters may be missing."""
-    from safetensors.torch import load_file
+def _load_gates(model: nn.Module, d: Path) -> None:
+    """Load the gate parameters of a gated checkpoint into a freshly patched ``model``.
 
+    ``save_pretrained`` may rename module paths on the way out (transformers 5 writes ViT in its legacy layout), so
+    gates are matched by (layer index, parameter name) rather than by full key.
+    """
+    from safetensors import safe_open
+
+    from ..sites.core import layer_index
+
+    ours = {(layer_index(n), n.split("outlierfree_gate.", 1)[1]): p
+            for n, p in model.named_parameters() if "outlierfree_gate." in n}
+    if not ours:
+        return
     index = d / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (d / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise OutlierfreeError(f"no model.safetensors in {str(d)!r}", "save the model with outlierfree or save_pretrained")
-    state: dict[str, torch.Tensor] = {}
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    found: dict[tuple, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(d / f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    untied = [k for k in missing if k in params and params[k].data_ptr() not in loaded]
-    if untied or unexpected:
-        raise OutlierfreeError(
-            f"checkpoint {str(d)!r} does not match its config (missing {untied[:3]}, unexpected {unexpected[:3]})",
-            "re-save the model with outlierfree")
+        with safe_open(str(d / f), framework="pt") as sf:
+            for k in sf.keys():
+                if "outlierfree_gate." in k:
+                    found[(layer_index(k), k.split("outlierfree_gate.", 1)[1])] = sf.get_tensor(k)
+    if set(found) != set(ours):
+        raise OutlierfreeError(f"the gate weights in {str(d)!r} do not match the gated config "
+                               f"({len(found)} tensors for {len(ours)} parameters)", "re-save the model with outlierfree")
+    with torch.no_grad():
+        for key, p in ours.items():
+            if found[key].shape != p.shape:
+                raise OutlierfreeError(f"gate weight {key} has shape {tuple(found[key].shape)}, expected "
+                                       f"{tuple(p.shape)}", "re-save the model with outlierfree")
+            p.copy_(found[key])
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -170,6 +181,21 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     except Exception as e:
         raise OutlierfreeError(f"no usable tokenizer in {str(path)!r}: {_one_line(e)}",
                                "save the tokenizer beside the model or pass --tokenizer DIR") from e
+
+
+class _quiet_transformers:
+    """Silence transformers' warnings (unexpected gate keys) while loading; errors still raise."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging
+
+        self.level = logging.get_verbosity()
+        logging.set_verbosity_error()
+
+    def __exit__(self, *exc: Any) -> None:
+        from transformers.utils import logging
+
+        logging.set_verbosity(self.level)
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,0 +1,5 @@
+"""``python -m outlierfree`` runs the CLI."""
+
+from .cli import main
+
+main()
