@@ -163,3 +163,13 @@ def model_class_for(config: Any) -> Any:
     if fam is not None:
         return transformers_class(FAMILIES[fam].base_class)
     return transformers.AutoModel
+
+
+# ---- training (outlierfree.train) ----------------------------------------------------------------------------
+def mlm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(encoder, head) of a ``BertForMaskedLM``: ``model.bert`` (returns ``last_hidden_state``) and ``model.cls``
+    (hidden (M, d) -> logits (M, V)). Training applies the head to the masked positions only."""
+    enc, head = getattr(model, "bert", None), getattr(model, "cls", None)
+    if enc is None or head is None:
+        raise TypeError(f"{type(model).__name__} is not a BertForMaskedLM (no .bert / .cls)")
+    return enc, head
