@@ -96,9 +96,11 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         if impl == "auto":
             impl = AUTO_CLIPPED[0](query, key)
         if impl in CLIPPED_KERNELS and softcap is None:
-            keep = keep_mask(attention_mask, Tq, Tk, causal and attention_mask is None, query.device)
-            context = CLIPPED_KERNELS[impl](module, query, _repeat_kv(key, n_rep), _repeat_kv(value, n_rep), keep,
-                                            scaling, dropout if module.training else 0.0, cfg)
+            kernel = CLIPPED_KERNELS[impl]
+            flag = causal and attention_mask is None and getattr(kernel, "takes_causal", False)  # no T x T mask
+            keep = keep_mask(attention_mask, Tq, Tk, causal and attention_mask is None and not flag, query.device)
+            context = kernel(module, query, _repeat_kv(key, n_rep), _repeat_kv(value, n_rep), keep, scaling,
+                             dropout if module.training else 0.0, cfg, **({"causal": True} if flag else {}))
         else:
             impl = "eager"
     elif cfg.variant != "clipped" and impl in ("auto", "sdpa") and not want_probs and softcap is None:

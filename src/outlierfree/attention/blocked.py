@@ -1,0 +1,456 @@
+"""Memory-efficient clipped-softmax attention: a two-pass blocked kernel that never stores a T x T tensor.
+
+Clipped softmax acts on the *normalised* probability,
+
+    c_ij = clip((zeta - gamma_i) * p_ij + gamma_i, 0, 1),     p_ij = exp(s_ij - lse_i),   s = scale * q k^T,
+
+so the one-pass online-softmax trick of FlashAttention / SDPA cannot be used: the clip of a block cannot be taken
+before the row's final normaliser is known. The two-pass form (cf. the Two-Pass Softmax Algorithm) can:
+
+    pass 1: stream over the key blocks of a query block, keep the running max m_i and sum l_i of exp(s_ij - m_i);
+            lse_i = m_i + log l_i
+    pass 2: stream over the key blocks again, recompute s, form c = clip((zeta - gamma) exp(s - lse) + gamma, 0, 1)
+            and accumulate O_i += c_ij v_j.
+
+When a query block's whole key range fits in one key block (the default on the CPU up to ``MAX_KEY_BLOCK`` keys),
+both passes happen on the same block of scores, which is computed once. Either way the largest temporary is one
+(batch-heads, query block, key block) tile; forward saves only q, k, v and lse (B, H, Tq) for the backward.
+
+Backward (recomputes the blocks instead of storing them). With kappa_i = zeta - gamma_i, u = kappa p + gamma,
+"inside" = 0 < u < 1, dropout multiplier R (R = 1 without dropout; O = (c * R) V):
+
+    dV   = (c * R)^T dO
+    dc   = (dO V^T) * R
+    dp   = kappa * inside * dc            (the clip passes gradient only where it does not clip)
+    ds   = p * (dp - sum_k p_k dp_k)       (the softmax Jacobian, row-wise)
+         = kappa * p * (w - D),           w = inside * dc,    D_i = sum_j p_ij * inside_ij * dc_ij
+    dQ   = scale * ds K,    dK = scale * ds^T Q
+
+FlashAttention gets its row term from D_i = rowsum(dO * O), which holds because there O_i = sum_j p_ij v_j, so
+sum_j p_ij (dO_i . v_j) = dO_i . O_i. Here O_i = sum_j c_ij v_j: rowsum(dO * O) = sum_j c_ij dc_ij, which differs
+from D_i twice over: c is not p (c = kappa p + gamma inside the clip range), and clipped entries carry p_ij
+through the softmax Jacobian but no gradient of their own (inside = 0). With nothing clipped one could still
+write D_i = (dO_i . O_i - gamma_i dO_i . sum_j R_ij v_j) / kappa_i, but with clipping the indicator is needed, so D
+is its own reduction over the key blocks: one extra streaming pass in the backward when there is more than one key
+block (pass A: D; pass B: dQ, dK, dV), none when the key range fits one block.
+
+Masked keys get s = -inf, so p = 0 and c = clip(gamma, 0, 1) = 0 exactly, with no gradient. Rows with no visible
+key (every key masked) return 0, with zero gradient, as the eager path does.
+
+Entry points:
+    blocked_clipped_attention(q, k, v, gamma, zeta, keep=None, causal=False, ...)  the kernel, any device
+    flex_clipped_attention(...)   GPU: FlexAttention's two-call form (compiled to Triton; untested on hardware)
+    blocked_kernel(...)           the ``CLIPPED_KERNELS["blocked"]`` entry used by ``outlierfree_attention``
+    choose_clipped_impl(q, k)     ``AUTO_CLIPPED[0]``: "blocked" where it is faster or the sequence is long
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import Iterator
+
+import torch
+
+from .config import AttentionConfig
+from .interface import AUTO_CLIPPED, CLIPPED_KERNELS
+
+# Largest key block streamed in one piece. Up to this many keys a query block's scores are computed once (one
+# pass in the forward and one in the backward); beyond it the two-pass streaming form runs.
+MAX_KEY_BLOCK = 16384
+# Target number of score elements in one tile (all batch-heads of a chunk x query block x key block). Small
+# sequences batch many heads into one tile so Python overhead stays low; long ones go one head at a time.
+TILE_ELEMS = 1 << 19
+# impl="auto" picks the blocked kernel from this many keys on (measured crossover on the CPU, see
+# docs/attention_kernels.md), or when the eager probability tensor would exceed EAGER_MAX_ELEMS elements.
+AUTO_MIN_KEYS = 512
+EAGER_MAX_ELEMS = 1 << 26
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+def _sl(t: torch.Tensor, b: slice, h: slice, i: slice, j: slice | None = None) -> torch.Tensor:
+    """Slice a 4-d tensor broadcastable to (B, H, Tq, Tk); dimensions of size 1 stay whole (broadcast)."""
+    idx = [s if t.shape[d] != 1 else slice(None) for d, s in enumerate((b, h, i, j or slice(None)))]
+    return t[tuple(idx)]
+
+
+def _chunks(B: int, H: int, tile_per_head: int, tile_elems: int) -> Iterator[tuple[slice, slice]]:
+    """Rectangular (batch, head) chunks so that a chunk's tile has about ``tile_elems`` elements."""
+    n = max(1, tile_elems // max(1, tile_per_head))  # heads per chunk
+    if n >= H:
+        nb = max(1, n // H)
+        for b0 in range(0, B, nb):
+            yield slice(b0, min(B, b0 + nb)), slice(0, H)
+    else:
+        for b in range(B):
+            for h0 in range(0, H, n):
+                yield slice(b, b + 1), slice(h0, min(H, h0 + n))
+
+
+class _Plan:
+    """Block layout shared by forward and backward (the backward must see the same tiles, e.g. for dropout)."""
+
+    def __init__(self, B: int, H: int, Tq: int, Tk: int, causal: bool, q_block: int, k_block: int | None,
+                 tile_elems: int, scale: float):
+        self.Tq, self.Tk, self.causal, self.scale = Tq, Tk, causal, scale
+        self.off = Tk - Tq  # causal: query row i sees keys 0 .. off + i (aligned to the last key, as keep_mask)
+        self.bq = max(1, min(int(q_block), Tq))
+        self.bk = max(1, min(int(k_block or MAX_KEY_BLOCK), Tk))
+        self.chunks = list(_chunks(B, H, self.bq * min(self.bk, Tk), tile_elems))
+
+    def q_blocks(self) -> Iterator[tuple[int, int]]:
+        for i0 in range(0, self.Tq, self.bq):
+            yield i0, min(self.Tq, i0 + self.bq)
+
+    def k_blocks(self, i0: int, i1: int) -> list[tuple[int, int]]:
+        """Key blocks a query block needs: causal blocks stop at the last row's last visible key."""
+        end = self.Tk if not self.causal else max(0, min(self.Tk, self.off + i1))
+        return [(j0, min(end, j0 + self.bk)) for j0 in range(0, end, self.bk)]
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, plan: _Plan, b: slice, h: slice,
+            i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+    """Scaled scores of one tile with masked entries at -inf: (b, h, i1 - i0, j1 - j0)."""
+    qs = q[b, h, i0:i1] * plan.scale  # (nb, nh, bq, D): scaling the small q tile, not the scores
+    s = torch.matmul(qs, k[b, h, j0:j1].transpose(-1, -2))  # (nb, nh, bq, bk)
+    if keep is not None:
+        s.masked_fill_(~_sl(keep, b, h, slice(i0, i1), slice(j0, j1)), -math.inf)
+    if plan.causal:
+        c0 = max(j0, plan.off + i0 + 1)  # first column that some row of the block may not see
+        if c0 < j1:
+            cols = torch.arange(c0, j1, device=s.device)[None, :]  # (1, w)
+            rows = torch.arange(i0, i1, device=s.device)[:, None] + plan.off  # (bq, 1)
+            s[..., c0 - j0:].masked_fill_(cols > rows, -math.inf)
+    return s
+
+
+def _gamma_tile(gamma: torch.Tensor | float, b: slice, h: slice, i0: int, i1: int) -> torch.Tensor | float:
+    return _sl(gamma, b, h, slice(i0, i1)) if isinstance(gamma, torch.Tensor) else gamma
+
+
+def _dropout_keep(shape: torch.Size, p: float, seed: int, tile_id: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The dropout multiplier of one tile (0 or 1 / (1 - p)), reproducible from (seed, tile_id) in the backward."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + tile_id) % (1 << 63))
+    r = torch.rand(shape, generator=g, device=device, dtype=dtype)
+    return (r >= p).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def visible_rows(keep: torch.Tensor | None, causal: bool, Tq: int, Tk: int,
+                 device: torch.device | None = None) -> torch.Tensor | float:
+    """Keys each query row can see, (B|1, H|1, Tq|1, 1) float32 clamped to >= 1, or ``Tk`` when nothing is masked.
+
+    Matches ``softmax.visible_keys(keep_mask(...))`` without building a causal T x T mask: the causal count of row
+    i is ``Tk - Tq + i + 1``; with a padding mask as well, the count is summed one query block at a time.
+    """
+    if keep is None and not causal:
+        return float(Tk)
+    if keep is None:
+        i = torch.arange(Tq, device=device, dtype=torch.float32)
+        return (i + (Tk - Tq + 1)).clamp(0, Tk).clamp_min(1).view(1, 1, Tq, 1)
+    if keep.dim() < 4:
+        keep = keep.view((1,) * (4 - keep.dim()) + tuple(keep.shape))
+    if not causal:
+        return keep.sum(dim=-1, keepdim=True).clamp_min(1).to(torch.float32)
+    out = []
+    off = Tk - Tq
+    kq = keep.expand(*keep.shape[:2], Tq, Tk)
+    for i0 in range(0, Tq, 256):  # (.., 256, Tk) bool at a time
+        i1 = min(Tq, i0 + 256)
+        tri = torch.arange(Tk, device=keep.device)[None, :] <= (torch.arange(i0, i1, device=keep.device)[:, None] + off)
+        out.append((kq[:, :, i0:i1] & tri).sum(-1, keepdim=True))
+    return torch.cat(out, dim=2).clamp_min(1).to(torch.float32)
+
+
+def gamma_rows(cfg: AttentionConfig, keep: torch.Tensor | None, causal: bool, Tq: int, Tk: int,
+               device: torch.device | None = None) -> torch.Tensor | float:
+    """Gamma of a config: a number, or per query row (alpha with ``alpha_t='row'``), like ``softmax.gamma_for``
+    with the causal mask given as a flag instead of a T x T tensor."""
+    g = cfg.fixed_gamma()
+    if g is not None:
+        return g
+    return -cfg.alpha / visible_rows(keep, causal, Tq, Tk, device)
+
+
+# ---- the autograd function ---------------------------------------------------------------------------------------
+class BlockedClippedAttention(torch.autograd.Function):
+    """Clipped-softmax attention, blocked over queries and keys, with a backward that recomputes the tiles.
+
+    See the module docstring for the maths. Inputs: q (B, H, Tq, D), k and v (B, H, Tk, D), gamma (float or
+    (B|1, H|1, Tq|1, 1)), zeta, keep (bool, broadcastable to (B, H, Tq, Tk), or None), causal (bool).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, gamma, zeta, keep, causal, scale, q_block, k_block, tile_elems, dropout_p, seed):
+        B, H, Tq, D = q.shape
+        Tk = k.shape[-2]
+        plan = _Plan(B, H, Tq, Tk, causal, q_block, k_block, tile_elems, scale)
+        out = torch.zeros_like(q)  # (B, H, Tq, D)
+        lse = torch.full((B, H, Tq), math.inf, dtype=q.dtype, device=q.device)  # +inf: row sees no key
+        tile = 0
+        for b, h in plan.chunks:
+            for i0, i1 in plan.q_blocks():
+                kbs = plan.k_blocks(i0, i1)
+                if not kbs:
+                    continue
+                g = _gamma_tile(gamma, b, h, i0, i1)
+                kappa = zeta - g
+                if len(kbs) == 1:  # the whole key range in one tile: softmax and clip on the same scores
+                    j0, j1 = kbs[0]
+                    s = _scores(q, k, keep, plan, b, h, i0, i1, j0, j1)  # (nb, nh, bq, bk)
+                    m = s.amax(dim=-1, keepdim=True)  # (nb, nh, bq, 1)
+                    m = torch.where(m == -math.inf, 0.0, m)  # rows with no visible key: exp(-inf - 0) = 0
+                    p = s.sub_(m).exp_()  # unnormalised
+                    l = p.sum(dim=-1, keepdim=True)  # (nb, nh, bq, 1)
+                    lse[b, h, i0:i1] = torch.where(l > 0, m + torch.log(l), math.inf).squeeze(-1)
+                    a = torch.where(l > 0, kappa / l.clamp_min(1e-38), 0.0)  # (zeta - gamma) / l
+                    c = p.mul_(a).add_(g).clamp_(0.0, 1.0)  # masked: clip(gamma) = 0
+                    if dropout_p > 0:
+                        c.mul_(_dropout_keep(c.shape, dropout_p, seed, tile, c.device, c.dtype))
+                    out[b, h, i0:i1] = torch.matmul(c, v[b, h, j0:j1])
+                    tile += 1
+                    continue
+                # pass 1: running max and normaliser over the key blocks
+                m = torch.full((*q[b, h, i0:i1].shape[:-1], 1), -math.inf, dtype=q.dtype, device=q.device)
+                l = torch.zeros_like(m)  # (nb, nh, bq, 1)
+                for j0, j1 in kbs:
+                    s = _scores(q, k, keep, plan, b, h, i0, i1, j0, j1)
+                    m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+                    m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
+                    l = l * torch.exp(m - m_safe) + s.sub_(m_safe).exp_().sum(dim=-1, keepdim=True)
+                    m = m_new
+                m_safe = torch.where(m == -math.inf, 0.0, m)
+                row_lse = torch.where(l > 0, m_safe + torch.log(l), math.inf)  # (nb, nh, bq, 1)
+                lse[b, h, i0:i1] = row_lse.squeeze(-1)
+                # pass 2: recompute, clip, accumulate
+                acc = out[b, h, i0:i1]  # a view: accumulate in place
+                for j0, j1 in kbs:
+                    s = _scores(q, k, keep, plan, b, h, i0, i1, j0, j1)
+                    c = s.sub_(row_lse).exp_().mul_(kappa).add_(g).clamp_(0.0, 1.0)
+                    if dropout_p > 0:
+                        c.mul_(_dropout_keep(c.shape, dropout_p, seed, tile, c.device, c.dtype))
+                    acc += torch.matmul(c, v[b, h, j0:j1])
+                    tile += 1
+        g_t = gamma if isinstance(gamma, torch.Tensor) else None
+        ctx.save_for_backward(q, k, v, lse, g_t, keep)
+        ctx.gamma = None if g_t is not None else gamma
+        ctx.args = (zeta, causal, scale, q_block, k_block, tile_elems, dropout_p, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, lse, g_t, keep = ctx.saved_tensors
+        gamma = g_t if g_t is not None else ctx.gamma
+        zeta, causal, scale, q_block, k_block, tile_elems, dropout_p, seed = ctx.args
+        B, H, Tq, D = q.shape
+        Tk = k.shape[-2]
+        plan = _Plan(B, H, Tq, Tk, causal, q_block, k_block, tile_elems, scale)
+        d_out = d_out.contiguous()
+        dq = torch.zeros_like(q)  # (B, H, Tq, D)
+        dk = torch.zeros_like(k)  # (B, H, Tk, D)
+        dv = torch.zeros_like(v)
+        tile = 0
+        for b, h in plan.chunks:
+            for i0, i1 in plan.q_blocks():
+                kbs = plan.k_blocks(i0, i1)
+                if not kbs:
+                    continue
+                g = _gamma_tile(gamma, b, h, i0, i1)
+                kappa = zeta - g
+                row_lse = lse[b, h, i0:i1, None]  # (nb, nh, bq, 1)
+                do = d_out[b, h, i0:i1]  # (nb, nh, bq, D)
+                first_tile = tile
+                if len(kbs) > 1:  # pass A: D_i = sum_j p_ij inside_ij dc_ij over all key blocks
+                    Drow = torch.zeros_like(row_lse)
+                    for t, (j0, j1) in enumerate(kbs):
+                        p, inside, _ = _probs(q, k, keep, plan, b, h, i0, i1, j0, j1, row_lse, kappa, g)
+                        dc = torch.matmul(do, v[b, h, j0:j1].transpose(-1, -2))  # (nb, nh, bq, bk)
+                        if dropout_p > 0:
+                            dc.mul_(_dropout_keep(dc.shape, dropout_p, seed, first_tile + t, dc.device, dc.dtype))
+                        Drow += dc.masked_fill_(~inside, 0.0).mul_(p).sum(dim=-1, keepdim=True)
+                # pass B (the only pass with one key block): dV, dQ, dK
+                factor = kappa * scale  # ds = kappa * p * (w - D); scale from s = scale * q k^T
+                for t, (j0, j1) in enumerate(kbs):
+                    p, inside, c = _probs(q, k, keep, plan, b, h, i0, i1, j0, j1, row_lse, kappa, g)
+                    if dropout_p > 0:
+                        r = _dropout_keep(c.shape, dropout_p, seed, first_tile + t, c.device, c.dtype)
+                        c.mul_(r)
+                    dv[b, h, j0:j1] += torch.matmul(c.transpose(-1, -2), do)
+                    del c
+                    w = torch.matmul(do, v[b, h, j0:j1].transpose(-1, -2))  # dc: (nb, nh, bq, bk)
+                    if dropout_p > 0:
+                        w.mul_(r)
+                    w.masked_fill_(~inside, 0.0).mul_(p)  # p * inside * dc
+                    if len(kbs) == 1:
+                        Drow = w.sum(dim=-1, keepdim=True)
+                    ds = w.addcmul_(p, Drow, value=-1.0)  # p * (w - D), still without kappa * scale
+                    dq[b, h, i0:i1] += torch.matmul(ds, k[b, h, j0:j1]) * factor
+                    q_f = q[b, h, i0:i1] * factor if isinstance(factor, torch.Tensor) else q[b, h, i0:i1]
+                    dk_t = torch.matmul(ds.transpose(-1, -2), q_f)
+                    dk[b, h, j0:j1] += dk_t if isinstance(factor, torch.Tensor) else dk_t.mul_(factor)
+                tile += len(kbs)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+def _probs(q, k, keep, plan, b, h, i0, i1, j0, j1, row_lse, kappa, g):
+    """Recompute one tile: p = exp(s - lse), the "not clipped" indicator, and c = clip(kappa p + gamma, 0, 1)."""
+    p = _scores(q, k, keep, plan, b, h, i0, i1, j0, j1).sub_(row_lse).exp_()  # (nb, nh, bq, bk)
+    u = p * kappa + g if isinstance(kappa, torch.Tensor) else p.mul(kappa).add_(g)
+    inside = (u > 0).logical_and_(u < 1)
+    return p, inside, u.clamp_(0.0, 1.0)
+
+
+def blocked_clipped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              gamma: torch.Tensor | float = -0.025, zeta: float = 1.0,
+                              keep: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
+                              q_block: int = 128, k_block: int | None = None, tile_elems: int = TILE_ELEMS,
+                              dropout_p: float = 0.0, seed: int | None = None) -> torch.Tensor:
+    """Clipped-softmax attention ``clip((zeta - gamma) softmax(scale q k^T) + gamma, 0, 1) v`` in linear memory.
+
+    Args:
+        q: (B, H, Tq, D); k, v: (B, H, Tk, D) (repeat grouped k/v heads before calling).
+        gamma: <= 0, a float or per-row tensor broadcastable to (B, H, Tq, 1) (see :func:`gamma_rows`).
+        zeta: >= 1.
+        keep: boolean "may attend" mask broadcastable to (B, H, Tq, Tk), or None.
+        causal: query i sees keys 0 .. Tk - Tq + i (combined with ``keep`` when both are given).
+        scale: score scale, default D ** -0.5.
+        q_block: query rows per tile. k_block: keys per tile (default: up to ``MAX_KEY_BLOCK`` keys in one tile,
+            i.e. one pass; smaller values stream the keys in two passes).
+        tile_elems: target elements per tile; short sequences batch several heads into one tile.
+        dropout_p: dropout on the clipped probabilities (training); the mask of each tile is regenerated in the
+            backward from ``seed`` (drawn from torch's global generator when None).
+    Returns:
+        (B, H, Tq, D), in q's dtype (half precision is computed in float32).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if keep is not None and keep.dim() < 4:
+        keep = keep.view((1,) * (4 - keep.dim()) + tuple(keep.shape))
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # tiles in float32, like eager's float32 softmax
+        q, k, v = q.float(), k.float(), v.float()
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.to(device=q.device, dtype=q.dtype)
+        if gamma.dim() < 4:
+            gamma = gamma.view((1,) * (4 - gamma.dim()) + tuple(gamma.shape))
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 1 << 62, (1,)).item())
+    out = BlockedClippedAttention.apply(q, k, v, gamma, float(zeta), keep, bool(causal), float(scale), int(q_block),
+                                        k_block, int(tile_elems), float(dropout_p), seed or 0)
+    return out.to(dtype)
+
+
+# ---- GPU: FlexAttention two-call form --------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_available(device: torch.device) -> bool:
+    """Whether the FlexAttention path can run on ``device``: CUDA with Triton (FlexAttention on the CPU has no
+    backward and no log-sum-exp in torch 2.13). ``OUTLIERFREE_BLOCKED_BACKEND=torch`` disables it."""
+    if device.type != "cuda" or os.environ.get("OUTLIERFREE_BLOCKED_BACKEND", "auto") == "torch":
+        return False
+    try:
+        import triton  # noqa: F401
+        from torch.nn.attention.flex_attention import AuxRequest  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_clipped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor | float,
+                           zeta: float, keep: torch.Tensor | None = None, causal: bool = False,
+                           scale: float | None = None, compiled: bool = True) -> torch.Tensor:
+    """Clipped-softmax attention as two FlexAttention calls (GPU; forward and backward by FlexAttention).
+
+    Call 1 returns lse_i = log sum_j exp(s_ij). Call 2 uses ``score_mod(s) = log clip((zeta - gamma) exp(s - lse)
+    + gamma, 0, 1)``, so its softmax is c_ij / sum_j c_ij and its own lse2_i = log sum_j c_ij; then
+    O = O2 * exp(lse2) = sum_j c_ij v_j. Gradients flow through both calls (lse is a captured tensor that
+    requires grad). ``log 0`` is taken as -inf without a NaN gradient, and exp(s - lse) is clamped to <= 1.
+
+    ``compiled=False`` runs FlexAttention's eager reference (materialises scores; used to test the maths on the
+    CPU). UNTESTED ON GPU HARDWARE: written for torch 2.13 + Triton, see docs/attention_kernels.md.
+    """
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    fa = _compiled_flex() if compiled else flex_attention
+    B, H, Tq, D = q.shape
+    Tk = k.shape[-2]
+    off = Tk - Tq
+    block_mask = None
+    if keep is not None or causal:
+        if keep is not None and keep.dim() < 4:
+            keep = keep.view((1,) * (4 - keep.dim()) + tuple(keep.shape))
+        kb, kh, kq = ((keep.shape[0] > 1, keep.shape[1] > 1, keep.shape[2] > 1) if keep is not None
+                      else (False, False, False))
+
+        def mask_mod(b, h, qi, ki):
+            ok = ki <= qi + off if causal else ki >= 0
+            if keep is not None:
+                zero = torch.zeros_like(qi)
+                ok = ok & keep[b if kb else zero, h if kh else zero, qi if kq else zero, ki]
+            return ok
+
+        block_mask = create_block_mask(mask_mod, B, H, Tq, Tk, device=q.device)
+    g_rows = None
+    if isinstance(gamma, torch.Tensor):
+        g_rows = gamma.to(torch.float32).expand(B, H, Tq, 1)[..., 0].contiguous()  # (B, H, Tq)
+    _, aux = fa(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+    lse = aux.lse  # (B, H, Tq) float32, natural log; -inf where a row sees nothing
+    lse = torch.where(lse == -math.inf, 0.0, lse)
+
+    def score_mod(score, b, h, qi, ki):
+        gam = g_rows[b, h, qi] if g_rows is not None else gamma
+        p = torch.exp(torch.clamp(score - lse[b, h, qi], max=0.0))
+        c = torch.clamp((zeta - gam) * p + gam, 0.0, 1.0)
+        pos = c > 0
+        return torch.where(pos, torch.log(torch.where(pos, c, 1.0)), -math.inf)
+
+    o2, aux2 = fa(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                  return_aux=AuxRequest(lse=True))
+    lse2 = torch.where(aux2.lse == -math.inf, -math.inf, aux2.lse)  # (B, H, Tq); -inf: every c is 0
+    return o2 * torch.exp(lse2)[..., None].to(o2.dtype)
+
+
+# ---- plugging into outlierfree_attention ------------------------------------------------------------------------
+def blocked_kernel(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   keep: torch.Tensor | None, scaling: float, dropout: float, cfg: AttentionConfig,
+                   causal: bool = False) -> torch.Tensor:
+    """``CLIPPED_KERNELS["blocked"]``: context (B, H, Tq, D) of a clipped-softmax layer without a T x T tensor.
+
+    On CUDA with Triton (and no dropout) it runs :func:`flex_clipped_attention`; everywhere else the PyTorch
+    :func:`blocked_clipped_attention`. ``cfg.block_size`` is the query block; ``cfg.extra["key_block"]`` may set
+    the key block (default: one pass up to ``MAX_KEY_BLOCK`` keys).
+    """
+    Tq, Tk = query.shape[-2], key.shape[-2]
+    gamma = gamma_rows(cfg, keep, causal, Tq, Tk, query.device)
+    if dropout == 0.0 and flex_available(query.device):
+        return flex_clipped_attention(query, key, value, gamma, cfg.zeta, keep, causal, scaling)
+    return blocked_clipped_attention(query, key, value, gamma, cfg.zeta, keep, causal, scaling,
+                                     q_block=cfg.block_size, k_block=cfg.extra.get("key_block"),
+                                     dropout_p=dropout)
+
+
+blocked_kernel.takes_causal = True  # outlierfree_attention passes causal=True instead of a T x T mask
+
+
+def choose_clipped_impl(query: torch.Tensor, key: torch.Tensor) -> str:
+    """``AUTO_CLIPPED[0]``: "blocked" where it is faster than eager or the sequence is long, else "eager".
+
+    On the CPU the crossover was measured with ``benchmarks/attention.py --crossover`` (docs/attention_kernels.md);
+    on CUDA the FlexAttention path is used from the same length (untested on hardware).
+    """
+    B, H, Tq, _ = query.shape
+    Tk = key.shape[-2]
+    if Tk >= AUTO_MIN_KEYS or B * H * Tq * Tk > EAGER_MAX_ELEMS:
+        return "blocked"
+    return "eager"
+
+
+CLIPPED_KERNELS["blocked"] = blocked_kernel
+AUTO_CLIPPED[0] = choose_clipped_impl
