@@ -1,0 +1,255 @@
+"""Run a model over evaluation batches, observe its sites, and turn the streaming statistics into a report dict.
+
+    report = analyze_model(model, batches)                 # batches: EvalBatch objects or plain input dicts
+    report["headline"]["max_inf_norm"], report["headline"]["max_inf_norm_site"]
+
+Every metric is defined in docs/metrics.md. The headline figures are taken over the residual sums that enter each
+block's LayerNorms (kind ``ln_input``), as the paper's outliers live there and every quantized LayerNorm input
+must represent them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import resource
+import time
+from contextlib import nullcontext
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..errors import require
+from ..sites import Site, discover, observe, select
+from . import metrics
+from .inputs import EvalBatch, from_inputs
+from .stats import AttentionStats, HiddenStats, TopActivations
+
+DEFAULT_KINDS = ("ln_input", "ln_output", "attn_output", "ffn_output", "attn_probs")
+HEADLINE_KIND = "ln_input"
+DEFAULT_NOOP_THRESHOLD = 0.5
+RECURRING_FRACTION = 0.25  # LLM.int8(): a feature is systematic when it is an outlier in >= 25% of the layers
+
+
+def analysis_sites(model: nn.Module, kinds: Iterable[str] = DEFAULT_KINDS, attention: bool = True) -> list[Site]:
+    """The sites analysis observes: ``kinds`` of :func:`outlierfree.sites.discover`; attention internals only
+    if ``attention``."""
+    kinds = tuple(kinds)
+    return select(discover(model, attention=attention), kinds)
+
+
+def model_info(model: nn.Module, path: str | None = None) -> dict[str, Any]:
+    """What the report says about the model: class, type, variant, sizes."""
+    from ..models.build import attention_config_of, count_parameters
+
+    cfg = getattr(model, "config", None)
+    variant = attention_config_of(model)
+    return {
+        "path": path, "class": type(model).__name__, "model_type": getattr(cfg, "model_type", None),
+        "variant": variant.describe() if variant is not None else "stock (not patched)",
+        "parameters": count_parameters(model),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def analyze_model(model: nn.Module, batches: Iterable[EvalBatch | dict[str, torch.Tensor]], *,
+                  kinds: Iterable[str] = DEFAULT_KINDS, attention: bool = True, tokenizer: Any = None,
+                  abs_threshold: float = metrics.DEFAULT_ABS_THRESHOLD,
+                  rel_threshold: float = metrics.DEFAULT_REL_THRESHOLD,
+                  noop_threshold: float = DEFAULT_NOOP_THRESHOLD, progress: bool = False,
+                  name: str | None = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Observe ``model`` over ``batches`` and return the report dict (every number; see docs/metrics.md).
+
+    Args:
+        batches: :class:`EvalBatch` objects, or plain input dicts (``input_ids``/``attention_mask`` or
+            ``pixel_values``), whose tokens are then named with ``tokenizer``.
+        kinds: site kinds to measure (see :data:`outlierfree.sites.SITE_KINDS`).
+        attention: observe attention internals (``attn_probs``); off for huge models or to keep sdpa.
+        progress: show a rich progress bar.
+        name: the model's name in plots and tables; meta: extra fields merged into the report (data, seed...).
+    Statistics stream: each activation is reduced to per-dimension maxima, per-sequence scalars and histogram
+    counts inside the forward pass and then dropped. The model is put in eval mode and restored afterwards.
+    """
+    batches = list(batches)
+    require(len(batches) > 0, "no evaluation batches to analyse", "pass --batches 1 or more, and data with tokens")
+    batches = [b if isinstance(b, EvalBatch) else from_inputs(b, tokenizer) for b in batches]
+    sites = analysis_sites(model, kinds, attention)
+    require(len(sites) > 0, f"found no sites of kinds {', '.join(kinds)} in {type(model).__name__}",
+            "pass other --sites kinds (see docs/metrics.md), e.g. --sites all")
+    stats: dict[str, HiddenStats | AttentionStats] = {
+        s.name: AttentionStats(s) if s.kind == "attn_probs" else HiddenStats(s) for s in sites}
+    top = TopActivations()
+    current: dict[str, Any] = {"batch": None, "offset": 0}
+
+    def on_site(site: Site, t: torch.Tensor) -> None:
+        st = stats[site.name]
+        batch = current["batch"]
+        if isinstance(st, AttentionStats):
+            st.update(t, batch)
+            return None
+        for value, b, pos in st.update(t, batch):
+            label = batch.labels[b][pos] if pos >= 0 and batch.labels else None
+            top.add(value, {"site": site.name, "layer": site.layer, "sequence": current["offset"] + b,
+                            "position": pos, "token": label})
+        return None
+
+    device = next(model.parameters()).device
+    extra = _forward_extras(model)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad(), observe(model, on_site, sites), _progress(progress, len(batches), name) as advance:
+            for batch in batches:
+                current["batch"] = batch
+                model(**{k: v.to(device) for k, v in batch.inputs.items()}, **extra)
+                current["offset"] += batch.size
+                advance()
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+
+    hidden = [st.summary(abs_threshold, rel_threshold) for st in stats.values() if isinstance(st, HiddenStats)]
+    attn = [st for st in stats.values() if isinstance(st, AttentionStats)]
+    heads = [row for st in attn for row in st.heads(noop_threshold)]
+    report: dict[str, Any] = {
+        "name": name,
+        "model": model_info(model),
+        "sequences": current["offset"], "batches": len(batches),
+        "settings": {"kinds": list(kinds), "attention": attention, "abs_threshold": abs_threshold,
+                     "rel_threshold": rel_threshold, "noop_threshold": noop_threshold},
+        "headline": headline(hidden),
+        "reference_style": reference_style(hidden),
+        "outlier_dims": recurring_dims(hidden, report_kind(hidden)),
+        "top_activations": top.rows(),
+        "heads": heads,
+        "noop": noop_summary(heads, attn),
+        "sites": hidden,
+        "timing": {"seconds": round(seconds, 3), "seconds_per_batch": round(seconds / len(batches), 4),
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                   "how": "wall time of the forward passes with observation; peak RSS of the whole process "
+                          "(model loading included), from getrusage"},
+    }
+    report.update(meta or {})
+    return report
+
+
+def _forward_extras(model: nn.Module) -> dict[str, Any]:
+    """Forward kwargs that save memory: causal LMs compute the logits of the last position only (Gemma's
+    262k-word vocabulary would otherwise allocate B x T x 262k floats that analysis never reads)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def _progress(show: bool, total: int, name: str | None) -> Any:
+    """Context manager yielding ``advance()``; a rich progress bar on stderr when ``show``."""
+    if not show:
+        return nullcontext(lambda: None)
+    from contextlib import contextmanager
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextmanager
+    def bar():
+        with Progress(TextColumn("analysing {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=Console(stderr=True)) as p:
+            task = p.add_task(name or "model", total=total)
+            yield lambda: p.advance(task)
+
+    return bar()
+
+
+# ---- aggregates ------------------------------------------------------------------------------------------
+def report_kind(sites: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sites the headline is taken over: block LayerNorm inputs (residual sums); without any, every block
+    LayerNorm input anywhere; without those, every measured hidden site."""
+    for rule in (lambda s: s["kind"] == HEADLINE_KIND and s["layer"] is not None,
+                 lambda s: s["kind"] == HEADLINE_KIND, lambda s: True):
+        chosen = [s for s in sites if rule(s) and s["inf_norm_mean"] is not None]
+        if chosen:
+            return chosen
+    return []
+
+
+def headline(sites: list[dict[str, Any]]) -> dict[str, Any]:
+    """Max inf-norm and average / max kurtosis over the headline sites, each with its site named, and the single
+    largest activation over every measured site."""
+    chosen = report_kind(sites)
+    if not chosen:
+        return {}
+    worst_inf = max(chosen, key=lambda s: s["inf_norm_mean"])
+    kur = [s for s in chosen if s["kurtosis_mean"] is not None]
+    worst_kur = max(kur, key=lambda s: s["kurtosis_mean"]) if kur else None
+    everywhere = [s for s in sites if s["inf_norm_max"] is not None]
+    largest = max(everywhere, key=lambda s: s["inf_norm_max"])
+    return {
+        "sites": chosen[0]["kind"] if len({s["kind"] for s in chosen}) == 1 else "all measured",
+        "n_sites": len(chosen),
+        "max_inf_norm": worst_inf["inf_norm_mean"], "max_inf_norm_site": worst_inf["name"],
+        "avg_kurtosis": sum(s["kurtosis_mean"] for s in kur) / len(kur) if kur else None,
+        "max_kurtosis": worst_kur["kurtosis_mean"] if worst_kur else None,
+        "max_kurtosis_site": worst_kur["name"] if worst_kur else None,
+        "largest_activation": largest["inf_norm_max"], "largest_activation_site": largest["name"],
+        "how": "per site: inf-norm and kurtosis of each sequence (over its real tokens and all hidden dimensions), "
+               "averaged over sequences; max_inf_norm / max_kurtosis: the largest such average over the sites, "
+               "avg_kurtosis: the mean over the sites; largest_activation: max |x| over every measured site and "
+               "sequence",
+    }
+
+
+def reference_style(sites: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reference code's three max inf-norms and its kurtosis averages, computed on the same statistics
+    (block sites only): FFN output, LayerNorm output, LayerNorm input; kurtosis over FFN outputs and LayerNorm
+    outputs (our per-sequence kurtosis; see docs/metrics.md for the small difference)."""
+    block = [s for s in sites if s["layer"] is not None and s["inf_norm_mean"] is not None]
+
+    def mx(kind: str) -> float | None:
+        v = [s["inf_norm_mean"] for s in block if s["kind"] == kind]
+        return max(v) if v else None
+
+    kur = [s["kurtosis_mean"] for s in block if s["kind"] in ("ffn_output", "ln_output")
+           and s["kurtosis_mean"] is not None]
+    return {"max_ffn_out_inf_norm": mx("ffn_output"), "max_LN_out_inf_norm": mx("ln_output"),
+            "max_LN_inp_inf_norm": mx("ln_input"), "avg_kurtosis": sum(kur) / len(kur) if kur else None,
+            "max_kurtosis": max(kur) if kur else None}
+
+
+def recurring_dims(sites: list[dict[str, Any]], over: list[dict[str, Any]]) -> dict[str, Any]:
+    """Hidden dimensions that are outliers (absolute rule) at many of the headline sites: the systematic outlier
+    features of LLM.int8() (>= 25% of the sites), with the sites' layers and the largest magnitude."""
+    width = max((s["dim"] for s in over), default=0)
+    over = [s for s in over if s["dim"] == width]
+    counts: dict[int, list[dict[str, Any]]] = {}
+    for s in over:
+        for j in s["outlier_dims_abs"]:
+            counts.setdefault(j, []).append(s)
+    need = max(1, int(round(RECURRING_FRACTION * len(over))))
+    rows = [{"dim": j, "sites": len(ss), "layers": sorted({s["layer"] for s in ss if s["layer"] is not None}),
+             "max": max(s["dim_max"][j] for s in ss)} for j, ss in counts.items() if len(ss) >= need]
+    rows.sort(key=lambda r: (-r["sites"], -r["max"]))
+    rel: dict[int, int] = {}
+    for s in over:
+        for j in s["outlier_dims_rel"]:
+            rel[j] = rel.get(j, 0) + 1
+    return {"over_sites": len(over), "min_sites": need, "recurring": rows[:50],
+            "relative_recurring": sorted(([j, n] for j, n in rel.items() if n >= need), key=lambda r: -r[1])[:50]}
+
+
+def noop_summary(heads: list[dict[str, Any]], attn: list[AttentionStats]) -> dict[str, Any]:
+    """Count of flagged no-op heads and the strongest one (largest mass on no-op keys), with its attention map
+    on the first evaluation sequence for the plot."""
+    if not heads:
+        return {"heads": 0, "flagged": 0}
+    best = max(heads, key=lambda r: r["noop"])
+    st = next(s for s in attn if s.site.name == best["site"])
+    ex = st.example[best["head"]] if st.example is not None else None
+    return {"heads": len(heads), "flagged": sum(r["noop_head"] for r in heads),
+            "strongest": {k: best[k] for k in best},
+            "example": {"tokens": st.example_labels,
+                        "probs": [[round(float(v), 5) for v in row] for row in ex.tolist()] if ex is not None else []}}
