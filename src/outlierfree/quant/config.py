@@ -1,0 +1,171 @@
+"""Plain configuration dataclasses of the quantization simulator, and the presets.
+
+    QuantConfig(weight=QuantSpec(bits=8, symmetric=True, granularity="per_tensor", estimator="current_minmax"),
+                activation=QuantSpec(bits=8, symmetric=False, estimator="running_minmax", static=True),
+                sites="full", fp32_head=False)
+
+``paper_w8a8()`` is the setting of the paper's reference code (W8 per-tensor symmetric, current min-max; A8
+per-tensor asymmetric, static, running min-max with momentum 0.9 over 16 batches; every activation quantized);
+``linear_w8a8()`` is what the common libraries quantize (only the inputs and weights of ``nn.Linear``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ..errors import OutlierfreeError, require
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_token")
+ESTIMATORS = ("current_minmax", "minmax", "running_minmax", "mse", "percentile", "histogram")
+SITE_PRESETS = ("full", "linear")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one class of tensors (weights or activations) is fake-quantized.
+
+    Attributes:
+        bits: 2..16.
+        symmetric: symmetric grid (zero point 0; unsigned when the range has no negative values, as the reference
+            code does) or asymmetric (affine, zero point in the grid).
+        granularity: ``per_tensor``; ``per_channel`` (weights: one range per output channel, dim 0);
+            ``per_token`` (activations: one range per vector along the last dimension; always dynamic).
+        estimator: range estimator, one of :data:`ESTIMATORS` (see :mod:`.estimators`).
+        static: ranges fixed after calibration (``True``) or recomputed from every tensor (``False``, dynamic:
+            the current tensor's min-max). Weights are always "static" (their range is computed once).
+        momentum: running min-max: ``range = momentum * range + (1 - momentum) * batch range``.
+        percentile: percentile estimator: the ``percentile`` and ``100 - percentile`` quantiles.
+        candidates: grid size of the MSE search (then refined by golden-section search).
+        bins: histogram estimator: number of bins.
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    granularity: str = "per_tensor"
+    estimator: str = "running_minmax"
+    static: bool = True
+    momentum: float = 0.9
+    percentile: float = 99.99
+    candidates: int = 50
+    bins: int = 2048
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.bits, int) and MIN_BITS <= self.bits <= MAX_BITS,
+                f"{self.bits!r} bits is outside {MIN_BITS}..{MAX_BITS}", "pick a bit width from 2 to 16")
+        require(self.granularity in GRANULARITIES, f"unknown granularity {self.granularity!r}",
+                f"use one of {', '.join(GRANULARITIES)}")
+        require(self.estimator in ESTIMATORS, f"unknown range estimator {self.estimator!r}",
+                f"use one of {', '.join(ESTIMATORS)}")
+        require(0.0 <= self.momentum < 1.0, f"momentum {self.momentum} is outside [0, 1)", "use e.g. 0.9")
+        require(50.0 < self.percentile <= 100.0, f"percentile {self.percentile} is outside (50, 100]",
+                "use e.g. 99.99")
+        require(self.candidates >= 2, f"{self.candidates} MSE candidates are too few", "use e.g. 100")
+        require(self.bins >= 16, f"{self.bins} histogram bins are too few", "use e.g. 2048")
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether ranges are recomputed from every tensor (per-token is always dynamic)."""
+        return not self.static or self.granularity == "per_token"
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``8b per_tensor asym static running_minmax(m=0.9)``."""
+        est = self.estimator
+        if est == "running_minmax":
+            est += f"(m={self.momentum})"
+        elif est == "percentile":
+            est += f"({self.percentile})"
+        mode = "dynamic" if self.dynamic else "static"
+        return f"{self.bits}b {self.granularity} {'sym' if self.symmetric else 'asym'} {mode} {est}"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What the simulator quantizes, and how.
+
+    Attributes:
+        weight: spec for weights (``None``: weights stay float).
+        activation: spec for activations (``None``: activations stay float).
+        sites: ``full`` (every activation site: embeddings and their sums, Q, K, V, scores, probabilities,
+            context, each linear's input and output, residual sums, norm inputs and outputs, FFN activations,
+            the head's input), ``linear`` (only the inputs of ``nn.Linear`` layers, and only Linear weights:
+            what torchao / llm-compressor / bitsandbytes quantize), or a tuple of site kinds.
+        fp32_head: keep the task head (LM head / classifier: its input and weight) in float (reference code's
+            ``fp32_head``).
+    """
+
+    weight: QuantSpec | None = field(default_factory=lambda: QuantSpec(8, True, "per_tensor", "current_minmax"))
+    activation: QuantSpec | None = field(default_factory=QuantSpec)
+    sites: str | tuple[str, ...] = "full"
+    fp32_head: bool = False
+
+    def __post_init__(self) -> None:
+        from ..sites.core import SITE_KINDS
+
+        from .trace import RESIDUAL_KIND
+
+        if isinstance(self.sites, str):
+            require(self.sites in SITE_PRESETS, f"unknown site set {self.sites!r}",
+                    f"use {' or '.join(SITE_PRESETS)}, or a list of site kinds")
+        else:
+            kinds = tuple(self.sites)
+            bad = [k for k in kinds if k not in SITE_KINDS and k != RESIDUAL_KIND]
+            require(not bad, f"unknown site kind {bad[0] if bad else ''!r}",
+                    f"use kinds from {', '.join(SITE_KINDS + (RESIDUAL_KIND,))}")
+            object.__setattr__(self, "sites", kinds)
+        if self.weight is not None:
+            require(self.weight.granularity != "per_token", "per_token granularity is for activations",
+                    "use per_tensor or per_channel for weights")
+        if self.activation is not None:
+            require(self.activation.granularity != "per_channel",
+                    "per_channel granularity is for weights (activation channels would need per-channel "
+                    "requantization of every op)", "use per_tensor or per_token for activations")
+
+    def replace(self, **kw: Any) -> "QuantConfig":
+        """A copy with some fields changed."""
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form: attached to every reported number."""
+        return {"weight": asdict(self.weight) if self.weight else None,
+                "activation": asdict(self.activation) if self.activation else None,
+                "sites": self.sites if isinstance(self.sites, str) else list(self.sites),
+                "fp32_head": self.fp32_head, "describe": self.describe()}
+
+    def describe(self) -> str:
+        """One line: ``W8 per_tensor sym ... | A8 ... | sites=full | fp32_head=False``."""
+        w = f"W{self.weight.describe()}" if self.weight else "W float"
+        a = f"A{self.activation.describe()}" if self.activation else "A float"
+        s = self.sites if isinstance(self.sites, str) else ",".join(self.sites)
+        return f"{w} | {a} | sites={s} | fp32_head={self.fp32_head}"
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"w8a8"`` -> (8, 8). Raises a one-line error for malformed text or bits outside 2..16."""
+    m = re.fullmatch(r"\s*[wW](\d+)[aA](\d+)\s*", str(text))
+    require(m is not None, f"malformed --bits {text!r}", "write weight and activation bits as wNaM, e.g. w8a8")
+    w, a = int(m.group(1)), int(m.group(2))
+    for name, b in (("weight", w), ("activation", a)):
+        if not MIN_BITS <= b <= MAX_BITS:
+            raise OutlierfreeError(f"{name} bits {b} in --bits {text!r} are outside {MIN_BITS}..{MAX_BITS}",
+                                   "pick bit widths from 2 to 16, e.g. w8a8")
+    return w, a
+
+
+def paper_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False) -> QuantConfig:
+    """The paper's setting: W per-tensor symmetric current min-max; A per-tensor asymmetric static running
+    min-max (momentum 0.9, 16 calibration batches); every activation site."""
+    return QuantConfig(weight=QuantSpec(weight_bits, True, "per_tensor", "current_minmax"),
+                       activation=QuantSpec(act_bits, False, "per_tensor", "running_minmax", static=True,
+                                            momentum=0.9),
+                       sites="full", fp32_head=fp32_head)
+
+
+def linear_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False) -> QuantConfig:
+    """What the common libraries quantize: only Linear weights and Linear inputs (same grids as the paper's)."""
+    return paper_w8a8(weight_bits, act_bits, fp32_head).replace(sites="linear")
+
+
+PRESETS = {"paper": paper_w8a8, "linear": linear_w8a8}
