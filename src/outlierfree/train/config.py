@@ -41,7 +41,7 @@ class TrainConfig:
     ``grad_accum``, ``lr``, ``warmup_steps``, ``schedule``, ``min_lr_ratio``, ``weight_decay``, ``decay_norm``
     (also decay LayerNorm weights, as the reference OPT script does), ``adam_beta1/2``, ``adam_eps``,
     ``grad_clip`` (0 = off), ``precision``, ``seed``.
-    Run: ``out``, ``log_every``, ``eval_every``, ``val_size`` (validation sequences/images), ``save_every``
+    Run: ``out``, ``log_every``, ``eval_every``, ``val_size`` (validation sequences/images, default 256 / 2000), ``save_every``
     (0 = only at the end), ``resume``, ``track_outliers`` (every K steps, 0 = off), ``progress``.
     """
 
@@ -60,7 +60,7 @@ class TrainConfig:
     vocab_size: int = 8192
     seq_len: int = 128
     mlm_probability: float = 0.15
-    steps: int = 600
+    steps: int = 100
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-3
@@ -77,9 +77,9 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/train"
     log_every: int = 10
-    eval_every: int = 200
-    val_size: int = 256
-    save_every: int = 200
+    eval_every: int = 50
+    val_size: int | None = None
+    save_every: int = 50
     resume: bool = False
     track_outliers: int = 0
     progress: bool = True
@@ -137,6 +137,8 @@ class TrainConfig:
         require(c.size in SIZES[c.family], f"unknown size {c.size!r} for {c.family}",
                 f"use one of {', '.join(SIZES[c.family])} (see `outlierfree models`)")
         c.attention = AttentionConfig.from_dict(c.attention).to_dict()  # validates and fills defaults
+        if c.val_size is None:
+            c.val_size = 2000 if c.task == "image" else 256
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "log_every", "val_size"):
             v = getattr(c, name)
             require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
