@@ -166,9 +166,15 @@ class Batches:
         return min(n, self.cfg.val_size)
 
     def val_batch(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        """A validation batch: fixed masking (seeded by the row numbers), no augmentation."""
-        g = step_generator(0, int(rows[0]) if len(rows) else 0, "val")
-        return self._make(rows, g, augment=False, split="val")
+        """Validation rows ``rows``: no augmentation; for masked LM one fixed masking of the whole validation set,
+        so the metric does not depend on how rows are batched or shared among processes."""
+        if self.cfg.task == "mlm":
+            if not hasattr(self, "_val_masked"):
+                n = self.val_size()
+                self._val_masked, _ = self._make(torch.arange(n), step_generator(0, 0, "val"), False, "val")
+            batch = {k: v[rows] for k, v in self._val_masked.items()}
+            return batch, int((batch["labels"] != -100).sum())
+        return self._make(rows, step_generator(0, 0, "val"), augment=False, split="val")
 
 
 def split_rows(batch: dict[str, torch.Tensor], parts: int, index: int) -> dict[str, torch.Tensor]:
@@ -346,7 +352,10 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.track_outliers:
         tracker = _outlier_tracker()
 
-    accelerator = Accelerator(mixed_precision=_precision(cfg), step_scheduler_with_optimizer=False)
+    # cpu=True on a machine without CUDA: `accelerate launch --multi_gpu` / torchrun then run gloo DDP on CPU
+    # (accelerate would otherwise start N unrelated single processes)
+    accelerator = Accelerator(mixed_precision=_precision(cfg), step_scheduler_with_optimizer=False,
+                              cpu=not torch.cuda.is_available())
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     require(cfg.batch_size % (world * cfg.grad_accum) == 0, f"--batch-size {cfg.batch_size} is not divisible by "
             f"{world} processes x {cfg.grad_accum} accumulation steps", "pass a batch size that is")
