@@ -93,11 +93,17 @@ class _Plan:
 
     def __init__(self, B: int, H: int, Tq: int, Tk: int, causal: bool, q_block: int, k_block: int | None,
                  tile_elems: int, scale: float):
+        self.B, self.H = B, H
         self.Tq, self.Tk, self.causal, self.scale = Tq, Tk, causal, scale
         self.off = Tk - Tq  # causal: query row i sees keys 0 .. off + i (aligned to the last key, as keep_mask)
         self.bq = max(1, min(int(q_block), Tq))
         self.bk = max(1, min(int(k_block or MAX_KEY_BLOCK), Tk))
-        self.chunks = list(_chunks(B, H, self.bq * min(self.bk, Tk), tile_elems))
+        self.chunks = list(_chunks(B, H, self.bq * self.bk, tile_elems))
+
+    def buffers(self, n: int, ref: torch.Tensor) -> list[torch.Tensor]:
+        """``n`` flat scratch buffers large enough for the largest tile, shared by all chunks."""
+        size = max((b.stop - b.start) * (h.stop - h.start) for b, h in self.chunks) * self.bq * self.bk
+        return [torch.empty(size, dtype=ref.dtype, device=ref.device) for _ in range(n)]
 
     def q_blocks(self) -> Iterator[tuple[int, int]]:
         for i0 in range(0, self.Tq, self.bq):
@@ -109,24 +115,56 @@ class _Plan:
         return [(j0, min(end, j0 + self.bk)) for j0 in range(0, end, self.bk)]
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, plan: _Plan, b: slice, h: slice,
-            i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
-    """Scaled scores of one tile with masked entries at -inf: (b, h, i1 - i0, j1 - j0)."""
-    qs = q[b, h, i0:i1] * plan.scale  # (nb, nh, bq, D): scaling the small q tile, not the scores
-    s = torch.matmul(qs, k[b, h, j0:j1].transpose(-1, -2))  # (nb, nh, bq, bk)
-    if keep is not None:
-        s.masked_fill_(~_sl(keep, b, h, slice(i0, i1), slice(j0, j1)), -math.inf)
-    if plan.causal:
-        c0 = max(j0, plan.off + i0 + 1)  # first column that some row of the block may not see
-        if c0 < j1:
-            cols = torch.arange(c0, j1, device=s.device)[None, :]  # (1, w)
-            rows = torch.arange(i0, i1, device=s.device)[:, None] + plan.off  # (bq, 1)
-            s[..., c0 - j0:].masked_fill_(cols > rows, -math.inf)
-    return s
+class _Chunk:
+    """One rectangular (batch, head) chunk: 3-d views (n = nb * nh, T, D) and two reusable score tiles."""
 
+    def __init__(self, plan: _Plan, b: slice, h: slice, keep: torch.Tensor | None, gamma: torch.Tensor | float,
+                 bufs: list[torch.Tensor]):
+        self.plan, self.b, self.h, self.keep, self.gamma = plan, b, h, keep, gamma
+        self.nb, self.nh = b.stop - b.start, h.stop - h.start
+        self.n = self.nb * self.nh
+        self._bufs = bufs  # flat scratch buffers: every tile is a contiguous view of the first elements of one
 
-def _gamma_tile(gamma: torch.Tensor | float, b: slice, h: slice, i0: int, i1: int) -> torch.Tensor | float:
-    return _sl(gamma, b, h, slice(i0, i1)) if isinstance(gamma, torch.Tensor) else gamma
+    def view3(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, X) -> this chunk's (n, T, X) (a view whenever the layout allows)."""
+        return t[self.b, self.h].reshape(self.n, *t.shape[2:])
+
+    def tile(self, i: int, rows: int, cols: int) -> torch.Tensor:
+        """Scratch tile ``i`` as a contiguous (nb, nh, rows, cols) tensor."""
+        return self._bufs[i][: self.n * rows * cols].view(self.nb, self.nh, rows, cols)
+
+    def scores(self, q3: torch.Tensor, k3: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        """Scaled scores of one tile into scratch tile 0, masked entries at -inf: (nb, nh, rows, cols)."""
+        plan = self.plan
+        rows, cols = i1 - i0, j1 - j0
+        s = self.tile(0, rows, cols)
+        qs = q3[:, i0:i1] * plan.scale  # (n, rows, D): scale the small q tile, not the scores
+        torch.bmm(qs, k3[:, j0:j1].transpose(1, 2), out=s.view(self.n, rows, cols))
+        if self.keep is not None:
+            s.masked_fill_(~_sl(self.keep, self.b, self.h, slice(i0, i1), slice(j0, j1)), -math.inf)
+        if plan.causal:
+            c0 = max(j0, plan.off + i0 + 1)  # first column that some row of the block may not see
+            if c0 < j1:
+                cols_ = torch.arange(c0, j1, device=s.device)[None, :]  # (1, w)
+                rows_ = torch.arange(i0, i1, device=s.device)[:, None] + plan.off  # (rows, 1)
+                s[..., c0 - j0:].masked_fill_(cols_ > rows_, -math.inf)
+        return s
+
+    def gamma_kappa(self, zeta: float, i0: int, i1: int) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """gamma and kappa = zeta - gamma of a query block: floats, or (nb|1, nh|1, rows, 1) tensors."""
+        g = _sl(self.gamma, self.b, self.h, slice(i0, i1)) if isinstance(self.gamma, torch.Tensor) else self.gamma
+        return g, zeta - g
+
+    def probs(self, q3, k3, i0, i1, j0, j1, row_lse, g, kappa, zeta):
+        """Recompute one tile: p = exp(s - lse) (tile 0), c = clip(kappa p + gamma, 0, 1) (tile 1) and the bool
+        "clip blocks the gradient" mask u < 0 or u > 1 (torch.clamp's backward passes it at the bounds; with
+        zeta = 1, u <= 1 always since p <= 1)."""
+        p = self.scores(q3, k3, i0, i1, j0, j1).sub_(row_lse).exp_()  # (nb, nh, rows, cols)
+        u = torch.mul(p, kappa, out=self.tile(1, i1 - i0, j1 - j0)).add_(g)
+        clipped = u < 0  # the complement of "inside" (masked_fill_ with it needs no float copy of a bool mask)
+        if zeta != 1.0:
+            clipped.logical_or_(u > 1)
+        return p, u.clamp_(0.0, 1.0), clipped
 
 
 def _dropout_keep(shape: torch.Size, p: float, seed: int, tile_id: int, device: torch.device,
@@ -187,51 +225,50 @@ class BlockedClippedAttention(torch.autograd.Function):
         B, H, Tq, D = q.shape
         Tk = k.shape[-2]
         plan = _Plan(B, H, Tq, Tk, causal, q_block, k_block, tile_elems, scale)
-        out = torch.zeros_like(q)  # (B, H, Tq, D)
-        lse = torch.full((B, H, Tq), math.inf, dtype=q.dtype, device=q.device)  # +inf: row sees no key
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)  # (B, H, Tq, D)
+        lse = torch.full((B, H, Tq), math.inf, dtype=q.dtype, device=q.device)  # +inf: the row sees no key
         tile = 0
+        bufs = plan.buffers(1, q)
         for b, h in plan.chunks:
+            ch = _Chunk(plan, b, h, keep, gamma, bufs)
+            q3, k3, v3, o3, lse3 = ch.view3(q), ch.view3(k), ch.view3(v), ch.view3(out), ch.view3(lse)
             for i0, i1 in plan.q_blocks():
                 kbs = plan.k_blocks(i0, i1)
                 if not kbs:
                     continue
-                g = _gamma_tile(gamma, b, h, i0, i1)
-                kappa = zeta - g
+                rows = i1 - i0
+                g, kappa = ch.gamma_kappa(zeta, i0, i1)
                 if len(kbs) == 1:  # the whole key range in one tile: softmax and clip on the same scores
-                    j0, j1 = kbs[0]
-                    s = _scores(q, k, keep, plan, b, h, i0, i1, j0, j1)  # (nb, nh, bq, bk)
-                    m = s.amax(dim=-1, keepdim=True)  # (nb, nh, bq, 1)
+                    (j0, j1), = kbs
+                    s = ch.scores(q3, k3, i0, i1, j0, j1)  # (nb, nh, rows, cols)
+                    m = s.amax(dim=-1, keepdim=True)  # (nb, nh, rows, 1)
                     m = torch.where(m == -math.inf, 0.0, m)  # rows with no visible key: exp(-inf - 0) = 0
-                    p = s.sub_(m).exp_()  # unnormalised
-                    l = p.sum(dim=-1, keepdim=True)  # (nb, nh, bq, 1)
-                    lse[b, h, i0:i1] = torch.where(l > 0, m + torch.log(l), math.inf).squeeze(-1)
-                    a = torch.where(l > 0, kappa / l.clamp_min(1e-38), 0.0)  # (zeta - gamma) / l
-                    c = p.mul_(a).add_(g).clamp_(0.0, 1.0)  # masked: clip(gamma) = 0
+                    p = s.sub_(m).exp_()  # unnormalised probabilities
+                    l = p.sum(dim=-1, keepdim=True)  # (nb, nh, rows, 1)
+                    lse3[:, i0:i1] = torch.where(l > 0, m + torch.log(l), math.inf).view(ch.n, rows)
+                    c = p.mul_(torch.where(l > 0, kappa / l, 0.0)).add_(g).clamp_(0.0, 1.0)  # masked: clip(g) = 0
                     if dropout_p > 0:
                         c.mul_(_dropout_keep(c.shape, dropout_p, seed, tile, c.device, c.dtype))
-                    out[b, h, i0:i1] = torch.matmul(c, v[b, h, j0:j1])
+                    o3[:, i0:i1].baddbmm_(c.view(ch.n, rows, j1 - j0), v3[:, j0:j1])
                     tile += 1
                     continue
                 # pass 1: running max and normaliser over the key blocks
-                m = torch.full((*q[b, h, i0:i1].shape[:-1], 1), -math.inf, dtype=q.dtype, device=q.device)
-                l = torch.zeros_like(m)  # (nb, nh, bq, 1)
+                m = torch.full((ch.nb, ch.nh, rows, 1), -math.inf, dtype=q.dtype, device=q.device)
+                l = torch.zeros_like(m)  # (nb, nh, rows, 1)
                 for j0, j1 in kbs:
-                    s = _scores(q, k, keep, plan, b, h, i0, i1, j0, j1)
+                    s = ch.scores(q3, k3, i0, i1, j0, j1)
                     m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
                     m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
                     l = l * torch.exp(m - m_safe) + s.sub_(m_safe).exp_().sum(dim=-1, keepdim=True)
                     m = m_new
-                m_safe = torch.where(m == -math.inf, 0.0, m)
-                row_lse = torch.where(l > 0, m_safe + torch.log(l), math.inf)  # (nb, nh, bq, 1)
-                lse[b, h, i0:i1] = row_lse.squeeze(-1)
+                row_lse = torch.where(l > 0, torch.where(m == -math.inf, 0.0, m) + torch.log(l), math.inf)
+                lse3[:, i0:i1] = row_lse.view(ch.n, rows)
                 # pass 2: recompute, clip, accumulate
-                acc = out[b, h, i0:i1]  # a view: accumulate in place
                 for j0, j1 in kbs:
-                    s = _scores(q, k, keep, plan, b, h, i0, i1, j0, j1)
-                    c = s.sub_(row_lse).exp_().mul_(kappa).add_(g).clamp_(0.0, 1.0)
+                    c = ch.scores(q3, k3, i0, i1, j0, j1).sub_(row_lse).exp_().mul_(kappa).add_(g).clamp_(0.0, 1.0)
                     if dropout_p > 0:
                         c.mul_(_dropout_keep(c.shape, dropout_p, seed, tile, c.device, c.dtype))
-                    acc += torch.matmul(c, v[b, h, j0:j1])
+                    o3[:, i0:i1].baddbmm_(c.view(ch.n, rows, j1 - j0), v3[:, j0:j1])
                     tile += 1
         g_t = gamma if isinstance(gamma, torch.Tensor) else None
         ctx.save_for_backward(q, k, v, lse, g_t, keep)
@@ -248,58 +285,57 @@ class BlockedClippedAttention(torch.autograd.Function):
         Tk = k.shape[-2]
         plan = _Plan(B, H, Tq, Tk, causal, q_block, k_block, tile_elems, scale)
         d_out = d_out.contiguous()
-        dq = torch.zeros_like(q)  # (B, H, Tq, D)
-        dk = torch.zeros_like(k)  # (B, H, Tk, D)
-        dv = torch.zeros_like(v)
+        dq = torch.zeros_like(q, memory_format=torch.contiguous_format)  # (B, H, Tq, D)
+        dk = torch.zeros_like(k, memory_format=torch.contiguous_format)  # (B, H, Tk, D)
+        dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
         tile = 0
+        bufs = plan.buffers(2, q)
         for b, h in plan.chunks:
+            ch = _Chunk(plan, b, h, keep, gamma, bufs)
+            q3, k3, v3, do3 = ch.view3(q), ch.view3(k), ch.view3(v), ch.view3(d_out)
+            dq3, dk3, dv3, lse3 = ch.view3(dq), ch.view3(dk), ch.view3(dv), ch.view3(lse)
             for i0, i1 in plan.q_blocks():
                 kbs = plan.k_blocks(i0, i1)
                 if not kbs:
                     continue
-                g = _gamma_tile(gamma, b, h, i0, i1)
-                kappa = zeta - g
-                row_lse = lse[b, h, i0:i1, None]  # (nb, nh, bq, 1)
-                do = d_out[b, h, i0:i1]  # (nb, nh, bq, D)
-                first_tile = tile
+                rows = i1 - i0
+                g, kappa = ch.gamma_kappa(zeta, i0, i1)
+                row_lse = lse3[:, i0:i1].reshape(ch.nb, ch.nh, rows, 1)
+                q_t, do_t = q3[:, i0:i1], do3[:, i0:i1]  # (n, rows, D)
                 if len(kbs) > 1:  # pass A: D_i = sum_j p_ij inside_ij dc_ij over all key blocks
                     Drow = torch.zeros_like(row_lse)
                     for t, (j0, j1) in enumerate(kbs):
-                        p, inside, _ = _probs(q, k, keep, plan, b, h, i0, i1, j0, j1, row_lse, kappa, g)
-                        dc = torch.matmul(do, v[b, h, j0:j1].transpose(-1, -2))  # (nb, nh, bq, bk)
+                        p, c, clipped = ch.probs(q3, k3, i0, i1, j0, j1, row_lse, g, kappa, zeta)
+                        dc = c  # c is not needed in this pass: its tile takes dc = dO V^T
+                        torch.bmm(do_t, v3[:, j0:j1].transpose(1, 2), out=dc.view(ch.n, rows, j1 - j0))
                         if dropout_p > 0:
-                            dc.mul_(_dropout_keep(dc.shape, dropout_p, seed, first_tile + t, dc.device, dc.dtype))
-                        Drow += dc.masked_fill_(~inside, 0.0).mul_(p).sum(dim=-1, keepdim=True)
-                # pass B (the only pass with one key block): dV, dQ, dK
+                            dc.mul_(_dropout_keep(dc.shape, dropout_p, seed, tile + t, dc.device, dc.dtype))
+                        Drow += dc.masked_fill_(clipped, 0.0).mul_(p).sum(dim=-1, keepdim=True)
+                # pass B (the only pass with one key block): dV, then ds -> dQ, dK
                 factor = kappa * scale  # ds = kappa * p * (w - D); scale from s = scale * q k^T
+                alpha = 1.0 if isinstance(factor, torch.Tensor) else factor
                 for t, (j0, j1) in enumerate(kbs):
-                    p, inside, c = _probs(q, k, keep, plan, b, h, i0, i1, j0, j1, row_lse, kappa, g)
+                    cols = j1 - j0
+                    p, c, clipped = ch.probs(q3, k3, i0, i1, j0, j1, row_lse, g, kappa, zeta)
+                    c3 = c.view(ch.n, rows, cols)
                     if dropout_p > 0:
-                        r = _dropout_keep(c.shape, dropout_p, seed, first_tile + t, c.device, c.dtype)
+                        r = _dropout_keep(c.shape, dropout_p, seed, tile + t, c.device, c.dtype)
                         c.mul_(r)
-                    dv[b, h, j0:j1] += torch.matmul(c.transpose(-1, -2), do)
-                    del c
-                    w = torch.matmul(do, v[b, h, j0:j1].transpose(-1, -2))  # dc: (nb, nh, bq, bk)
+                    dv3[:, j0:j1].baddbmm_(c3.transpose(1, 2), do_t)
+                    w = torch.bmm(do_t, v3[:, j0:j1].transpose(1, 2), out=c3).view_as(c)  # dc, in c's tile
                     if dropout_p > 0:
                         w.mul_(r)
-                    w.masked_fill_(~inside, 0.0).mul_(p)  # p * inside * dc
+                    w.masked_fill_(clipped, 0.0).mul_(p)  # p * inside * dc
                     if len(kbs) == 1:
                         Drow = w.sum(dim=-1, keepdim=True)
                     ds = w.addcmul_(p, Drow, value=-1.0)  # p * (w - D), still without kappa * scale
-                    dq[b, h, i0:i1] += torch.matmul(ds, k[b, h, j0:j1]) * factor
-                    q_f = q[b, h, i0:i1] * factor if isinstance(factor, torch.Tensor) else q[b, h, i0:i1]
-                    dk_t = torch.matmul(ds.transpose(-1, -2), q_f)
-                    dk[b, h, j0:j1] += dk_t if isinstance(factor, torch.Tensor) else dk_t.mul_(factor)
+                    if isinstance(factor, torch.Tensor):
+                        ds.mul_(factor)
+                    ds3 = ds.view(ch.n, rows, cols)
+                    dq3[:, i0:i1].baddbmm_(ds3, k3[:, j0:j1], alpha=alpha)
+                    dk3[:, j0:j1].baddbmm_(ds3.transpose(1, 2), q_t, alpha=alpha)
                 tile += len(kbs)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
-
-
-def _probs(q, k, keep, plan, b, h, i0, i1, j0, j1, row_lse, kappa, g):
-    """Recompute one tile: p = exp(s - lse), the "not clipped" indicator, and c = clip(kappa p + gamma, 0, 1)."""
-    p = _scores(q, k, keep, plan, b, h, i0, i1, j0, j1).sub_(row_lse).exp_()  # (nb, nh, bq, bk)
-    u = p * kappa + g if isinstance(kappa, torch.Tensor) else p.mul(kappa).add_(g)
-    inside = (u > 0).logical_and_(u < 1)
-    return p, inside, u.clamp_(0.0, 1.0)
 
 
 def blocked_clipped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
