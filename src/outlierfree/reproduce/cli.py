@@ -1,0 +1,85 @@
+"""The ``outlierfree reproduce`` command."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ..errors import OutlierfreeError, require
+from .presets import FAMILIES, PRESETS, VARIANT_NAMES, get_preset
+
+
+def _csv(text: str | None, what: str, valid: tuple[str, ...] | None = None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    require(len(items) > 0, f"--{what} is empty", f"pass e.g. --{what} {','.join((valid or ('0',))[:2])}")
+    if valid is not None:
+        for x in items:
+            require(x in valid, f"unknown {what[:-1] if what.endswith('s') else what} {x!r}",
+                    f"use some of {', '.join(valid)}")
+    return items
+
+
+def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = None, seeds: Any = None,
+                  max_steps: int | None = None, progress: bool = True, command: str | None = None,
+                  echo: Callable[[str], None] = print) -> dict[str, Path]:
+    """Expand the preset, run every run (skip / resume), and write the report. Returns the report's paths."""
+    from . import report
+    from .runner import git_commit, run_all
+
+    p = get_preset(preset)
+    if max_steps is not None:
+        require(max_steps > 0, f"--max-steps must be positive, got {max_steps}", "pass e.g. --max-steps 100")
+    specs = p.runs(families, variants, seeds, max_steps)
+    out_path = Path(out)
+    require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory")
+    out_path.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    echo(f"reproduce preset {p.name}: {len(specs)} runs ({p.description}) -> {out_path}")
+    results = run_all(specs, out_path, p.name, progress=progress, echo=echo)
+    meta = {"preset": p.name, "command": command or f"outlierfree reproduce --preset {p.name} --out {out}",
+            "commit": git_commit(), "wall_s": time.perf_counter() - t0, "max_steps": max_steps,
+            "runs": [s.name for s in specs]}
+    files = report.write(results, out_path, meta)
+    echo(f"wrote {files['markdown']} and {files['json']}")
+    return files
+
+
+@click.command("reproduce")
+@click.option("--preset", default="quick", show_default=True, help=f"{'|'.join(PRESETS)}")
+@click.option("--out", default=None, help="output directory [default: runs/reproduce-<preset>]")
+@click.option("--families", default=None, help=f"comma-separated subset of {','.join(FAMILIES)}")
+@click.option("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANT_NAMES)} "
+                                               "(clipped_row: OPT's clipped softmax with per-row T)")
+@click.option("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 [default: the preset's]")
+@click.option("--max-steps", type=int, default=None, help="cap every run's training steps (e.g. to try `paper`)")
+@click.option("--quiet", is_flag=True, help="no progress bars, only the run lines")
+def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: str | None, seeds: str | None,
+                  max_steps: int | None, quiet: bool) -> None:
+    """Train vanilla, clipped and gated models, measure their outliers, quantize them (paper's W8A8 and
+    linear-only), and write the paper's table (report.md, results.json, plots) into --out.
+
+    Rerunning the same command skips finished runs and resumes killed ones from their checkpoints.
+
+        outlierfree reproduce --preset quick
+
+        outlierfree reproduce --preset cpu --out runs/cpu --seeds 0,1
+    """
+    get_preset(preset)
+    fams = _csv(families, "families", FAMILIES)
+    vars_ = _csv(variants, "variants", VARIANT_NAMES)
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = tuple(int(s) for s in _csv(seeds, "seeds"))
+        except ValueError:
+            raise OutlierfreeError(f"--seeds {seeds!r} is not a list of integers", "pass e.g. --seeds 0,1") from None
+    command = "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_reproduce(preset, out or f"runs/reproduce-{preset}", fams, vars_, seed_list, max_steps, not quiet, command,
+                  click.echo)

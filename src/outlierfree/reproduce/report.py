@@ -1,0 +1,240 @@
+"""The paper's table and plots, built only from the runs' own ``result.json`` files.
+
+Nothing here recomputes a number: change a run's result.json and the table changes with it (tested), so the
+report is always a faithful view of what the runs measured.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .presets import METRIC, PAPER
+from .runner import write_json
+
+COLUMNS = ("fp", "max_inf_norm", "avg_kurtosis", "w8a8", "w8a8_linear")
+HEADERS = {"fp": "FP", "max_inf_norm": "max inf-norm", "avg_kurtosis": "avg kurtosis", "w8a8": "W8A8 (full)",
+           "w8a8_linear": "W8A8 (linear only)"}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    v = [x for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v),
+            "values": v}
+
+
+def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per family x variant: mean and spread over seeds of each column, and W8A8 degradation."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["family"], r["variant"]), []).append(r)
+    rows = []
+    for (fam, var), rs in groups.items():
+        row: dict[str, Any] = {"family": fam, "variant": var, "metric": METRIC[fam],
+                               "seeds": sorted(r["seed"] for r in rs)}
+        for c in COLUMNS:
+            row[c] = _stats([r.get(c) for r in rs])
+        sign = 1 if METRIC[fam] == "ppl" else -1  # degradation > 0 means worse after quantization
+        row["w8a8_degradation"] = _stats([sign * (r["w8a8"] - r["fp"]) for r in rs
+                                          if isinstance(r.get("w8a8"), (int, float)) and
+                                          isinstance(r.get("fp"), (int, float))])
+        row["paper"] = PAPER.get(fam, {}).get(var, {})
+        rows.append(row)
+    return rows
+
+
+def criteria(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cpu preset's acceptance checks per family: vs vanilla, FP no worse, max inf-norm >= 5x lower, W8A8
+    degradation <= 1/5 of vanilla's."""
+    out = []
+    by = {(r["family"], r["variant"]): r for r in rows}
+    for (fam, var), r in by.items():
+        v = by.get((fam, "vanilla"))
+        if var == "vanilla" or v is None:
+            continue
+        m = lambda row, c: row[c]["mean"]  # noqa: E731
+        if None in (m(r, "fp"), m(v, "fp"), m(r, "max_inf_norm"), m(v, "max_inf_norm")):
+            continue
+        better = m(r, "fp") <= m(v, "fp") if METRIC[fam] == "ppl" else m(r, "fp") >= m(v, "fp")
+        ratio = m(v, "max_inf_norm") / max(m(r, "max_inf_norm"), 1e-12)
+        dv, dr = v["w8a8_degradation"]["mean"], r["w8a8_degradation"]["mean"]
+        deg_ok = dv is not None and dr is not None and dv > 0 and dr <= dv / 5
+        out.append({"family": fam, "variant": var, "fp_no_worse": better, "inf_norm_ratio": ratio,
+                    "inf_norm_5x_lower": ratio >= 5, "vanilla_degradation": dv, "degradation": dr,
+                    "degradation_one_fifth": deg_ok})
+    return out
+
+
+def _fmt(s: dict[str, Any], digits: int = 4) -> str:
+    if s.get("mean") is None:
+        return "n/a"
+    txt = f"{s['mean']:.{digits}g}"
+    if s.get("n", 0) > 1:
+        txt += f" ± {s['std']:.2g}"
+    return txt
+
+
+def markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dict[str, Any],
+             plots: list[str]) -> str:
+    """report.md: how it was made, the table (ours, then the paper's), the acceptance checks, the plots."""
+    lines = [f"# outlierfree reproduce: preset `{meta['preset']}`", "",
+             f"- command: `{meta['command']}`", f"- commit: `{meta['commit']}`",
+             f"- machine: {meta['machine']}", f"- wall time of this invocation: {meta['wall_s']:.0f} s "
+             f"(runs' own times: {meta['runs_s']:.0f} s in total)",
+             "- data: offline Wikipedia leads (validation split held out by document) for BERT / OPT, "
+             "Fashion-MNIST for ViT; FP and W8A8 on the same validation batches",
+             "- FP: perplexity (BERT: masked positions only; OPT: next token) or top-1 % (ViT). W8A8 (full): every "
+             "weight per-tensor symmetric min-max, every activation per-tensor asymmetric, static, running "
+             "min-max over the calibration batches (the paper's setting). W8A8 (linear only): only linear layers' "
+             "inputs and weights, as common libraries do.",
+             "- max inf-norm, avg kurtosis: over the LayerNorm inputs (residual sums) of the validation batches, "
+             "as defined in docs/metrics.md. Mean ± standard deviation over seeds.", "",
+             "| family | variant | seeds | FP | max inf-norm | avg kurtosis | W8A8 (full) | W8A8 (linear only) | "
+             "W8A8 degradation | paper FP / inf-norm / kurtosis / W8A8 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["paper"]
+        paper = " / ".join(str(p.get(k, "–")) for k in ("fp", "max_inf_norm", "avg_kurtosis", "w8a8")) if p else "–"
+        lines.append(f"| {r['family']} | {r['variant']} | {len(r['seeds'])} | {_fmt(r['fp'])} {r['metric']} | "
+                     f"{_fmt(r['max_inf_norm'])} | {_fmt(r['avg_kurtosis'])} | {_fmt(r['w8a8'])} | "
+                     f"{_fmt(r['w8a8_linear'])} | {_fmt(r['w8a8_degradation'], 3)} | {paper} |")
+    if checks:
+        lines += ["", "## Against vanilla (the paper's effect)", "",
+                  "| family | variant | FP no worse | max inf-norm ratio (vanilla / this) | >= 5x lower | "
+                  "W8A8 degradation (vanilla -> this) | <= 1/5 of vanilla's |", "|---|---|---|---|---|---|---|"]
+        for c in checks:
+            dv = "n/a" if c["vanilla_degradation"] is None else f"{c['vanilla_degradation']:.3g}"
+            dr = "n/a" if c["degradation"] is None else f"{c['degradation']:.3g}"
+            lines.append(f"| {c['family']} | {c['variant']} | {'yes' if c['fp_no_worse'] else 'no'} | "
+                         f"{c['inf_norm_ratio']:.2f} | {'yes' if c['inf_norm_5x_lower'] else 'no'} | {dv} -> {dr} | "
+                         f"{'yes' if c['degradation_one_fifth'] else 'no'} |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot_per_layer(results: list[dict[str, Any]], path: Path) -> bool:
+    """Per-layer max inf-norm of each variant, side by side, one panel per family (seed-averaged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = sorted({r["family"] for r in results})
+    if not fams:
+        return False
+    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        variants = sorted({r["variant"] for r in results if r["family"] == fam})
+        width = 0.8 / max(1, len(variants))
+        for j, var in enumerate(variants):
+            per: dict[int, list[float]] = {}
+            for r in results:
+                if r["family"] == fam and r["variant"] == var:
+                    for row in r.get("per_layer_inf_norm", []):
+                        per.setdefault(row["layer"], []).append(row["inf_norm"])
+            layers = sorted(per)
+            ax.bar([l + j * width for l in layers], [statistics.fmean(per[l]) for l in layers], width, label=var)
+        ax.set_title(f"{fam}: max inf-norm of LayerNorm inputs")
+        ax.set_xlabel("layer")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_growth(results: list[dict[str, Any]], path: Path) -> bool:
+    """Max inf-norm over training steps (train --track-outliers), one panel per family, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = sorted({r["family"] for r in results if any(t.get("event") == "outliers" for t in r.get("track", []))})
+    if not fams:
+        return False
+    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        for r in sorted((r for r in results if r["family"] == fam), key=lambda r: (r["variant"], r["seed"])):
+            pts = [(t["step"], t.get("max_inf_norm")) for t in r.get("track", [])
+                   if t.get("event") == "outliers" and t.get("max_inf_norm") is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=f"{r['variant']} s{r['seed']}")
+        ax.set_title(f"{fam}: outlier growth")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("max inf-norm")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def machine() -> str:
+    """A one-line description of this machine."""
+    import os
+
+    import torch
+
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads" + (f", GPU {torch.cuda.get_device_name(0)}"
+                                                      if torch.cuda.is_available() else ", no GPU"))
+
+
+def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """Write report.md, results.json and the plots into ``out``; returns their paths."""
+    rows = table(results)
+    checks = criteria(rows)
+    plots = []
+    if plot_per_layer(results, out / "per_layer_inf_norm.png"):
+        plots.append("per_layer_inf_norm.png")
+    if plot_growth(results, out / "outlier_growth.png"):
+        plots.append("outlier_growth.png")
+    noop = _noop_plots(results, out)
+    plots += noop
+    meta = {**meta, "machine": meta.get("machine") or machine(),
+            "runs_s": sum(float(r.get("seconds") or 0) for r in results)}
+    write_json(out / "results.json", {"meta": meta, "table": rows, "criteria": checks, "runs": results})
+    md = out / "report.md"
+    tmp = md.with_name(".report.md.tmp")
+    tmp.write_text(markdown(rows, checks, meta, plots))
+    tmp.replace(md)
+    return {"markdown": md, "json": out / "results.json"}
+
+
+def _noop_plots(results: list[dict[str, Any]], out: Path) -> list[str]:
+    """Per family (first seed): the analysis report's side-by-side plots, including the attention map of the
+    strongest no-op head in each variant."""
+    import json
+
+    from ..analysis import write_report
+
+    made = []
+    for fam in sorted({r["family"] for r in results}):
+        runs = sorted((r for r in results if r["family"] == fam), key=lambda r: (r["seed"], r["variant"]))
+        if not runs:
+            continue
+        seed = runs[0]["seed"]
+        reports = []
+        for r in runs:
+            if r["seed"] != seed:
+                continue
+            p = Path(r["how"]["model_dir"]).parent.parent / "analysis.json"
+            if p.exists():
+                rep = json.loads(p.read_text())
+                rep["name"] = r["variant"]
+                reports.append(rep)
+        if reports:
+            d = out / f"analysis-{fam}"
+            write_report(reports, d, None, f"outlierfree reproduce ({fam}, seed {seed})")
+            for png in sorted(d.glob("*.png")):
+                made.append(f"analysis-{fam}/{png.name}")
+    return made

@@ -1,0 +1,236 @@
+"""Run every family x variant x seed of a preset: train, analyse, quantize; never lose work.
+
+Layout of ``OUT``:
+
+    OUT/runs/<family>-<variant>-s<seed>/spec.json       what the run is (refused if a rerun differs)
+                                         train/          the training run (checkpoints, log.jsonl, model/)
+                                         analysis.json   outlier analysis of the final model
+                                         quant.json      float vs W8A8 (paper setting) and W8A8 (linear only)
+                                         result.json     the run's numbers: what the report is built from
+    OUT/report.md, OUT/results.json, OUT/*.png           the table and plots (rebuilt from the result.json files)
+
+Every stage writes its file atomically and is skipped when the file exists, so a rerun of the same command
+continues where a killed one stopped (training itself resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import OutlierfreeError
+from .presets import METRIC, RunSpec
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` atomically (temporary file + rename); a full disk becomes a one-line error."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OutlierfreeError(f"the disk is full while writing {str(path)!r}",
+                                   "free some space and rerun the same command: finished runs are kept") from e
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and o != o:
+        return None
+    return str(o)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file written by this module; a corrupt one is an error naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OutlierfreeError(f"{str(path)!r} is corrupt ({e.__class__.__name__})",
+                               "delete it and rerun: that stage of the run is redone") from e
+
+
+def git_commit() -> str:
+    """The commit of the installed source tree (``unknown`` outside git)."""
+    try:
+        here = Path(__file__).resolve().parent
+        r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                           timeout=10)
+        if r.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return r.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def check_spec(run_dir: Path, spec: RunSpec) -> None:
+    """Record ``spec`` in ``run_dir``, or refuse if the directory holds a run of a different config."""
+    path = run_dir / "spec.json"
+    if path.exists():
+        old = read_json(path)
+        if old != spec.to_dict():
+            diff = sorted(k for k in set(old.get("train", {})) | set(spec.train)
+                          if old.get("train", {}).get(k) != spec.train.get(k))
+            other = [k for k in ("analysis", "quant") if old.get(k) != getattr(spec, k)]
+            raise OutlierfreeError(
+                f"{str(run_dir)!r} holds a run of a different config (differs in {', '.join(diff + other) or 'spec'})",
+                "use another --out directory, or delete that run directory to redo it")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, spec.to_dict())
+
+
+def train_stage(spec: RunSpec, run_dir: Path, progress: bool) -> Path:
+    """Train (or resume, or skip if finished) and return the final model directory."""
+    from ..train import TrainConfig, train
+
+    cfg = TrainConfig.from_dict({**spec.train, "seed": spec.seed, "out": str(run_dir / "train"), "resume": True,
+                                 "progress": progress})
+    return Path(train(cfg))
+
+
+def analysis_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """Outlier analysis of the trained model on validation data (cached in analysis.json)."""
+    path = run_dir / "analysis.json"
+    if path.exists():
+        return read_json(path)
+    from ..analysis.cli import analyze_path
+
+    seq_len = int(spec.train.get("seq_len", 128))
+    report = analyze_path(str(model_dir), batches=int(spec.analysis["batches"]),
+                          batch_size=int(spec.analysis["batch_size"]), seq_len=seq_len, seed=0, progress=progress)
+    report["name"] = f"{spec.family}-{spec.variant}"
+    write_json(path, report)
+    return report
+
+
+def quant_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """Float vs W8A8 in the paper's full setting and in the linear-only setting (cached in quant.json)."""
+    path = run_dir / "quant.json"
+    if path.exists():
+        return read_json(path)
+    from ..models.io import load_model, load_tokenizer
+    from ..quant.config import linear_w8a8, paper_w8a8
+    from ..quant.data import make_batches, task_of
+    from ..quant.evaluate import evaluate_quantized
+
+    model = load_model(model_dir)
+    task = task_of(model)
+    tok = None if spec.family == "vit" else load_tokenizer(model_dir)
+    q = spec.quant
+    batches = make_batches(model, model_dir, tok, int(q["calib_batches"]), int(q["eval_batches"]),
+                           int(q["batch_size"]), spec.train.get("seq_len"), seed=0)
+    out: dict[str, Any] = {"data": batches.info}
+    for name, cfg in (("w8a8", paper_w8a8()), ("w8a8_linear", linear_w8a8())):
+        out[name] = evaluate_quantized(model, tok, batches.calib, batches.eval, cfg, task, diagnostics=False,
+                                       progress=progress)
+    write_json(path, out)
+    return out
+
+
+def _per_layer(analysis: dict[str, Any], kind: str = "ln_input") -> list[dict[str, Any]]:
+    rows = [s for s in analysis.get("sites", []) if s.get("kind") == kind and s.get("layer") is not None]
+    by_layer: dict[int, dict[str, float]] = {}
+    for s in rows:
+        d = by_layer.setdefault(s["layer"], {"inf_norm": 0.0, "kurtosis": 0.0})
+        # the same statistics as the headline: per-sequence values averaged over sequences, max over the layer's sites
+        d["inf_norm"] = max(d["inf_norm"], float(s.get("inf_norm_mean") or 0.0))
+        d["kurtosis"] = max(d["kurtosis"], float(s.get("kurtosis_mean") or 0.0))
+    return [{"layer": k, **v} for k, v in sorted(by_layer.items())]
+
+
+def _track(train_dir: Path) -> list[dict[str, Any]]:
+    log = train_dir / "log.jsonl"
+    if not log.exists():
+        return []
+    rows = []
+    for line in log.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if r.get("event") in ("outliers", "eval"):
+            rows.append(r)
+    return rows
+
+
+def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str, Any], quant: dict[str, Any],
+              seconds: float, commit: str, preset: str) -> dict[str, Any]:
+    """The run's result.json: every number the report shows, with how it was obtained."""
+    metric = METRIC[spec.family]
+    fp = quant["w8a8"]["float"].get(metric)
+    res = {
+        "name": spec.name, "family": spec.family, "variant": spec.variant, "seed": spec.seed, "preset": preset,
+        "metric": metric,
+        "fp": fp,
+        "w8a8": quant["w8a8"]["quantized"].get(metric),
+        "w8a8_linear": quant["w8a8_linear"]["quantized"].get(metric),
+        "max_inf_norm": analysis["headline"].get("max_inf_norm"),
+        "max_inf_norm_site": analysis["headline"].get("max_inf_norm_site"),
+        "avg_kurtosis": analysis["headline"].get("avg_kurtosis"),
+        "max_kurtosis": analysis["headline"].get("max_kurtosis"),
+        "noop_heads": analysis.get("noop", {}).get("flagged"),
+        "per_layer_inf_norm": _per_layer(analysis),
+        "track": _track(run_dir / "train"),
+        "how": {"spec": spec.to_dict(), "commit": commit, "model_dir": str(model_dir),
+                "analysis": {"data": analysis.get("data"), "sequences": analysis.get("sequences"), "seed": 0},
+                "quant": {"w8a8": quant["w8a8"]["config"], "w8a8_linear": quant["w8a8_linear"]["config"],
+                          "data": quant.get("data"), "calib_batches": quant["w8a8"].get("calib_batches"),
+                          "eval_batches": quant["w8a8"].get("eval_batches")}},
+        "seconds": round(seconds, 1),
+    }
+    return res
+
+
+def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
+            echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or skip, or resume) every spec in order; returns their result dicts."""
+    runs_dir = out / "runs"
+    commit = git_commit()
+    results: list[dict[str, Any]] = []
+    # refuse mixed configs before any work, so nothing is half-done when the check fails
+    for spec in specs:
+        check_spec(runs_dir / spec.name, spec)
+    spent: list[float] = []
+    for i, spec in enumerate(specs, 1):
+        run_dir = runs_dir / spec.name
+        result_path = run_dir / "result.json"
+        if result_path.exists():
+            results.append(read_json(result_path))
+            echo(f"[{i}/{len(specs)}] {spec.name}: done earlier, skipped")
+            continue
+        left = len(specs) - i + 1
+        eta = f", ETA {_fmt_s(sum(spent) / len(spent) * left)} for the {left} left" if spent else ""
+        echo(f"[{i}/{len(specs)}] {spec.name}: training {spec.train.get('size')} for {spec.train.get('steps')} "
+             f"steps{eta}")
+        t0 = time.perf_counter()
+        model_dir = train_stage(spec, run_dir, progress)
+        echo(f"[{i}/{len(specs)}] {spec.name}: analysing outliers")
+        analysis = analysis_stage(spec, model_dir, run_dir, progress)
+        echo(f"[{i}/{len(specs)}] {spec.name}: simulating W8A8 (full and linear)")
+        quant = quant_stage(spec, model_dir, run_dir, progress)
+        dt = time.perf_counter() - t0
+        spent.append(dt)
+        res = summarise(spec, model_dir, run_dir, analysis, quant, dt, commit, preset)
+        write_json(result_path, res)
+        results.append(res)
+        echo(f"[{i}/{len(specs)}] {spec.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "
+             f"max inf-norm {_g(res['max_inf_norm'])} ({_fmt_s(dt)})")
+    return results
+
+
+def _g(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _fmt_s(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
