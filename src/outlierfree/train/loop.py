@@ -619,7 +619,8 @@ def _track(fn: Callable[..., dict[str, float]], model: nn.Module, batch: dict[st
     with torch.random.fork_rng(devices=devices), torch.no_grad():  # tracking must not change the run
         metrics = fn(model, batch)
     model.train(was)
-    return {str(k): float(v) for k, v in dict(metrics).items()}
+    # numbers become floats; site names (max_inf_norm_site...) stay strings
+    return {str(k): (float(v) if isinstance(v, (int, float)) else v) for k, v in dict(metrics).items()}
 
 
 def _progress(console: Any, enabled: bool) -> Any:
