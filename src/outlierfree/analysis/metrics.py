@@ -16,18 +16,16 @@ DEFAULT_ABS_THRESHOLD = 6.0
 DEFAULT_REL_THRESHOLD = 6.0
 
 
-def _mask_or_all(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, T) boolean mask, all True when ``mask`` is None."""
-    if mask is None:
-        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    return mask.to(device=x.device, dtype=torch.bool)
+def masked_abs(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """|x| as float32 (B, T, d) with padded tokens set to 0 (which never exceeds a real magnitude)."""
+    a = x.detach().abs().float()
+    return a if mask is None else a * mask.to(device=x.device, dtype=a.dtype)[..., None]
 
 
 def token_inf_norms(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """max_j |x[b, t, j]| per token, (B, T); padded tokens get -inf so that they never win a max."""
-    m = _mask_or_all(x, mask)
-    norms = x.detach().abs().amax(dim=-1).float()  # (B, T)
-    return norms.masked_fill(~m, float("-inf"))
+    norms = masked_abs(x, mask).amax(dim=-1)  # (B, T)
+    return norms if mask is None else norms.masked_fill(~mask.to(device=x.device, dtype=torch.bool), float("-inf"))
 
 
 def sequence_inf_norms(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,15 +39,22 @@ def sequence_inf_norms(x: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 def sequence_kurtosis(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Kurtosis of each sequence over all values of its real tokens, (B,): m4 / m2^2 with central moments
     m_k = mean((x - mean(x))^k) (population moments; a Gaussian gives 3, not 0). NaN where undefined."""
-    m = _mask_or_all(x, mask)
     xd = x.detach().to(torch.float64)  # (B, T, d)
-    w = m.to(torch.float64)[..., None].expand_as(xd)  # (B, T, d) weights: 1 real, 0 padding
-    n = w.sum(dim=(1, 2))  # (B,) number of values per sequence
-    mean = (xd * w).sum(dim=(1, 2)) / n  # (B,)
-    c = (xd - mean[:, None, None]) * w  # (B, T, d) centred, padding zeroed
-    m2 = (c ** 2).sum(dim=(1, 2)) / n
-    m4 = (c ** 4).sum(dim=(1, 2)) / n
-    k = m4 / m2 ** 2
+    if mask is None:
+        n = torch.full((x.shape[0],), float(x[0].numel()), dtype=torch.float64, device=x.device)
+        w = None
+    else:
+        w = mask.to(device=x.device, dtype=torch.float64)[..., None]  # (B, T, 1): 1 real, 0 padding
+        xd = xd * w
+        n = w.sum(dim=(1, 2)) * x.shape[-1]  # (B,) number of values per sequence
+    mean = xd.sum(dim=(1, 2)) / n  # (B,)
+    c = xd - mean[:, None, None]  # (B, T, d) centred
+    if w is not None:
+        c = c * w  # padding back to zero
+    c2 = c * c
+    m2 = c2.sum(dim=(1, 2)) / n
+    m4 = (c2 * c2).sum(dim=(1, 2)) / n
+    k = m4 / (m2 * m2)
     return torch.where((n > 0) & (m2 > 0), k, torch.full_like(k, float("nan"))).float()
 
 
@@ -67,9 +72,7 @@ def reference_kurtosis(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def dim_abs_max(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Largest magnitude of each hidden dimension over the real tokens of the batch, (d,)."""
-    m = _mask_or_all(x, mask)
-    a = x.detach().abs().float().masked_fill(~m[..., None], 0.0)  # (B, T, d)
-    return a.amax(dim=(0, 1))
+    return masked_abs(x, mask).amax(dim=(0, 1))
 
 
 def outlier_dims(dim_max: torch.Tensor, abs_threshold: float = DEFAULT_ABS_THRESHOLD,
@@ -89,18 +92,20 @@ def outlier_dims(dim_max: torch.Tensor, abs_threshold: float = DEFAULT_ABS_THRES
 
 def key_mass(p: torch.Tensor, keys: torch.Tensor, query_mask: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention mass each head puts on a set of keys, summed over real query rows.
+    """Attention mass each head puts on sets of keys, summed over real query rows.
 
     Args:
         p: probabilities (B, H, Tq, Tk).
-        keys: boolean (B, Tk), True for the keys in the set (e.g. delimiter tokens).
+        keys: boolean (B, Tk) for one set (e.g. delimiter tokens), or (B, Tk, S) for S sets at once.
         query_mask: boolean (B, Tq), True for real query rows (None: all).
     Returns:
-        (mass summed over sequences and real rows, (H,) float64; number of real rows summed, scalar).
+        (mass summed over sequences and real rows: (H,) float64, or (H, S); number of real rows summed, scalar).
         Their ratio is the average over query rows of sum_{k in set} p[b, h, q, k].
     """
     B, H, Tq, Tk = p.shape
+    one = keys.dim() == 2
+    k = (keys[..., None] if one else keys).to(device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)
     qm = torch.ones(B, Tq, dtype=torch.bool, device=p.device) if query_mask is None else query_mask.to(p.device)
-    on_set = (p.detach().to(torch.float64) * keys.to(p.device, torch.float64)[:, None, None, :]).sum(-1)  # (B,H,Tq)
-    mass = (on_set * qm.to(torch.float64)[:, None, :]).sum(dim=(0, 2))  # (H,)
-    return mass, qm.sum().to(torch.float64)
+    on_set = torch.matmul(p.detach(), k[:, None]).to(torch.float64)  # (B, H, Tq, S): row mass on each set
+    mass = (on_set * qm.to(torch.float64)[:, None, :, None]).sum(dim=(0, 2))  # (H, S)
+    return (mass[:, 0] if one else mass), qm.sum().to(torch.float64)

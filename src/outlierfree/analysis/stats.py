@@ -49,42 +49,44 @@ class HiddenStats:
         self.dim_max: torch.Tensor | None = None  # (d,) running max |x| per hidden dimension
         self.inf_norms: list[float] = []  # one per sequence
         self.kurtoses: list[float] = []  # one per sequence
-        self.hist = torch.zeros(HIST_BINS + 2, dtype=torch.float64)  # [zeros, bins..., overflow]
+        self.hist = torch.zeros(HIST_BINS + 2, dtype=torch.float64)  # [zeros or below, bins..., above]
         self.argmax_tokens: Counter[str] = Counter()  # token label holding each sequence's max
         self.argmax_dims: Counter[int] = Counter()  # hidden dimension holding each sequence's max
         self.values = 0
 
     def update(self, x: torch.Tensor, batch: EvalBatch) -> list[tuple[float, int, int]]:
-        """Add one batch; returns (value, sequence-in-batch, position) of each sequence's largest activation."""
+        """Add one batch; returns (value, sequence-in-batch, position) of each sequence's largest activation
+        (position -1 when the site's tokens cannot be matched to the batch's)."""
         x, mask = as_tokens(x.detach(), batch.mask.to(x.device))
-        dm = metrics.dim_abs_max(x, mask).cpu()  # (d,)
+        matched = mask is not None  # the site's tokens are the batch's tokens (labels apply)
+        if matched and bool(mask.all()):
+            mask = None  # packed batches and images have no padding: the cheaper unmasked path
+        a = metrics.masked_abs(x, mask)  # (B, T, d); the metrics below give the same on |x| as on x
+        tok = metrics.token_inf_norms(a, mask)  # (B, T)
+        dm = metrics.dim_abs_max(a, mask).cpu()  # (d,)
         if self.dim_max is None:
             self.dim_max = dm
         elif self.dim_max.shape == dm.shape:  # (a site whose width changes keeps its first width's maxima)
             self.dim_max = torch.maximum(self.dim_max, dm)
-        self.inf_norms += metrics.sequence_inf_norms(x, mask).cpu().tolist()
+        best_val, best_pos = tok.max(dim=1)  # (B,): the sequence's inf-norm and where it is
+        self.inf_norms += [v if math.isfinite(v) else math.nan for v in best_val.tolist()]
         self.kurtoses += metrics.sequence_kurtosis(x, mask).cpu().tolist()
-        a = x.abs().float()  # (B, T, d)
-        real = a if mask is None else a[mask]  # values of real tokens only
-        self.values += real.numel()
-        zeros = (real == 0).sum()
-        logs = torch.log10(real[real > 0])
-        # bins by floor((log - lo) * per_decade): histc ignores values outside [lo, hi], counted apart
+        n_real = a.numel() if mask is None else int(mask.sum()) * a.shape[-1]
+        self.values += n_real
+        logs = torch.log10(a)  # zeros (and padding) -> -inf, which histc ignores like anything outside [lo, hi]
         h = torch.histc(logs, bins=HIST_BINS, min=HIST_LO, max=HIST_HI).to(torch.float64).cpu()
-        self.hist[0] += float(zeros)
+        above = float((logs > HIST_HI).sum())
         self.hist[1:-1] += h
-        self.hist[-1] += float((logs > HIST_HI).sum())
-        tok = metrics.token_inf_norms(x, mask)  # (B, T)
-        best_val, best_pos = tok.max(dim=1)  # (B,)
-        worst_dim = a.flatten(0, 1).argmax(dim=-1).view(a.shape[:2])  # (B, T): dimension of each token's max
+        self.hist[-1] += above
+        self.hist[0] += n_real - float(h.sum()) - above  # exact zeros and magnitudes below 10^lo
         found = []
         for b, (v, t) in enumerate(zip(best_val.tolist(), best_pos.tolist())):
-            if math.isinf(v):
-                continue
-            if mask is not None and batch.labels:
+            if not math.isfinite(v) or v == 0:
+                continue  # no real token, or an all-zero tensor: nothing holds a maximum
+            if matched and batch.labels:
                 self.argmax_tokens[batch.labels[b][t]] += 1
-            self.argmax_dims[int(worst_dim[b, t])] += 1
-            found.append((v, b, t if mask is not None else -1))
+            self.argmax_dims[int(a[b, t].argmax())] += 1
+            found.append((v, b, t if matched else -1))
         return found
 
     def summary(self, abs_threshold: float, rel_threshold: float) -> dict[str, Any]:
@@ -129,11 +131,13 @@ class AttentionStats:
         qmask = batch.mask if p.shape[-2] == batch.mask.shape[1] else None
         sets = dict(batch.keys)
         sets["noop"] = torch.stack(list(batch.keys.values())).any(0)  # union: first | delimiter | background
-        for name, keys in sets.items():
-            m, rows = metrics.key_mass(p, keys, qmask)
-            self.mass[name] = self.mass.get(name, 0) + m.cpu()
-            n_real = batch.mask.sum(1).clamp_min(1).double()  # (B,)
-            self.share[name] = self.share.get(name, 0.0) + float((keys.double().sum(1) / n_real).sum())
+        names = list(sets)
+        keys = torch.stack([sets[n] for n in names], dim=-1)  # (B, Tk, S)
+        m, rows = metrics.key_mass(p, keys, qmask)  # (H, S)
+        n_real = batch.mask.sum(1).clamp_min(1).double()  # (B,)
+        for i, name in enumerate(names):
+            self.mass[name] = self.mass.get(name, 0) + m[:, i].cpu()
+            self.share[name] = self.share.get(name, 0.0) + float((sets[name].double().sum(1) / n_real).sum())
         self.rows += float(rows)
         self.sequences += p.shape[0]
         if self.example is None:

@@ -1,0 +1,150 @@
+"""``outlierfree analyze``: where the outliers of one or more models live, as report.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import gc
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import OutlierfreeError, require
+from ..sites import SITE_KINDS
+from .analyze import DEFAULT_KINDS, DEFAULT_NOOP_THRESHOLD
+from .metrics import DEFAULT_ABS_THRESHOLD, DEFAULT_REL_THRESHOLD
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """``--sites`` value: comma-separated site kinds, or ``all``."""
+    if text.strip() == "all":
+        return SITE_KINDS
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in SITE_KINDS]
+    require(kinds and not bad, f"unknown site kind {bad[0] if bad else text!r} in --sites",
+            f"use a comma-separated list of {', '.join(SITE_KINDS)}, or all")
+    return kinds
+
+
+def is_image_model(model: Any) -> bool:
+    """Whether ``model`` takes pixel values (ViT and other vision transformers)."""
+    return getattr(model, "main_input_name", "") == "pixel_values" or \
+        getattr(getattr(model, "config", None), "model_type", "") == "vit"
+
+
+@click.command("analyze")
+@click.argument("models", nargs=-1)
+@click.option("--data", default=None, help="evaluation data: text (.txt/.jsonl/.json/folder/glob/saved dataset) or "
+              "images (folder of idx files or class subfolders) [default: validation split of the offline corpus; "
+              "Fashion-MNIST test images for ViT]")
+@click.option("--batches", type=int, default=8, show_default=True, help="number of evaluation batches")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="sequences (or images) per batch")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="tokens per sequence (text)")
+@click.option("--seed", type=int, default=0, show_default=True, help="which validation sequences are drawn")
+@click.option("--out", "out", default="out/analysis", show_default=True, help="output directory (replaced)")
+@click.option("--tokenizer", default=None, help="tokenizer directory [default: the one saved with the model]")
+@click.option("--sites", "sites", default=",".join(DEFAULT_KINDS), show_default=True,
+              help="site kinds to measure (comma-separated, or all)")
+@click.option("--no-attention", is_flag=True, default=False,
+              help="skip attention internals (no-op heads): keeps the model's own attention kernel")
+@click.option("--threshold", type=float, default=DEFAULT_ABS_THRESHOLD, show_default=True,
+              help="outlier dimension: max |x| at least this")
+@click.option("--rel-threshold", type=float, default=DEFAULT_REL_THRESHOLD, show_default=True,
+              help="relative outlier dimension: max |x| at least this times the median dimension's")
+@click.option("--noop-threshold", type=float, default=DEFAULT_NOOP_THRESHOLD, show_default=True,
+              help="no-op head: at least this attention mass on first/delimiter/background keys")
+@click.option("--packing", default="auto", show_default=True,
+              help="text: packed (as in training) | documents (one per sequence) | auto (packed for our models)")
+@click.option("--track", "track", multiple=True, help="run directory whose log.jsonl outlier events to plot "
+              "over steps (repeatable); a model's own log.jsonl is picked up automatically")
+def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int, batch_size: int, seq_len: int, seed: int,
+                out: str, tokenizer: str | None, sites: str, no_attention: bool, threshold: float,
+                rel_threshold: float, noop_threshold: float, packing: str, track: tuple[str, ...]) -> None:
+    """Measure activation outliers of MODEL(s): a model directory (ours or any Hugging Face checkpoint) or a
+    .gguf file. Several models are compared side by side. Writes report.json, report.md and PNG plots to --out."""
+    from .tracking import find_log, read_track
+
+    require(models or track, "no model given", "pass MODEL [MODEL ...] (a model directory or .gguf) or --track RUN_DIR")
+    require(batches >= 1, f"--batches must be at least 1, got {batches}", "pass --batches 1 or more")
+    require(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
+    require(seq_len >= 8, f"--seq-len must be at least 8, got {seq_len}", "pass --seq-len 8 or more")
+    require(threshold > 0 and rel_threshold > 0, "--threshold and --rel-threshold must be positive",
+            "pass e.g. --threshold 6")
+    require(0 < noop_threshold <= 1, f"--noop-threshold must be in (0, 1], got {noop_threshold}", "pass e.g. 0.5")
+    require(packing in ("auto", "packed", "documents"), f"unknown --packing {packing!r}", "use auto|packed|documents")
+    kinds = parse_kinds(sites)
+    if no_attention:
+        kinds = tuple(k for k in kinds if k not in ("query", "key", "value", "attn_scores", "attn_probs", "context",
+                                                    "gate"))
+    out_path = Path(out)
+    require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory path")
+    for m in models:  # fail on a bad path before spending minutes on the others
+        require(Path(m).exists(), f"model path {m!r} does not exist", "pass a model directory or a .gguf file")
+
+    reports, tracks = [], {}
+    for path in models:
+        reports.append(analyze_path(path, data=data, batches=batches, batch_size=batch_size, seq_len=seq_len,
+                                    seed=seed, tokenizer=tokenizer, kinds=kinds, attention=not no_attention,
+                                    threshold=threshold, rel_threshold=rel_threshold, noop_threshold=noop_threshold,
+                                    packing=packing))
+        log = find_log(path) if Path(path).is_dir() else None
+        if log is not None and read_track(log):
+            tracks[reports[-1]["name"]] = read_track(log)
+        gc.collect()  # the model is gone: free its memory before loading the next
+    for run in track:
+        tracks[Path(run).resolve().name] = read_track(run)
+        require(tracks[Path(run).resolve().name], f"{run!r} has no outlier events in its log.jsonl",
+                "train with `outlierfree train --track-outliers K`")
+    command = "outlierfree analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    from .report import write_report
+
+    files = write_report(reports, out_path, tracks, command)
+    for r in reports:
+        h = r["headline"]
+        click.echo(f"{r['name']}: max inf-norm {h.get('max_inf_norm', float('nan')):.4g} at "
+                   f"{h.get('max_inf_norm_site')}; avg kurtosis {h.get('avg_kurtosis') or float('nan'):.4g}, max "
+                   f"{h.get('max_kurtosis') or float('nan'):.4g} at {h.get('max_kurtosis_site')}; largest |x| "
+                   f"{h.get('largest_activation', float('nan')):.4g} at {h.get('largest_activation_site')}; "
+                   f"no-op heads {r['noop'].get('flagged', 0)} of {r['noop'].get('heads', 0)}")
+    click.echo(f"wrote {files['json']}, {files['markdown']} and {len(files) - 2} plots")
+
+
+def analyze_path(path: str, *, data: str | None = None, batches: int = 8, batch_size: int = 8, seq_len: int = 128,
+                 seed: int = 0, tokenizer: str | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS,
+                 attention: bool = True, threshold: float = DEFAULT_ABS_THRESHOLD,
+                 rel_threshold: float = DEFAULT_REL_THRESHOLD, noop_threshold: float = DEFAULT_NOOP_THRESHOLD,
+                 packing: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Load the model at ``path``, build its evaluation batches and analyse it: the report dict of one model."""
+    from ..models.io import load_model, load_tokenizer
+    from .analyze import analyze_model
+    from .inputs import image_batches, text_batches
+
+    model = load_model(path)
+    name = Path(path).name
+    if is_image_model(model):
+        evals, desc = image_batches(model, data, batches, batch_size, seed)
+        tok = None
+        data_name = data or "fashion-mnist test"
+    else:
+        if tokenizer is not None:
+            from ..data.text import load_tokenizer_dir
+
+            tok = load_tokenizer_dir(tokenizer)
+        else:
+            tok = load_tokenizer(path)
+        evals, desc = text_batches(model, tok, data, batches, batch_size, seq_len, seed, packing)
+        data_name = data or "offline wiki (validation)"
+    require(sum(int(b.mask.sum()) for b in evals) > 0, "the data yields no tokens", "pass other data with --data")
+    meta = {"data": {"name": data_name, **desc}, "seed": seed, "batch_size": batch_size, "seq_len": seq_len}
+    try:
+        report = analyze_model(model, evals, kinds=kinds, attention=attention, abs_threshold=threshold,
+                               rel_threshold=rel_threshold, noop_threshold=noop_threshold, progress=progress,
+                               name=name, meta=meta)
+    except OutlierfreeError:
+        raise
+    except RuntimeError as e:  # a forward that fails on this checkpoint (shapes, dtypes): one line, not a trace
+        raise OutlierfreeError(f"the forward pass of {path!r} failed: {str(e).splitlines()[0][:200]}",
+                               "check that the model and its tokenizer/data match (or try --no-attention)") from e
+    report["model"]["path"] = str(path)
+    return report
