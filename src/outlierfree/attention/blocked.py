@@ -435,7 +435,8 @@ def flex_clipped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
         block_mask = create_block_mask(mask_mod, B, H, Tq, Tk, device=q.device)
     g_rows = None
     if isinstance(gamma, torch.Tensor):
-        g_rows = gamma.to(torch.float32).expand(B, H, Tq, 1)[..., 0].contiguous()  # (B, H, Tq)
+        g_dtype = torch.promote_types(q.dtype, torch.float32)
+        g_rows = gamma.to(g_dtype).expand(B, H, Tq, 1)[..., 0].contiguous()  # (B, H, Tq)
     _, aux = fa(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
     lse = aux.lse  # (B, H, Tq) float32, natural log; -inf where a row sees nothing
     lse = torch.where(lse == -math.inf, 0.0, lse)
