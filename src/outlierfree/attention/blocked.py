@@ -17,7 +17,9 @@ both passes happen on the same block of scores, which is computed once. Either w
 (batch-heads, query block, key block) tile; forward saves only q, k, v and lse (B, H, Tq) for the backward.
 
 Backward (recomputes the blocks instead of storing them). With kappa_i = zeta - gamma_i, u = kappa p + gamma,
-"inside" = 0 < u < 1, dropout multiplier R (R = 1 without dropout; O = (c * R) V):
+"inside" = 0 < u < 1 (the clip's derivative; at the measure-zero bounds u = 0, u = 1 we follow torch.clamp's
+backward, which passes the gradient, so blocked and eager agree exactly), dropout multiplier R (R = 1 without
+dropout; O = (c * R) V):
 
     dV   = (c * R)^T dO
     dc   = (dO V^T) * R
