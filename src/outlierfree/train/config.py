@@ -22,6 +22,9 @@ SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 # fields that may differ between a run and its resumption: they change logging and bookkeeping, not the weights
 RUNTIME_FIELDS = ("resume", "progress", "log_every", "eval_every", "save_every", "track_outliers", "out")
+_EXAMPLES = {"steps": 100, "batch_size": 32, "seq_len": 128, "vocab_size": 8192, "log_every": 10, "val_size": 256}
+DEFAULT_STEPS = {"mlm": 100, "clm": 100, "image": 500}
+DEFAULT_BATCH = {"mlm": 32, "clm": 16, "image": 64}
 # the HF config keys that --hidden-dropout / --attention-dropout set, per family
 DROPOUT_KEYS = {"bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
                 "opt": ("dropout", "attention_dropout"),
@@ -37,7 +40,7 @@ class TrainConfig:
     ``hidden_dropout`` / ``attention_dropout``.
     Data: ``data`` (None = offline Wikipedia corpus or Fashion-MNIST), ``text_column``, ``hf_split``,
     ``val_fraction``, ``tokenizer`` (existing directory) or ``vocab_size`` (trained), ``seq_len``, ``mlm_probability``.
-    Optimisation: ``steps``, ``batch_size`` (global, per optimizer step, over all processes and accumulation),
+    Optimisation: ``steps`` (default 100 mlm / 100 clm / 500 image), ``batch_size`` (default 32 / 16 / 64; global, per optimizer step, over all processes and accumulation),
     ``grad_accum``, ``lr``, ``warmup_steps``, ``schedule``, ``min_lr_ratio``, ``weight_decay``, ``decay_norm``
     (also decay LayerNorm weights, as the reference OPT script does), ``adam_beta1/2``, ``adam_eps``,
     ``grad_clip`` (0 = off), ``precision``, ``seed``.
@@ -60,8 +63,8 @@ class TrainConfig:
     vocab_size: int = 8192
     seq_len: int = 128
     mlm_probability: float = 0.15
-    steps: int = 100
-    batch_size: int = 32
+    steps: int | None = None
+    batch_size: int | None = None
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int | None = None
@@ -137,13 +140,17 @@ class TrainConfig:
         require(c.size in SIZES[c.family], f"unknown size {c.size!r} for {c.family}",
                 f"use one of {', '.join(SIZES[c.family])} (see `outlierfree models`)")
         c.attention = AttentionConfig.from_dict(c.attention).to_dict()  # validates and fills defaults
+        if c.steps is None:  # defaults sized to finish in a minute or two on a laptop-class CPU
+            c.steps = DEFAULT_STEPS[c.task]
+        if c.batch_size is None:
+            c.batch_size = DEFAULT_BATCH[c.task]
         if c.val_size is None:
             c.val_size = 2000 if c.task == "image" else 256
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "log_every", "val_size"):
             v = getattr(c, name)
             require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                     f"--{name.replace('_', '-')} must be a positive integer, got {v!r}", f"pass e.g. "
-                    f"--{name.replace('_', '-')} {getattr(TrainConfig, name)}")
+                    f"--{name.replace('_', '-')} {_EXAMPLES.get(name, 1)}")
         for name in ("eval_every", "save_every", "track_outliers", "seed"):
             v = getattr(c, name)
             require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,

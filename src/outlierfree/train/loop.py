@@ -362,8 +362,6 @@ def train(cfg: TrainConfig) -> Path:
     if state is not None:
         require(state.get("world_size", 1) == world, f"the checkpoint was written by {state.get('world_size')} "
                 f"process(es), this run has {world}", "resume with the same number of processes")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out / LOG_FILE, main, console)
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # the first process fills the tokenizer/data caches
@@ -375,6 +373,8 @@ def train(cfg: TrainConfig) -> Path:
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     task_model, optimizer, scheduler = accelerator.prepare(task_model, optimizer, scheduler)
+    if main:  # only now: bad data or settings must not leave a run directory behind
+        out.mkdir(parents=True, exist_ok=True)
 
     start = 0
     if state is not None:
