@@ -124,6 +124,16 @@ def is_idx_folder(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*-idx3-ubyte*"))
 
 
+def _image_mode(path: Path) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise OutlierfreeError(f"cannot read the image {str(path)!r} ({e})", "remove or replace the file") from e
+
+
 def _open_image(path: Path, size: int, mode: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -144,7 +154,6 @@ def load_image_folder(path: str | os.PathLike, image_size: int, val_fraction: fl
     and ``val/`` (or ``validation/``, ``test/``) subfolders they are the split; otherwise a fixed hash of each file's
     relative path puts ``val_fraction`` of them in validation. ``channels`` 1 (grey) or 3 (RGB); default: 1 if every
     sampled image is greyscale, else 3. Mean and std are measured on the training images."""
-    from PIL import Image
 
     root = Path(path).expanduser()
     require(root.exists(), f"the data path {str(path)!r} does not exist", "pass a folder of class subfolders of images")
@@ -165,8 +174,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int, val_fraction: fl
     if channels is None:
         modes = set()
         for f, _ in train_files[:: max(1, len(train_files) // 64)]:
-            with Image.open(f) as im:
-                modes.add(im.mode)
+            modes.add(_image_mode(f))
         channels = 1 if modes <= {"L", "1", "I;16", "I"} else 3
     mode = "L" if channels == 1 else "RGB"
 

@@ -232,17 +232,21 @@ def load_tokenizer_dir(path: str) -> Any:
 def get_tokenizer(train_docs: Sequence[str], kind: str, vocab_size: int, tokenizer: str | None = None,
                   use_cache: bool = True) -> tuple[Any, str]:
     """(tokenizer, key): an existing directory when ``tokenizer`` is given, else one trained on ``train_docs``,
-    cached under ``$OUTLIERFREE_CACHE/tokenizers/<hash of docs, kind, vocab>``. ``key`` identifies it for caches."""
+    cached under ``$OUTLIERFREE_CACHE/tokenizers/<hash of docs, kind, vocab>``. ``key`` is a hash of the tokenizer's
+    full serialisation (not of the documents): the tokenizers library breaks ties between equally frequent merges
+    in a process-random order, so training twice can give two different vocabularies, and cached token ids must
+    belong to the exact tokenizer that made them."""
     from transformers import PreTrainedTokenizerFast
 
     if tokenizer is not None:
         tok = load_tokenizer_dir(tokenizer)
-        return tok, hashlib.sha256(json.dumps(tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:24]
+        return tok, tokenizer_key(tok)
     key = hash_texts(train_docs, "tokenizer-v1", kind, vocab_size)
     d = cache_dir("tokenizers") / key
     if use_cache and (d / "tokenizer.json").is_file():
         try:
-            return PreTrainedTokenizerFast.from_pretrained(str(d), local_files_only=True), key
+            tok = PreTrainedTokenizerFast.from_pretrained(str(d), local_files_only=True)
+            return tok, tokenizer_key(tok)
         except Exception:  # a corrupt cache entry: rebuild it below
             pass
     tok = train_tokenizer(train_docs, kind, vocab_size)
@@ -251,7 +255,14 @@ def get_tokenizer(train_docs: Sequence[str], kind: str, vocab_size: int, tokeniz
 
         with atomic_dir(d) as tmp:
             tok.save_pretrained(str(tmp))
-    return tok, key
+    return tok, tokenizer_key(tok)
+
+
+def tokenizer_key(tok: Any) -> str:
+    """A hash of everything that decides a tokenizer's ids (its tokenizer.json, or its vocabulary)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 # ---- packing ---------------------------------------------------------------------------------------------
