@@ -40,6 +40,7 @@ STATE_FILE = "trainer_state.json"
 LOG_FILE = "log.jsonl"
 DONE_FILE = "DONE"
 MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
 # seconds to sleep after each step; a testing aid that makes "kill it mid-run" deterministic on fast machines
 STEP_DELAY_ENV = "OUTLIERFREE_TEST_STEP_DELAY"
 
@@ -65,10 +66,10 @@ class TaskModel(nn.Module):
         if self.task == "clm":
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
             ids = batch["input_ids"]
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+            loss = F.cross_entropy(_upcast(logits[:, :-1].flatten(0, 1)), ids[:, 1:].flatten(), reduction="sum")
             return loss, torch.tensor(ids[:, 1:].numel(), device=ids.device)
         logits = self.model(pixel_values=batch["pixel_values"]).logits  # (B, classes)
-        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        loss = F.cross_entropy(_upcast(logits), batch["labels"], reduction="sum")
         return loss, torch.tensor(batch["labels"].numel(), device=logits.device)
 
 
@@ -84,8 +85,13 @@ def mlm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
     selected = labels != -100  # (B, T)
     logits = head(hidden[selected])  # (M, V): M masked positions
-    loss = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+    loss = F.cross_entropy(_upcast(logits), labels[selected], reduction="sum")
     return loss, selected.sum()
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the loss (float64 stays float64, for tests against a reference)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 # ---- deterministic data order ----------------------------------------------------------------------------
@@ -218,8 +224,8 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 # ---- data and model --------------------------------------------------------------------------------------
-def load_data(cfg: TrainConfig) -> Any:
-    """TextData or ImageData for the run."""
+def load_data(cfg: TrainConfig, tokenizer_dir: Path | None = None) -> Any:
+    """TextData or ImageData for the run; ``tokenizer_dir`` (a resumed run's own tokenizer) replaces training one."""
     if cfg.task == "image":
         from ..data.images import load_images
         from ..models.sizes import SIZES
@@ -229,7 +235,8 @@ def load_data(cfg: TrainConfig) -> Any:
                            cfg.hf_config.get("num_channels"))
     from ..data.text import prepare_text
 
-    return prepare_text(cfg.task, cfg.data, cfg.seq_len, cfg.vocab_size, cfg.val_fraction, cfg.tokenizer,
+    tok = str(tokenizer_dir) if tokenizer_dir is not None else cfg.tokenizer
+    return prepare_text(cfg.task, cfg.data, cfg.seq_len, cfg.vocab_size, cfg.val_fraction, tok,
                         cfg.text_column, cfg.hf_split)
 
 
@@ -364,8 +371,10 @@ def train(cfg: TrainConfig) -> Path:
                 f"process(es), this run has {world}", "resume with the same number of processes")
     log = RunLog(out / LOG_FILE, main, console)
     set_seed(cfg.seed)
+    # a resumed run uses its own saved tokenizer: trained again, the tokenizer could differ (see data.text)
+    own_tokenizer = out / TOKENIZER_DIR if state is not None and (out / TOKENIZER_DIR).is_dir() else None
     with accelerator.main_process_first():  # the first process fills the tokenizer/data caches
-        data = load_data(cfg)
+        data = load_data(cfg, own_tokenizer)
     batches = Batches(cfg, data)
     model = build(cfg, data)
     task_model = TaskModel(model, cfg.task)
@@ -387,8 +396,13 @@ def train(cfg: TrainConfig) -> Path:
     else:
         if main:
             (out / LOG_FILE).write_text("")
-            for stale in (out / f".{CHECKPOINT}.tmp", out / MODEL_DIR):
+            for stale in (out / f".{CHECKPOINT}.tmp", out / MODEL_DIR, out / TOKENIZER_DIR):
                 shutil.rmtree(stale, ignore_errors=True)
+            if getattr(data, "tokenizer", None) is not None:
+                from ..models.io import atomic_dir
+
+                with atomic_dir(out / TOKENIZER_DIR) as tmp:
+                    data.tokenizer.save_pretrained(str(tmp))
         from ..models.build import count_parameters
 
         log.write({"event": "start", "config": cfg.to_dict(), "parameters": count_parameters(model),
