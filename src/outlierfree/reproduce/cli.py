@@ -14,14 +14,15 @@ from ..errors import OutlierfreeError, require
 from .presets import FAMILIES, PRESETS, VARIANT_NAMES, get_preset
 
 
-def _csv(text: str | None, what: str, valid: tuple[str, ...] | None = None) -> tuple[str, ...] | None:
+def _csv(text: str | None, what: str, valid: tuple[str, ...] | None = None,
+         singular: str | None = None) -> tuple[str, ...] | None:
     if text is None:
         return None
     items = tuple(x.strip() for x in text.split(",") if x.strip())
     require(len(items) > 0, f"--{what} is empty", f"pass e.g. --{what} {','.join((valid or ('0',))[:2])}")
     if valid is not None:
         for x in items:
-            require(x in valid, f"unknown {what[:-1] if what.endswith('s') else what} {x!r}",
+            require(x in valid, f"unknown {singular or what} {x!r}",
                     f"use some of {', '.join(valid)}")
     return items
 
@@ -72,8 +73,8 @@ def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: 
         outlierfree reproduce --preset cpu --out runs/cpu --seeds 0,1
     """
     get_preset(preset)
-    fams = _csv(families, "families", FAMILIES)
-    vars_ = _csv(variants, "variants", VARIANT_NAMES)
+    fams = _csv(families, "families", FAMILIES, "family")
+    vars_ = _csv(variants, "variants", VARIANT_NAMES, "variant")
     seed_list = None
     if seeds is not None:
         try:

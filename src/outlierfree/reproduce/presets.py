@@ -16,7 +16,7 @@ from ..errors import OutlierfreeError, require
 FAMILIES = ("bert", "opt", "vit")
 VARIANT_NAMES = ("vanilla", "clipped", "clipped_row", "gated")
 TASK = {"bert": "mlm", "opt": "clm", "vit": "image"}
-METRIC = {"bert": "ppl", "opt": "ppl", "vit": "top1"}  # lower ppl is better, higher top-1 is better
+METRIC = {"bert": "perplexity", "opt": "perplexity", "vit": "top1"}  # lower perplexity is better, higher top-1 is better
 
 
 @dataclass

@@ -39,7 +39,7 @@ def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "seeds": sorted(r["seed"] for r in rs)}
         for c in COLUMNS:
             row[c] = _stats([r.get(c) for r in rs])
-        sign = 1 if METRIC[fam] == "ppl" else -1  # degradation > 0 means worse after quantization
+        sign = 1 if METRIC[fam] == "perplexity" else -1  # degradation > 0 means worse after quantization
         row["w8a8_degradation"] = _stats([sign * (r["w8a8"] - r["fp"]) for r in rs
                                           if isinstance(r.get("w8a8"), (int, float)) and
                                           isinstance(r.get("fp"), (int, float))])
@@ -60,7 +60,7 @@ def criteria(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m = lambda row, c: row[c]["mean"]  # noqa: E731
         if None in (m(r, "fp"), m(v, "fp"), m(r, "max_inf_norm"), m(v, "max_inf_norm")):
             continue
-        better = m(r, "fp") <= m(v, "fp") if METRIC[fam] == "ppl" else m(r, "fp") >= m(v, "fp")
+        better = m(r, "fp") <= m(v, "fp") if METRIC[fam] == "perplexity" else m(r, "fp") >= m(v, "fp")
         ratio = m(v, "max_inf_norm") / max(m(r, "max_inf_norm"), 1e-12)
         dv, dr = v["w8a8_degradation"]["mean"], r["w8a8_degradation"]["mean"]
         deg_ok = dv is not None and dr is not None and dv > 0 and dr <= dv / 5

@@ -1,0 +1,131 @@
+"""reproduce: the quick preset end to end on a reduced size, resume, report from the runs' JSON, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from outlierfree import OutlierfreeError
+from outlierfree.reproduce import PRESETS, reproduce
+from outlierfree.reproduce.report import criteria, table
+
+STEPS = 3
+
+
+def quiet(*a, **k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    files = reproduce("quick", str(out), families=("bert", "opt", "vit"), variants=("vanilla", "clipped"),
+                      max_steps=STEPS, progress=False, echo=quiet)
+    return out, files
+
+
+def test_quick_preset_end_to_end(quick_run):
+    out, files = quick_run
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 6 and len(res["table"]) == 6
+    for r in res["runs"]:
+        assert r["fp"] is not None and r["w8a8"] is not None and r["w8a8_linear"] is not None
+        assert r["max_inf_norm"] > 0 and r["per_layer_inf_norm"]
+        # every number says how it was obtained
+        how = r["how"]
+        assert how["spec"]["train"]["steps"] == STEPS and how["commit"]
+        assert how["quant"]["w8a8"]["activation"]["bits"] == 8 and "estimator" in how["quant"]["w8a8"]["activation"]
+    md = (out / "report.md").read_text()
+    for needle in ("| bert | vanilla |", "| opt | clipped |", "| vit | clipped |", "735", "per_layer_inf_norm.png"):
+        assert needle in md
+    assert (out / "per_layer_inf_norm.png").stat().st_size > 1000
+    assert (out / "outlier_growth.png").exists()
+
+
+def test_rerun_skips_finished_runs_and_table_follows_run_json(quick_run):
+    out, _ = quick_run
+    result = out / "runs" / "bert-vanilla-s0" / "result.json"
+    r = json.loads(result.read_text())
+    r["fp"] = 12345.0
+    result.write_text(json.dumps(r))
+    mtime = result.stat().st_mtime_ns
+    lines = []
+    reproduce("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=STEPS, progress=False,
+              echo=lines.append)
+    assert any("done earlier, skipped" in line for line in lines)
+    assert result.stat().st_mtime_ns == mtime
+    md = (out / "report.md").read_text()
+    assert "| bert | vanilla | 1 | 1.234e+04 perplexity |" in md
+
+
+def test_different_config_in_same_out_is_refused(quick_run):
+    out, _ = quick_run
+    with pytest.raises(OutlierfreeError, match="holds a run of a different config"):
+        reproduce("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=STEPS + 1,
+                  progress=False, echo=quiet)
+
+
+def test_table_and_criteria_from_plain_results():
+    def run(var, seed, fp, inf, w8):
+        return {"family": "bert", "variant": var, "seed": seed, "fp": fp, "w8a8": w8, "w8a8_linear": fp,
+                "max_inf_norm": inf, "avg_kurtosis": 3.0}
+    rows = table([run("vanilla", 0, 10.0, 100.0, 30.0), run("vanilla", 1, 12.0, 120.0, 32.0),
+                  run("clipped", 0, 10.0, 10.0, 11.0), run("clipped", 1, 11.0, 12.0, 12.0)])
+    van = next(r for r in rows if r["variant"] == "vanilla")
+    assert van["fp"]["mean"] == 11.0 and van["w8a8_degradation"]["mean"] == 20.0 and van["fp"]["std"] > 0
+    c = criteria(rows)[0]
+    assert c["fp_no_worse"] and c["inf_norm_ratio"] == pytest.approx(110 / 11)
+    assert c["inf_norm_5x_lower"] and c["degradation_one_fifth"]
+
+
+def test_presets_expand_with_opt_only_row_variant():
+    specs = PRESETS["cpu"].runs(variants=("vanilla", "clipped_row"))
+    names = {s.name for s in specs}
+    assert "opt-clipped_row-s0" in names and "bert-clipped_row-s0" not in names
+    assert len(PRESETS["cpu"].seeds) >= 2
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "outlierfree", *args], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--families", "bert,gpt"], "unknown family 'gpt'"),
+    (["--variants", "vanilla,sparse"], "unknown variant 'sparse'"),
+    (["--seeds", "a,b"], "not a list of integers"),
+    (["--max-steps", "0"], "--max-steps must be positive"),
+])
+def test_bad_input_one_line(args, needle, tmp_path):
+    r = run_cli("reproduce", "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr
+
+
+def test_killed_inside_a_run_resumes(tmp_path):
+    out = tmp_path / "o"
+    args = ["reproduce", "--preset", "quick", "--families", "bert", "--variants", "vanilla", "--max-steps", "30",
+            "--out", str(out), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "outlierfree", *args], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=env)
+    ckpt = out / "runs" / "bert-vanilla-s0" / "train" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not ckpt.exists() and p.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint was written"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "runs" / "bert-vanilla-s0" / "result.json").exists()
+    r = run_cli(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    log = (out / "runs" / "bert-vanilla-s0" / "train" / "log.jsonl").read_text()
+    assert '"resume' in log or "resumed" in log
+    res = json.loads((out / "runs" / "bert-vanilla-s0" / "result.json").read_text())
+    assert res["how"]["spec"]["train"]["steps"] == 30 and res["fp"] is not None
