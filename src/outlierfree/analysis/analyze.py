@@ -114,15 +114,16 @@ def analyze_model(model: nn.Module, batches: Iterable[EvalBatch | dict[str, torc
     hidden = [st.summary(abs_threshold, rel_threshold) for st in stats.values() if isinstance(st, HiddenStats)]
     attn = [st for st in stats.values() if isinstance(st, AttentionStats)]
     heads = [row for st in attn for row in st.heads(noop_threshold)]
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
     report: dict[str, Any] = {
         "name": name,
         "model": model_info(model),
         "sequences": current["offset"], "batches": len(batches),
         "settings": {"kinds": list(kinds), "attention": attention, "abs_threshold": abs_threshold,
                      "rel_threshold": rel_threshold, "noop_threshold": noop_threshold},
-        "headline": headline(hidden),
+        "headline": headline(hidden, width),
         "reference_style": reference_style(hidden),
-        "outlier_dims": recurring_dims(hidden, report_kind(hidden)),
+        "outlier_dims": recurring_dims(report_kind(hidden, width)),
         "top_activations": top.rows(),
         "heads": heads,
         "noop": noop_summary(heads, attn),
@@ -166,21 +167,24 @@ def _progress(show: bool, total: int, name: str | None) -> Any:
 
 
 # ---- aggregates ------------------------------------------------------------------------------------------
-def report_kind(sites: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sites the headline is taken over: block LayerNorm inputs (residual sums); without any, every block
-    LayerNorm input anywhere; without those, every measured hidden site."""
+def report_kind(sites: list[dict[str, Any]], width: int | None = None) -> list[dict[str, Any]]:
+    """The sites the headline is taken over: the block LayerNorm inputs as wide as the residual stream (``width``,
+    the model's hidden size; else the commonest width), which leaves out Gemma's per-head q_norm / k_norm inputs;
+    without any block LayerNorm input, every LayerNorm input; without those, every measured hidden site."""
     for rule in (lambda s: s["kind"] == HEADLINE_KIND and s["layer"] is not None,
                  lambda s: s["kind"] == HEADLINE_KIND, lambda s: True):
         chosen = [s for s in sites if rule(s) and s["inf_norm_mean"] is not None]
         if chosen:
-            return chosen
+            dims = [s["dim"] for s in chosen]
+            w = width if width in dims else max(set(dims), key=dims.count)
+            return [s for s in chosen if s["dim"] == w]
     return []
 
 
-def headline(sites: list[dict[str, Any]]) -> dict[str, Any]:
-    """Max inf-norm and average / max kurtosis over the headline sites, each with its site named, and the single
-    largest activation over every measured site."""
-    chosen = report_kind(sites)
+def headline(sites: list[dict[str, Any]], width: int | None = None) -> dict[str, Any]:
+    """Max inf-norm and average / max kurtosis over the headline sites (:func:`report_kind`), each with its site
+    named, and the single largest activation over every measured site."""
+    chosen = report_kind(sites, width)
     if not chosen:
         return {}
     worst_inf = max(chosen, key=lambda s: s["inf_norm_mean"])
@@ -190,7 +194,7 @@ def headline(sites: list[dict[str, Any]]) -> dict[str, Any]:
     largest = max(everywhere, key=lambda s: s["inf_norm_max"])
     return {
         "sites": chosen[0]["kind"] if len({s["kind"] for s in chosen}) == 1 else "all measured",
-        "n_sites": len(chosen),
+        "n_sites": len(chosen), "site_names": [s["name"] for s in chosen],
         "max_inf_norm": worst_inf["inf_norm_mean"], "max_inf_norm_site": worst_inf["name"],
         "avg_kurtosis": sum(s["kurtosis_mean"] for s in kur) / len(kur) if kur else None,
         "max_kurtosis": worst_kur["kurtosis_mean"] if worst_kur else None,
@@ -220,11 +224,9 @@ def reference_style(sites: list[dict[str, Any]]) -> dict[str, Any]:
             "max_kurtosis": max(kur) if kur else None}
 
 
-def recurring_dims(sites: list[dict[str, Any]], over: list[dict[str, Any]]) -> dict[str, Any]:
+def recurring_dims(over: list[dict[str, Any]]) -> dict[str, Any]:
     """Hidden dimensions that are outliers (absolute rule) at many of the headline sites: the systematic outlier
-    features of LLM.int8() (>= 25% of the sites), with the sites' layers and the largest magnitude."""
-    width = max((s["dim"] for s in over), default=0)
-    over = [s for s in over if s["dim"] == width]
+    features of LLM.int8() (>= 25% of the sites), largest magnitude first, with the sites' layers."""
     counts: dict[int, list[dict[str, Any]]] = {}
     for s in over:
         for j in s["outlier_dims_abs"]:
@@ -232,7 +234,7 @@ def recurring_dims(sites: list[dict[str, Any]], over: list[dict[str, Any]]) -> d
     need = max(1, int(round(RECURRING_FRACTION * len(over))))
     rows = [{"dim": j, "sites": len(ss), "layers": sorted({s["layer"] for s in ss if s["layer"] is not None}),
              "max": max(s["dim_max"][j] for s in ss)} for j, ss in counts.items() if len(ss) >= need]
-    rows.sort(key=lambda r: (-r["sites"], -r["max"]))
+    rows.sort(key=lambda r: -r["max"])
     rel: dict[int, int] = {}
     for s in over:
         for j in s["outlier_dims_rel"]:

@@ -33,6 +33,16 @@ def is_image_model(model: Any) -> bool:
         getattr(getattr(model, "config", None), "model_type", "") == "vit"
 
 
+def model_name(path: str) -> str:
+    """A short name for tables and plots: the directory (or .gguf file) name, with its parent's when the name
+    alone says nothing (``.../all-MiniLM/model`` -> ``all-MiniLM/model``)."""
+    p = Path(path).resolve()
+    name = p.name.removesuffix(".gguf")
+    if name in ("model", "models", "checkpoint", "final", "best", "last", "snapshot") and p.parent.name:
+        name = f"{p.parent.name}/{name}"
+    return name
+
+
 @click.command("analyze")
 @click.argument("models", nargs=-1)
 @click.option("--data", default=None, help="evaluation data: text (.txt/.jsonl/.json/folder/glob/saved dataset) or "
@@ -121,7 +131,7 @@ def analyze_path(path: str, *, data: str | None = None, batches: int = 8, batch_
     from .inputs import image_batches, text_batches
 
     model = load_model(path)
-    name = Path(path).name
+    name = model_name(path)
     if is_image_model(model):
         evals, desc = image_batches(model, data, batches, batch_size, seed)
         tok = None
@@ -133,6 +143,10 @@ def analyze_path(path: str, *, data: str | None = None, batches: int = 8, batch_
             tok = load_tokenizer_dir(tokenizer)
         else:
             tok = load_tokenizer(path)
+        # transformers builds an empty tokenizer (special tokens only) when the files are missing: every word
+        # would become [UNK], which is no analysis of the model
+        require(len(tok) > len(set(tok.all_special_ids)) + 1, f"the tokenizer of {path!r} has only {len(tok)} "
+                f"tokens (its vocabulary files are missing)", "save the tokenizer beside the model or pass --tokenizer DIR")
         evals, desc = text_batches(model, tok, data, batches, batch_size, seq_len, seed, packing)
         data_name = data or "offline wiki (validation)"
     require(sum(int(b.mask.sum()) for b in evals) > 0, "the data yields no tokens", "pass other data with --data")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,12 +177,13 @@ def text_sequences(model: Any, tokenizer: Any, docs: list[str], seq_len: int, n:
         how = f"packed as in training ({pack.__name__}), {seq_len} tokens"
         return ids, torch.ones_like(ids, dtype=torch.bool), how
     order = torch.randperm(len(docs), generator=g).tolist()
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
     chosen = []
-    for i in order:  # documents that tokenise to nothing (only whitespace, unknown scripts) are skipped
+    for i in order:  # documents that tokenise to special tokens only (control characters, nothing) are skipped
         if len(chosen) == n:
             break
         ids = tokenizer(docs[i], truncation=True, max_length=seq_len)["input_ids"]
-        if len(ids) > 0:
+        if any(t not in special for t in ids):
             chosen.append(ids)
     require(chosen, "the data yields no tokens with this tokenizer", "pass other text with --data or another --tokenizer")
     T = max(len(c) for c in chosen)
@@ -265,5 +266,3 @@ def image_batches(model: Any, data: str | None, batches: int, batch_size: int, s
             "tokens": len(x) * out[0].mask.shape[1], "tokenization": f"{size}x{size} px, patches of {P}"}
     return out, desc
 
-
-BatchSource = Callable[[], Iterator[EvalBatch]]

@@ -139,9 +139,8 @@ def plot_heatmap(reports: list[dict[str, Any]], names: list[str], path: Path) ->
 
     panels = []
     for r, name in zip(reports, names):
-        chosen = [s for s in r["sites"] if s["name"] in _headline_names(r)]
-        width = max((s["dim"] for s in chosen), default=0)
-        rows = [s for s in chosen if s["dim"] == width and width > 0]
+        names_ = set((r.get("headline") or {}).get("site_names") or [])
+        rows = [s for s in r["sites"] if s["name"] in names_ and s["dim"] > 0]  # one width: the residual stream
         if rows:
             panels.append((name, rows, np.array([s["dim_max"] for s in rows])))
     if not panels:
@@ -158,12 +157,6 @@ def plot_heatmap(reports: list[dict[str, Any]], names: list[str], path: Path) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def _headline_names(r: dict[str, Any]) -> set[str]:
-    kind = (r.get("headline") or {}).get("sites")
-    return {s["name"] for s in r["sites"] if (kind in (None, "all measured") or s["kind"] == kind)
-            and s["layer"] is not None} or {s["name"] for s in r["sites"]}
 
 
 def plot_histogram(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
