@@ -1,0 +1,212 @@
+"""Float and quantized evaluation of the same batches, per-site diagnostics and the leave-one-group-in ablation.
+
+Metrics (every result dict carries the full quantization config under ``"config"``):
+
+- ``mlm``: perplexity ``exp(sum NLL / n)`` over the masked positions only;
+- ``clm``: perplexity over next-token predictions (T - 1 per sequence);
+- ``image``: top-1 accuracy;
+- ``encoder`` (no task head, e.g. all-MiniLM-L6-v2): the mean cosine similarity of the quantized final hidden states
+  to the float ones over real tokens (and of the mean-pooled sentence embeddings), and their SQNR;
+- always: ``output_sqnr_db`` = ``10 log10(sum y^2 / sum (y - y_q)^2)`` of the model's output (logits or hidden
+  states) against float, over the evaluation batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import QuantConfig
+from .data import task_of
+from .progress import track
+from .simulator import QuantizedModel, quantize
+
+
+def model_output(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The tensor a task is scored on: logits, or the final hidden states (B, T, D) for encoders."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs)
+    if task == "encoder":
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return out.logits
+
+
+class Scores:
+    """Accumulates one model's task metric, and the agreement of its outputs with a float reference."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.nll = 0.0
+        self.n = 0
+        self.correct = 0
+        self.sig = 0.0  # sum y_float^2
+        self.err = 0.0  # sum (y_float - y)^2
+        self.cos_sum = 0.0
+        self.cos_n = 0
+        self.pooled_cos_sum = 0.0
+        self.pooled_n = 0
+
+    def add(self, y: torch.Tensor, batch: dict[str, torch.Tensor], ref: torch.Tensor | None) -> None:
+        """Score output ``y`` of one batch (and compare it with the float output ``ref`` when given)."""
+        y = y.float()
+        if self.task == "mlm":
+            labels = batch["labels"]
+            sel = labels != -100  # (B, T) masked positions
+            self.nll += float(F.cross_entropy(y[sel], labels[sel], reduction="sum"))
+            self.n += int(sel.sum())
+        elif self.task == "clm":
+            ids = batch["input_ids"]
+            self.nll += float(F.cross_entropy(y[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+            self.n += ids[:, 1:].numel()
+        elif self.task == "image":
+            self.correct += int((y.argmax(-1) == batch["labels"]).sum())
+            self.n += len(batch["labels"])
+        if ref is not None:
+            ref = ref.float()
+            d = (ref.double() - y.double())
+            self.sig += float((ref.double() ** 2).sum())
+            self.err += float((d ** 2).sum())
+            if self.task == "encoder":
+                mask = batch.get("attention_mask")
+                mask = torch.ones(ref.shape[:2], dtype=torch.bool) if mask is None else mask.bool()  # (B, T)
+                cos = F.cosine_similarity(ref, y, dim=-1)  # (B, T)
+                self.cos_sum += float(cos[mask].sum())
+                self.cos_n += int(mask.sum())
+                m = mask[..., None].float()
+                pr = (ref * m).sum(1) / m.sum(1)  # (B, D) mean-pooled sentence embeddings
+                py = (y * m).sum(1) / m.sum(1)
+                self.pooled_cos_sum += float(F.cosine_similarity(pr, py, dim=-1).sum())
+                self.pooled_n += pr.shape[0]
+
+    def result(self) -> dict[str, Any]:
+        """The metric dict."""
+        r: dict[str, Any] = {}
+        if self.task in ("mlm", "clm"):
+            r["perplexity"] = math.exp(self.nll / max(self.n, 1))
+            r["tokens"] = self.n
+        elif self.task == "image":
+            r["top1"] = self.correct / max(self.n, 1)
+            r["images"] = self.n
+        if self.sig > 0:
+            r["output_sqnr_db"] = 10 * math.log10(self.sig / self.err) if self.err > 0 else float("inf")
+        if self.cos_n:
+            r["cosine"] = self.cos_sum / self.cos_n
+            r["pooled_cosine"] = self.pooled_cos_sum / self.pooled_n
+        return r
+
+
+def headline(task: str) -> tuple[str, bool]:
+    """(metric name, higher is better) of a task."""
+    return {"mlm": ("perplexity", False), "clm": ("perplexity", False), "image": ("top1", True),
+            "encoder": ("cosine", True)}[task]
+
+
+def evaluate_pair(qm: QuantizedModel, batches: Iterable[dict[str, torch.Tensor]], task: str,
+                  progress: bool = True, label: str = "evaluating", record: bool = False) -> dict[str, Any]:
+    """Float and quantized metrics on the same batches (float pass then quantized pass per batch).
+
+    Returns ``{"float": {...}, "quantized": {...}, "seconds": {"float": s, "quantized": s}}``.
+    """
+    fs, qs = Scores(task), Scores(task)
+    tf = tq = 0.0
+    model = qm.model
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in track(batches, label, enabled=progress):
+                t0 = time.perf_counter()
+                with qm.float_mode():
+                    ref = model_output(model, batch, task)
+                t1 = time.perf_counter()
+                if record:
+                    with qm.recording():
+                        y = model_output(model, batch, task)
+                else:
+                    y = model_output(model, batch, task)
+                t2 = time.perf_counter()
+                tf, tq = tf + t1 - t0, tq + t2 - t1
+                fs.add(ref, batch, None)
+                qs.add(y, batch, ref)
+    finally:
+        model.train(was)
+    f = fs.result()
+    if task == "encoder":
+        f.update(cosine=1.0, pooled_cosine=1.0)
+    return {"float": f, "quantized": qs.result(), "seconds": {"float": tf, "quantized": tq}}
+
+
+def site_groups(qm: QuantizedModel) -> dict[str, list[str]]:
+    """Activation sites grouped by (layer, kind): ``"layer 3 / ln_input" -> [site names]``."""
+    groups: dict[str, list[str]] = {}
+    for name in qm.act:
+        s = qm.site_of[name]
+        where = f"layer {s.layer}" if s.layer is not None else "outside blocks"
+        groups.setdefault(f"{where} / {s.kind}", []).append(name)
+    return groups
+
+
+def ablation(qm: QuantizedModel, batches: list[dict[str, torch.Tensor]], task: str, float_result: dict[str, Any],
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Leave-one-group-in: quantize only one site group (or only the weights) at a time; worst first.
+
+    Each row: group, sites, the quantized metric, its change against float, and the output SQNR. Rows are sorted by
+    harm to the task metric, ties broken by output SQNR.
+    """
+    metric, higher = headline(task)
+    groups = site_groups(qm)
+    rows = []
+    items = [("weights only", [], True)] if qm.config.weight is not None else []
+    items += [(g, names, False) for g, names in sorted(groups.items())]
+    for group, names, weights in track(items, "ablation (one group at a time)", enabled=progress):
+        with qm.only_sites(names, weights=weights):
+            r = evaluate_pair(qm, batches, task, progress=False)["quantized"]
+        val = r.get(metric)
+        ref = float_result.get(metric)
+        delta = None if val is None or ref is None else val - ref
+        harm = None if delta is None else (-delta if higher else delta)
+        rows.append({"group": group, "sites": names, metric: val, f"{metric}_change": delta, "harm": harm,
+                     "output_sqnr_db": r.get("output_sqnr_db")})
+    rows.sort(key=lambda r: (-(r["harm"] or 0.0), r["output_sqnr_db"] if r["output_sqnr_db"] is not None else 1e9))
+    return rows
+
+
+def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: list[dict[str, torch.Tensor]],
+                       eval_batches: list[dict[str, torch.Tensor]], config: QuantConfig, task: str | None = None,
+                       diagnostics: bool = False, diag_batches: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Calibrate ``config`` on ``calib_batches``, evaluate float and quantized on ``eval_batches``.
+
+    The Python API used by ``outlierfree reproduce``. The model is left as it was (hooks removed).
+
+    Returns ``{"config": ..., "task": ..., "float": {...}, "quantized": {...}, "seconds": {...},
+    "calib_batches": n, "eval_batches": n}`` plus, with ``diagnostics``, ``"sites"`` (per-site range and SQNR),
+    ``"weights"`` and ``"ablation"`` (leave-one-group-in on the first ``diag_batches`` evaluation batches).
+    """
+    task = task or task_of(model)
+    qm = quantize(model, config)
+    try:
+        t0 = time.perf_counter()
+        n_cal = qm.calibrate(calib_batches, lambda m, b: model_output(m, b, task), progress=progress) \
+            if not (config.activation is None or config.activation.dynamic) else 0
+        t_cal = time.perf_counter() - t0
+        res = evaluate_pair(qm, eval_batches, task, progress=progress, record=diagnostics)
+        out: dict[str, Any] = {"config": config.to_dict(), "task": task, **res,
+                               "calib_batches": n_cal, "eval_batches": len(eval_batches)}
+        out["seconds"]["calibration"] = t_cal
+        if diagnostics:
+            out["sites"] = qm.sites_table()
+            out["aliases"] = dict(qm.aliases)
+            out["weights"] = qm.weight_table()
+            if config.activation is not None or config.weight is not None:
+                out["ablation"] = ablation(qm, eval_batches[:max(1, diag_batches)], task,
+                                           evaluate_pair(qm, eval_batches[:max(1, diag_batches)], task,
+                                                         progress=False)["float"], progress=progress)
+                out["ablation_batches"] = min(len(eval_batches), max(1, diag_batches))
+        return out
+    finally:
+        qm.remove()

@@ -1,0 +1,120 @@
+"""Writing a quantization run: ``quant.json`` (everything), ``quant.md`` (tables) and ``sites.png`` (plot).
+
+Everything goes into a temporary directory that replaces ``--out`` only when complete (nothing half-written).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..models.io import atomic_dir
+from .evaluate import headline
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.4e}"
+    return str(v)
+
+
+def _json_safe(o: Any) -> Any:
+    if isinstance(o, float) and (math.isinf(o) or math.isnan(o)):
+        return str(o)
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    return o
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The Markdown summary of a run (one section per configuration)."""
+    lines = [f"# outlierfree quantize: {report['model']}", "",
+             f"task: {report['task']}; data: {report['data']}", "",
+             f"command: `{report['command']}`", ""]
+    metric, higher = headline(report["task"])
+    lines += ["| config | float " + metric + " | quantized " + metric + " | output SQNR (dB) | calib batches | "
+              "eval batches |", "|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['config']['describe']} | {_fmt(r['float'].get(metric))} | "
+                     f"{_fmt(r['quantized'].get(metric))} | {_fmt(r['quantized'].get('output_sqnr_db'), 3)} | "
+                     f"{r['calib_batches']} | {r['eval_batches']} |")
+    lines.append("")
+    lines.append("Float and quantized are evaluated on the same validation batches; ranges are calibrated on the "
+                 "training split. Output SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) of the model output against "
+                 "float.")
+    for r in report["runs"]:
+        if "sites" not in r:
+            continue
+        lines += ["", f"## Diagnostics: {r['config']['describe']}", "",
+                  "### Sites with the lowest SQNR (each site's own quantization error on the evaluation batches)", "",
+                  "| site | kind | range | SQNR (dB) | same tensor as |", "|---|---|---|---|---|"]
+        sites = sorted((s for s in r["sites"] if s["sqnr_db"] is not None), key=lambda s: s["sqnr_db"])
+        for s in sites[:15]:
+            lines.append(f"| `{s['site']}` | {s['kind']} | [{_fmt(s['lo'])}, {_fmt(s['hi'])}] | "
+                         f"{_fmt(s['sqnr_db'], 3)} | {', '.join('`%s`' % a for a in s['aliases']) or '-'} |")
+        if r.get("ablation"):
+            lines += ["", f"### Which sites hurt most: one group quantized at a time "
+                          f"({r.get('ablation_batches')} evaluation batches)", "",
+                      f"| group | {metric} | change vs float | output SQNR (dB) |", "|---|---|---|---|"]
+            for a in r["ablation"][:15]:
+                lines.append(f"| {a['group']} | {_fmt(a.get(metric))} | {_fmt(a.get(metric + '_change'))} | "
+                             f"{_fmt(a['output_sqnr_db'], 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Per-site SQNR (left) and the ablation's output SQNR per group (right) of the first run with diagnostics."""
+    run = next((r for r in report["runs"] if r.get("sites")), None)
+    if run is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = [s for s in run["sites"] if s["sqnr_db"] is not None and not math.isinf(s["sqnr_db"])]
+    kinds = sorted({s["kind"] for s in sites})
+    cmap = plt.get_cmap("tab20")
+    colour = {k: cmap(i % 20) for i, k in enumerate(kinds)}
+    fig, axes = plt.subplots(1, 2, figsize=(16, max(4, 0.18 * max(len(sites), 1))), squeeze=False)
+    ax = axes[0][0]
+    ax.barh(range(len(sites)), [s["sqnr_db"] for s in sites], color=[colour[s["kind"]] for s in sites])
+    ax.set_yticks(range(len(sites)))
+    ax.set_yticklabels([s["site"] for s in sites], fontsize=5)
+    ax.invert_yaxis()
+    ax.set_xlabel("site SQNR (dB)")
+    ax.set_title(f"per-site SQNR, {run['config']['describe']}", fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[k]) for k in kinds]
+    ax.legend(handles, kinds, fontsize=6, loc="lower right")
+    ax = axes[0][1]
+    abl = [a for a in run.get("ablation", []) if a["output_sqnr_db"] is not None
+           and not math.isinf(a["output_sqnr_db"])]
+    abl = sorted(abl, key=lambda a: a["output_sqnr_db"])
+    ax.barh(range(len(abl)), [a["output_sqnr_db"] for a in abl], color="tab:red")
+    ax.set_yticks(range(len(abl)))
+    ax.set_yticklabels([a["group"] for a in abl], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("output SQNR (dB) with only this group quantized")
+    ax.set_title("which groups hurt most (lower = worse)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> Path:
+    """Write ``quant.json``, ``quant.md`` and ``sites.png`` atomically into ``out``."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        (tmp / "quant.json").write_text(json.dumps(_json_safe(report), indent=2, default=str))
+        (tmp / "quant.md").write_text(markdown(report))
+        plot(report, tmp / "sites.png")
+    return out
