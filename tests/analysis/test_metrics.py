@@ -102,3 +102,14 @@ def test_empty_sequence_is_nan():
     mask = torch.zeros(1, 2, dtype=torch.bool)
     assert math.isnan(metrics.sequence_inf_norms(x, mask).item())
     assert math.isnan(metrics.sequence_kurtosis(x, mask).item())
+
+
+def test_metrics_leave_their_input_unchanged():
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    before = x.clone()
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    for m in (None, mask):
+        metrics.sequence_kurtosis(x, m)
+        metrics.sequence_inf_norms(x, m)
+        metrics.dim_abs_max(x, m)
+    assert torch.equal(x, before)

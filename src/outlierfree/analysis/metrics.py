@@ -22,10 +22,15 @@ def masked_abs(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tenso
     return a if mask is None else a * mask.to(device=x.device, dtype=a.dtype)[..., None]
 
 
+def token_max(a: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token max of magnitudes ``a = masked_abs(x, mask)`` (B, T, d) -> (B, T), padded tokens -inf."""
+    norms = a.amax(dim=-1)  # (B, T)
+    return norms if mask is None else norms.masked_fill(~mask.to(device=a.device, dtype=torch.bool), float("-inf"))
+
+
 def token_inf_norms(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """max_j |x[b, t, j]| per token, (B, T); padded tokens get -inf so that they never win a max."""
-    norms = masked_abs(x, mask).amax(dim=-1)  # (B, T)
-    return norms if mask is None else norms.masked_fill(~mask.to(device=x.device, dtype=torch.bool), float("-inf"))
+    return token_max(masked_abs(x, mask), mask)
 
 
 def sequence_inf_norms(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,21 +44,21 @@ def sequence_inf_norms(x: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 def sequence_kurtosis(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Kurtosis of each sequence over all values of its real tokens, (B,): m4 / m2^2 with central moments
     m_k = mean((x - mean(x))^k) (population moments; a Gaussian gives 3, not 0). NaN where undefined."""
-    xd = x.detach().to(torch.float64)  # (B, T, d)
+    xd = x.detach().to(torch.float64, copy=True)  # (B, T, d) our own copy: modified in place below
     if mask is None:
         n = torch.full((x.shape[0],), float(x[0].numel()), dtype=torch.float64, device=x.device)
         w = None
     else:
         w = mask.to(device=x.device, dtype=torch.float64)[..., None]  # (B, T, 1): 1 real, 0 padding
-        xd = xd * w
+        xd.mul_(w)
         n = w.sum(dim=(1, 2)) * x.shape[-1]  # (B,) number of values per sequence
     mean = xd.sum(dim=(1, 2)) / n  # (B,)
-    c = xd - mean[:, None, None]  # (B, T, d) centred
+    c = xd.sub_(mean[:, None, None])  # (B, T, d) centred, in place (xd is our own float64 copy)
     if w is not None:
-        c = c * w  # padding back to zero
-    c2 = c * c
+        c.mul_(w)  # padding back to zero
+    c2 = c.square_()
     m2 = c2.sum(dim=(1, 2)) / n
-    m4 = (c2 * c2).sum(dim=(1, 2)) / n
+    m4 = c2.square_().sum(dim=(1, 2)) / n
     k = m4 / (m2 * m2)
     return torch.where((n > 0) & (m2 > 0), k, torch.full_like(k, float("nan"))).float()
 

@@ -61,9 +61,9 @@ class HiddenStats:
         matched = mask is not None  # the site's tokens are the batch's tokens (labels apply)
         if matched and bool(mask.all()):
             mask = None  # packed batches and images have no padding: the cheaper unmasked path
-        a = metrics.masked_abs(x, mask)  # (B, T, d); the metrics below give the same on |x| as on x
-        tok = metrics.token_inf_norms(a, mask)  # (B, T)
-        dm = metrics.dim_abs_max(a, mask).cpu()  # (d,)
+        a = metrics.masked_abs(x, mask)  # (B, T, d) magnitudes, padding 0
+        tok = metrics.token_max(a, mask)  # (B, T) per-token inf-norm, padding -inf
+        dm = a.amax(dim=(0, 1)).cpu()  # (d,) as metrics.dim_abs_max
         if self.dim_max is None:
             self.dim_max = dm
         elif self.dim_max.shape == dm.shape:  # (a site whose width changes keeps its first width's maxima)
