@@ -10,8 +10,10 @@ Cases (all on the same random q, k, v and output gradient, float32):
     eager_clipped  clipped softmax the eager way (outlierfree's eager path: T x T probabilities)
     blocked        clipped softmax with outlierfree's blocked two-pass kernel (attention/blocked.py)
 
-Each (case, T) runs in a fresh subprocess. Time: the fastest of ``--repeats`` forward+backward steps after one
-warm-up (the minimum, because the machine is shared and noise only ever adds time). Memory, two measures:
+Time: for each T, one subprocess runs the cases round-robin (case 1, case 2, case 3, case 1, ...) after a warm-up
+step each, ``--repeats`` rounds, and keeps each case's fastest step (the minimum, because the machine is shared
+and noise only ever adds time; interleaving exposes every case to the same load). Memory: each (case, T) runs in
+a fresh subprocess of its own, two measures:
     peak_mb   peak of the bytes held by torch's CPU allocator during one forward+backward step, above what was held
               before it (q, k, v and dO already exist), from torch.profiler's allocation events; exact, and
               counts outputs, gradients, saved tensors and temporaries;
@@ -73,47 +75,79 @@ def _profiled_peak(step) -> int:
     return peak
 
 
-def worker(case: str, T: int, B: int, H: int, D: int, repeats: int, causal: bool, threads: int) -> dict:
-    """Measure one case at one T; returns a dict (printed as one JSON line by ``--worker``)."""
+def _steps(cases: list[str], T: int, B: int, H: int, D: int, causal: bool, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))  # (B, H, T, D)
     d_out = torch.randn(B, H, T, D)
-    fwd = _step_fn(case, q, k, v, causal)
 
-    def step():
-        for t in (q, k, v):
-            t.grad = None
-        fwd().backward(d_out)
+    def make(case):
+        fwd = _step_fn(case, q, k, v, causal)
 
+        def step():
+            for t in (q, k, v):
+                t.grad = None
+            fwd().backward(d_out)
+
+        return step
+
+    return {case: make(case) for case in cases}
+
+
+def memory_worker(case: str, T: int, B: int, H: int, D: int, causal: bool, threads: int) -> dict:
+    """Peak memory of one case at one T, alone in this process."""
+    step = _steps([case], T, B, H, D, causal, threads)[case]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    step()
+    step()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0  # KiB on Linux
-    peak = _profiled_peak(step)
-    return dict(case=case, T=T, time_s=min(times), time_median_s=sorted(times)[len(times) // 2],
-                peak_mb=peak / 2**20, rss_mb=rss / 1024)
+    return dict(case=case, T=T, peak_mb=_profiled_peak(step) / 2**20, rss_mb=rss / 1024)
+
+
+def time_worker(cases: list[str], T: int, B: int, H: int, D: int, repeats: int, causal: bool,
+                threads: int) -> dict:
+    """Forward+backward times of all cases at one T, round-robin; {case: [seconds, ...]}."""
+    steps = _steps(cases, T, B, H, D, causal, threads)
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    for _ in range(repeats + 1):  # the first round is the warm-up
+        for case, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[case].append(time.perf_counter() - t0)
+    return {c: ts[1:] for c, ts in times.items()}
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
-def run_case(case: str, T: int, a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", case, str(T), "--batch", str(a.batch), "--heads", str(a.heads),
-           "--dim", str(a.dim), "--repeats", str(a.repeats), "--threads", str(a.threads)]
-    if a.causal:
-        cmd.append("--causal")
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _sub(args: list[str], a: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, *args, "--batch", str(a.batch), "--heads", str(a.heads), "--dim", str(a.dim),
+           "--repeats", str(a.repeats), "--threads", str(a.threads)] + (["--causal"] if a.causal else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         tail = (p.stderr.strip().splitlines() or ["?"])[-1]
-        return dict(case=case, T=T, error=f"exit {p.returncode}: {tail}")
+        return dict(error=f"exit {p.returncode}: {tail}")
     return json.loads(lines[-1])
+
+
+def run_T(T: int, cases: list[str], a: argparse.Namespace, bar, task) -> list[dict]:
+    """Memory of each case (own subprocess each), then the times of all cases (one subprocess, interleaved)."""
+    rows = []
+    for case in cases:
+        bar.update(task, description=f"memory {case} T={T}")
+        rows.append({"case": case, "T": T, **_sub(["--memory-worker", case, str(T)], a)})
+        bar.advance(task)
+    bar.update(task, description=f"time T={T}")
+    times = _sub(["--time-worker", ",".join(cases), str(T)], a)
+    bar.advance(task)
+    for r in rows:
+        ts = times.get(r["case"])
+        if ts:
+            r.update(time_s=min(ts), time_median_s=sorted(ts)[len(ts) // 2], times_s=ts)
+        elif "error" in times:
+            r.setdefault("error", times["error"])
+    return rows
 
 
 def crossover(a: argparse.Namespace) -> list[dict]:
@@ -188,12 +222,18 @@ def main() -> None:
     ap.add_argument("--crossover", action="store_true", help="eager vs blocked at short T (for impl=auto)")
     ap.add_argument("--crossover-tokens", type=int, default=4096, help="batch x T in --crossover")
     ap.add_argument("--out", default="benchmarks/results/attention.json")
-    ap.add_argument("--worker", nargs=2, metavar=("CASE", "T"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", nargs=2, metavar=("CASE", "T"), help=argparse.SUPPRESS)
+    ap.add_argument("--time-worker", nargs=2, metavar=("CASES", "T"), help=argparse.SUPPRESS)
     a = ap.parse_args()
 
-    if a.worker:
-        print(json.dumps(worker(a.worker[0], int(a.worker[1]), a.batch, a.heads, a.dim, a.repeats, a.causal,
-                                a.threads)))
+    if a.memory_worker:
+        case, T = a.memory_worker
+        print(json.dumps(memory_worker(case, int(T), a.batch, a.heads, a.dim, a.causal, a.threads)))
+        return
+    if a.time_worker:
+        cases, T = a.time_worker
+        print(json.dumps(time_worker(cases.split(","), int(T), a.batch, a.heads, a.dim, a.repeats, a.causal,
+                                     a.threads)))
         return
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,16 +257,13 @@ def main() -> None:
     cases = [c for c in a.cases.split(",") if c]
     results = []
     with Progress() as bar:
-        task = bar.add_task("attention benchmark", total=len(Ts) * len(cases))
+        task = bar.add_task("attention benchmark", total=len(Ts) * (len(cases) + 1))
         for T in Ts:
-            for case in cases:
-                bar.update(task, description=f"{case} T={T}")
-                results.append(run_case(case, T, a))
-                bar.advance(task)
+            results += run_T(T, cases, a, bar, task)
     base = {r["T"]: r for r in results if r["case"] == "sdpa" and "error" not in r}
     for r in results:
         b = base.get(r["T"])
-        if b and "error" not in r:
+        if b and "error" not in r and "time_s" in r and "time_s" in b:
             r["time_vs_sdpa"] = r["time_s"] / b["time_s"]
             r["mem_vs_sdpa"] = r["peak_mb"] / b["peak_mb"]
     t = Table(title=f"forward+backward, B={a.batch} H={a.heads} D={a.dim}, float32, {a.threads} thread(s)"

@@ -296,6 +296,9 @@ class BlockedClippedAttention(torch.autograd.Function):
             ch = _Chunk(plan, b, h, keep, gamma, bufs)
             q3, k3, v3, do3 = ch.view3(q), ch.view3(k), ch.view3(v), ch.view3(d_out)
             dq3, dk3, dv3, lse3 = ch.view3(dq), ch.view3(dk), ch.view3(dv), ch.view3(lse)
+            # dK and dV of the chunk accumulate transposed, (n, D, Tk): dO^T c is a far faster GEMM shape on the
+            # CPU (N = keys) than c^T dO (M = keys, K = query block); copied back once per chunk
+            dkT, dvT = (torch.zeros(ch.n, D, Tk, dtype=q.dtype, device=q.device) for _ in range(2))
             for i0, i1 in plan.q_blocks():
                 kbs = plan.k_blocks(i0, i1)
                 if not kbs:
@@ -323,7 +326,7 @@ class BlockedClippedAttention(torch.autograd.Function):
                     if dropout_p > 0:
                         r = _dropout_keep(c.shape, dropout_p, seed, tile + t, c.device, c.dtype)
                         c.mul_(r)
-                    dv3[:, j0:j1].baddbmm_(c3.transpose(1, 2), do_t)
+                    dvT[:, :, j0:j1].baddbmm_(do_t.transpose(1, 2), c3)
                     w = torch.bmm(do_t, v3[:, j0:j1].transpose(1, 2), out=c3).view_as(c)  # dc, in c's tile
                     if dropout_p > 0:
                         w.mul_(r)
@@ -335,8 +338,11 @@ class BlockedClippedAttention(torch.autograd.Function):
                         ds.mul_(factor)
                     ds3 = ds.view(ch.n, rows, cols)
                     dq3[:, i0:i1].baddbmm_(ds3, k3[:, j0:j1], alpha=alpha)
-                    dk3[:, j0:j1].baddbmm_(ds3.transpose(1, 2), q_t, alpha=alpha)
+                    dkT[:, :, j0:j1].baddbmm_(q_t.transpose(1, 2), ds3, alpha=alpha)
                 tile += len(kbs)
+            dk3.copy_(dkT.transpose(1, 2))
+            dv3.copy_(dvT.transpose(1, 2))
+            del dkT, dvT
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
