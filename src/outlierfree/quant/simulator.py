@@ -73,7 +73,9 @@ class QuantizedModel:
         self.site_of: dict[str, Site] = {}
         self.aliases: dict[str, str] = {}
         self.weights: dict[int, tuple[int, torch.Tensor, Quantizer]] = {}
-        self.weight_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self.weight_names: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            self.weight_names.setdefault(id(p), n)  # a tied weight keeps its first (owning) name
         self.mode = "quantize" if (config.activation is None or config.activation.dynamic) else "calibrate"
         self.only: set[str] | None = None  # ablation: quantize only these activation sites
         self.weights_on = config.weight is not None
