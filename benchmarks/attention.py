@@ -164,15 +164,17 @@ def crossover(a: argparse.Namespace) -> list[dict]:
         q, k, v = (torch.randn(B, a.heads, T, a.dim, requires_grad=True) for _ in range(3))
         d_out = torch.randn(B, a.heads, T, a.dim)
         row = dict(T=T, B=B)
-        for case in ("eager_clipped", "blocked", "sdpa"):
-            fwd = _step_fn(case, q, k, v, a.causal)
-            ts = []
-            for i in range(a.repeats + 1):
+        cases = ("eager_clipped", "blocked", "sdpa")
+        fwds = {case: _step_fn(case, q, k, v, a.causal) for case in cases}
+        ts: dict[str, list[float]] = {case: [] for case in cases}
+        for i in range(a.repeats + 1):  # round-robin; the first round is the warm-up
+            for case in cases:
                 t0 = time.perf_counter()
-                fwd().backward(d_out)
-                if i:  # the first is warm-up
-                    ts.append(time.perf_counter() - t0)
-            row[case] = min(ts)
+                fwds[case]().backward(d_out)
+                if i:
+                    ts[case].append(time.perf_counter() - t0)
+        for case in cases:
+            row[case] = min(ts[case])
         row["blocked/eager"] = row["blocked"] / row["eager_clipped"]
         rows.append(row)
         print(f"T={T:5d} B={B:3d}  eager {row['eager_clipped'] * 1e3:8.1f} ms  blocked {row['blocked'] * 1e3:8.1f} ms"
