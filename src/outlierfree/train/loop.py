@@ -59,8 +59,9 @@ class TaskModel(nn.Module):
         self.model = model
         self.task = task
 
-    def forward(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed loss (float32 scalar) and the number of terms in it (int64 scalar)."""
+    def forward(self, return_correct: bool = False, **batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Summed loss (float32 scalar) and the number of terms in it (int64 scalar); for images with
+        ``return_correct`` also the number of correct top-1 predictions."""
         if self.task == "mlm":
             return mlm_loss_sum(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"))
         if self.task == "clm":
@@ -70,7 +71,10 @@ class TaskModel(nn.Module):
             return loss, torch.tensor(ids[:, 1:].numel(), device=ids.device)
         logits = self.model(pixel_values=batch["pixel_values"]).logits  # (B, classes)
         loss = F.cross_entropy(_upcast(logits), batch["labels"], reduction="sum")
-        return loss, torch.tensor(batch["labels"].numel(), device=logits.device)
+        count = torch.tensor(batch["labels"].numel(), device=logits.device)
+        if return_correct:
+            return loss, count, (logits.argmax(-1) == batch["labels"]).sum()
+        return loss, count
 
 
 def mlm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -331,7 +335,7 @@ def train(cfg: TrainConfig) -> Path:
     Works the same on one CPU, one GPU, or many processes under ``accelerate launch``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from rich.console import Console
 
     cfg = cfg.resolved()
@@ -489,13 +493,18 @@ def train(cfg: TrainConfig) -> Path:
         eval_result = evaluate(task_model, batches, accelerator, cfg)
         log.write({"event": "eval", "step": cfg.steps, **eval_result}, f"step {cfg.steps}: " + _format_eval(eval_result))
     model_dir = out / MODEL_DIR
+    final = accelerator.unwrap_model(task_model).model
+    if accelerator.distributed_type == DistributedType.FSDP:  # gather the shards (every process must call this)
+        full = accelerator.get_state_dict(task_model)
+        if main:
+            final = build(cfg, data)
+            final.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=False)
     if main:
         from transformers.utils import logging as hf_logging
 
         from ..models.io import save_model
 
         hf_logging.disable_progress_bar()  # one shard: a bar would only add noise to the log
-        final = accelerator.unwrap_model(task_model).model
         summary = {"steps": cfg.steps, **eval_result, "train_seconds_this_process": time.perf_counter() - t_start,
                    "world_size": world}
         extra = {"train_config.json": cfg.to_dict(), "train_result.json": summary}
@@ -570,9 +579,9 @@ def evaluate(task_model: nn.Module, batches: Batches, accelerator: Any, cfg: Tra
     n = batches.val_size()
     if n == 0:
         return {}
-    model = accelerator.unwrap_model(task_model)
-    was_training = model.training
-    model.eval()
+    # the prepared (DDP/FSDP) module: under FSDP the inner model cannot run on its own
+    was_training = task_model.training
+    task_model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
     sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, terms, correct
     rows = torch.arange(n)[rank::world]
@@ -581,16 +590,14 @@ def evaluate(task_model: nn.Module, batches: Batches, accelerator: Any, cfg: Tra
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             if cfg.task == "image":
-                logits = model.model(pixel_values=batch["pixel_values"]).logits.float()
-                sums[0] += F.cross_entropy(logits, batch["labels"], reduction="sum").double()
-                sums[1] += len(batch["labels"])
-                sums[2] += (logits.argmax(-1) == batch["labels"]).sum().double()
+                ls, count, correct = task_model(return_correct=True, **batch)
+                sums[2] += correct.double()
             else:
-                ls, count = model(**batch)
-                sums[0] += ls.double()
-                sums[1] += count.double()
+                ls, count = task_model(**batch)
+        sums[0] += ls.double()
+        sums[1] += count.double()
     sums = accelerator.reduce(sums, reduction="sum")
-    model.train(was_training)
+    task_model.train(was_training)
     loss = float(sums[0] / sums[1].clamp(min=1))
     if cfg.task == "image":
         return {"val_loss": loss, "val_top1": float(sums[2] / sums[1].clamp(min=1))}
