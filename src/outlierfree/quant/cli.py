@@ -121,6 +121,9 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     out_path = Path(out)
     require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory path")
     t0 = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars only; keeps errors on one line
     model = load_model(model_path)
     check_finite_weights(model)
     task = task_of(model)

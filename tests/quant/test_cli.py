@@ -1,0 +1,84 @@
+"""`outlierfree quantize`: a full run on a saved tiny model, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from outlierfree.models.build import build_model
+from outlierfree.models.io import save_model
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from outlierfree.data.text import train_tokenizer
+
+    root = tmp_path_factory.mktemp("q")
+    text = root / "text.txt"
+    words = "the cat sat on a mat while a dog ran in the park and birds sang in the tall green trees".split()
+    g = torch.Generator().manual_seed(0)
+    paras = []
+    for i in range(400):
+        idx = torch.randint(len(words), (40,), generator=g).tolist()
+        paras.append(" ".join(words[j] for j in idx).capitalize() + ". " + " ".join(words[:8]).capitalize() + ".")
+    text.write_text("\n\n".join(paras))
+    tok = train_tokenizer(paras, "wordpiece", 300)
+    model = build_model("bert", "tiny", "clipped", seed=0, vocab_size=len(tok))
+    save_model(model, root / "model", tok)
+    return root
+
+
+def run(*args):
+    p = subprocess.run([sys.executable, "-m", "outlierfree.cli", *args], capture_output=True, text=True,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(__import__("pathlib")
+                                                                                   .Path.home())})
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_quantize_writes_json_markdown_and_plot(tiny_bert):
+    out = tiny_bert / "quant"
+    rc, so, se = run("quantize", str(tiny_bert / "model"), "--data", str(tiny_bert / "text.txt"), "--bits",
+                     "w8a8,w16a16", "--sites", "full,linear", "--calib-batches", "2", "--eval-batches", "2",
+                     "--batch-size", "4", "--seq-len", "32", "--diag-batches", "1", "--quiet", "--out", str(out))
+    assert rc == 0, se
+    rep = json.loads((out / "quant.json").read_text())
+    assert len(rep["runs"]) == 4 and rep["task"] == "mlm"
+    for r in rep["runs"]:
+        assert r["config"]["describe"] and r["calib_batches"] == 2 and r["eval_batches"] == 2
+        assert r["float"]["perplexity"] > 1 and r["quantized"]["perplexity"] > 1
+        assert r["ablation"] and r["sites"]
+    by = {(r["config"]["weight"]["bits"], r["config"]["sites"]): r for r in rep["runs"]}
+    assert by[(16, "full")]["quantized"]["output_sqnr_db"] > by[(8, "full")]["quantized"]["output_sqnr_db"]
+    assert "| config |" in (out / "quant.md").read_text()
+    assert (out / "sites.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--bits", "w0a8"], "outside 2..16"),
+    (["--bits", "w8"], "malformed --bits"),
+    (["--bits", "w8a17"], "outside 2..16"),
+    (["--estimator", "magic"], "unknown --estimator"),
+    (["--sites", "everything"], "unknown --sites"),
+    (["--calib-batches", "100000"], "training split has"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_bert, flags, words):
+    out = tiny_bert / "bad"
+    rc, so, se = run("quantize", str(tiny_bert / "model"), "--data", str(tiny_bert / "text.txt"), "--seq-len",
+                     "32", "--eval-batches", "1", "--diag-batches", "0", "--quiet", "--out", str(out), *flags)
+    assert rc == 2 and words in se
+    assert se.strip().count("\n") == 0 and "Traceback" not in se and se.startswith("error: ")
+    assert not out.exists()
+
+
+def test_nan_weights_and_missing_model_are_one_line(tiny_bert, tmp_path):
+    model = build_model("bert", "tiny", "vanilla", seed=0)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight[0, 0] = float("nan")
+    save_model(model, tmp_path / "nan")
+    for path in (tmp_path / "nan", tmp_path / "missing"):
+        rc, so, se = run("quantize", str(path), "--out", str(tmp_path / "o"), "--quiet")
+        assert rc == 2 and se.strip().count("\n") == 0 and "Traceback" not in se
+        assert not (tmp_path / "o").exists()
+    assert "NaN" in run("quantize", str(tmp_path / "nan"), "--out", str(tmp_path / "o"))[2]
