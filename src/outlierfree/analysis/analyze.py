@@ -104,7 +104,11 @@ def analyze_model(model: nn.Module, batches: Iterable[EvalBatch | dict[str, torc
         with torch.no_grad(), observe(model, on_site, sites), _progress(progress, len(batches), name) as advance:
             for batch in batches:
                 current["batch"] = batch
-                model(**{k: v.to(device) for k, v in batch.inputs.items()}, **extra)
+                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+                if getattr(model.config, "is_encoder_decoder", False) and "input_ids" in inputs:
+                    # encoder-decoder (T5, BART): the decoder reads the same tokens, so its sites align with them
+                    inputs.setdefault("decoder_input_ids", inputs["input_ids"])
+                model(**inputs, **extra)
                 current["offset"] += batch.size
                 advance()
     finally:

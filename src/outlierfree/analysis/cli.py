@@ -157,7 +157,8 @@ def analyze_path(path: str, *, data: str | None = None, batches: int = 8, batch_
                                name=name, meta=meta)
     except OutlierfreeError:
         raise
-    except RuntimeError as e:  # a forward that fails on this checkpoint (shapes, dtypes): one line, not a trace
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a forward that fails on this checkpoint
+        # (inputs it needs, shapes, dtypes): one line, not a traceback
         raise OutlierfreeError(f"the forward pass of {path!r} failed: {str(e).splitlines()[0][:200]}",
                                "check that the model and its tokenizer/data match (or try --no-attention)") from e
     report["model"]["path"] = str(path)

@@ -96,41 +96,39 @@ def _site_label(s: dict[str, Any]) -> str:
 
 # ---- plots -----------------------------------------------------------------------------------------------
 def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
-    """Inf-norm (mean over sequences) and kurtosis of every block site, in model order: one colour per model,
-    one line style per kind."""
+    """Per layer, the largest inf-norm (mean over sequences) and kurtosis among the layer's sites of each kind
+    (LayerNorm inputs: the headline sites only): one colour per model, one line style per kind."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     drawn = False
     for i, (r, name) in enumerate(zip(reports, names)):
-        colour = f"C{i}"
+        headline_sites = set((r.get("headline") or {}).get("site_names") or [])
         for kind, style in KIND_STYLE.items():
-            ss = [s for s in r["sites"] if s["kind"] == kind and s["layer"] is not None and s["inf_norm_mean"]]
+            ss = [s for s in r["sites"] if s["kind"] == kind and s["layer"] is not None
+                  and s["inf_norm_mean"] is not None and (kind != "ln_input" or s["name"] in headline_sites)]
             if not ss:
                 continue
-            x = [s["layer"] + _within_layer(r, s) for s in ss]
-            axes[0].plot(x, [s["inf_norm_mean"] for s in ss], style, color=colour, marker=".",
-                         label=f"{name}: {KIND_LABEL[kind]}")
-            axes[1].plot(x, [s["kurtosis_mean"] for s in ss], style, color=colour, marker=".")
+            layers = sorted({s["layer"] for s in ss})
+            inf = [max(s["inf_norm_mean"] for s in ss if s["layer"] == k) for k in layers]
+            kur = [max((s["kurtosis_mean"] or 0) for s in ss if s["layer"] == k) for k in layers]
+            axes[0].plot(layers, inf, style, color=f"C{i}", marker=".", label=f"{name}: {KIND_LABEL[kind]}")
+            axes[1].plot(layers, kur, style, color=f"C{i}", marker=".")
             drawn = True
     if not drawn:
         plt.close(fig)
         return False
-    axes[0].set(title="inf-norm per sequence, mean over sequences", xlabel="layer", ylabel="max |x|")
-    axes[1].set(title="kurtosis per sequence, mean over sequences", xlabel="layer", ylabel="kurtosis (Gaussian = 3)")
+    axes[0].set(title="inf-norm per sequence, mean over sequences\n(max over the layer's sites of each kind)",
+                xlabel="layer", ylabel="max |x|")
+    axes[1].set(title="kurtosis per sequence, mean over sequences\n(max over the layer's sites of each kind)",
+                xlabel="layer", ylabel="kurtosis (Gaussian = 3)")
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def _within_layer(r: dict[str, Any], s: dict[str, Any]) -> float:
-    """Fractional x offset of a site inside its layer (its order among the layer's sites), so two LayerNorms of
-    one block do not sit on top of each other."""
-    same = [t["name"] for t in r["sites"] if t["layer"] == s["layer"]]
-    return same.index(s["name"]) / max(1, len(same))
 
 
 def plot_heatmap(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
@@ -150,7 +148,8 @@ def plot_heatmap(reports: list[dict[str, Any]], names: list[str], path: Path) ->
     for ax, (name, rows, m) in zip(axes[0], panels):
         im = ax.imshow(np.log10(np.maximum(m, 1e-3)), aspect="auto", cmap="magma", interpolation="nearest",
                        vmin=-1, vmax=math.log10(max(vmax, 1e-3)))
-        ax.set_yticks(range(len(rows)), [_site_label(s) for s in rows], fontsize=6)
+        step = max(1, len(rows) // 24)  # at most ~24 labels: a 72-row Gemma map stays readable
+        ax.set_yticks(range(0, len(rows), step), [_site_label(s) for s in rows[::step]], fontsize=6)
         ax.set(title=f"{name}: max |x| per hidden dimension", xlabel="hidden dimension")
         fig.colorbar(im, ax=ax, label="log10 max |x|")
     fig.tight_layout()
