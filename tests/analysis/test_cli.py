@@ -123,3 +123,12 @@ def test_help_lists_flags():
     assert r.returncode == 0
     for flag in ("--data", "--batches", "--out", "--track", "--no-attention", "--threshold"):
         assert flag in r.stdout
+
+
+def test_out_never_replaces_a_foreign_directory(runs, tmp_path, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, _, err = _run(["analyze", str(runs["vit"]), "--batches", "1", "--out", str(foreign)], capsys)
+    assert code == 2 and "not an analysis report directory" in err
+    assert (foreign / "notes.txt").read_text() == "keep me"

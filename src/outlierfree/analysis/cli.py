@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +88,9 @@ def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int, batch_s
                                                     "gate"))
     out_path = Path(out)
     require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory path")
+    require(not out_path.exists() or not any(out_path.iterdir()) or (out_path / "report.json").is_file(),
+            f"--out {out!r} exists and is not an analysis report directory (it would be replaced)",
+            "pass a new or empty directory, or a previous report's directory")
     for m in models:  # fail on a bad path before spending minutes on the others
         require(Path(m).exists(), f"model path {m!r} does not exist", "pass a model directory or a .gguf file")
 
@@ -106,7 +108,7 @@ def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int, batch_s
         tracks[Path(run).resolve().name] = read_track(run)
         require(tracks[Path(run).resolve().name], f"{run!r} has no outlier events in its log.jsonl",
                 "train with `outlierfree train --track-outliers K`")
-    command = "outlierfree analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    command = _command_line(click.get_current_context())
     from .report import write_report
 
     files = write_report(reports, out_path, tracks, command)
@@ -118,6 +120,23 @@ def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int, batch_s
                    f"{h.get('largest_activation', float('nan')):.4g} at {h.get('largest_activation_site')}; "
                    f"no-op heads {r['noop'].get('flagged', 0)} of {r['noop'].get('heads', 0)}")
     click.echo(f"wrote {files['json']}, {files['markdown']} and {len(files) - 2} plots")
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as a user would retype it: the models and every option that differs from its default."""
+    parts = ["outlierfree", "analyze"]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if isinstance(p, click.Argument):
+            parts += [shlex.quote(str(x)) for x in v or ()]
+        elif p.multiple:
+            for x in v or ():
+                parts += [p.opts[0], shlex.quote(str(x))]
+        elif p.is_flag:
+            parts += [p.opts[0]] if v else []
+        elif v != p.default:
+            parts += [p.opts[0], shlex.quote(str(v))]
+    return " ".join(parts)
 
 
 def analyze_path(path: str, *, data: str | None = None, batches: int = 8, batch_size: int = 8, seq_len: int = 128,

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..errors import require  # noqa: E402
 from ..models.io import atomic_dir  # noqa: E402
 
 KIND_STYLE = {"ln_input": "-", "ffn_output": "--", "attn_output": ":", "ln_output": "-."}
@@ -37,6 +38,10 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | os.PathLike,
     """
     tracks = tracks or {}
     out = Path(out_dir)
+    # the directory is replaced as a whole: never one that holds anything but a previous report
+    require(not out.exists() or (out.is_dir() and (not any(out.iterdir()) or (out / "report.json").is_file())),
+            f"--out {str(out)!r} exists and is not an analysis report directory (it would be replaced)",
+            "pass a new or empty directory, or a previous report's directory")
     names = _unique_names(reports)
     files: dict[str, str] = {}
     with atomic_dir(out) as tmp:
