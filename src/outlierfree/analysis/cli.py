@@ -72,25 +72,21 @@ def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int, batch_s
                 rel_threshold: float, noop_threshold: float, packing: str, track: tuple[str, ...]) -> None:
     """Measure activation outliers of MODEL(s): a model directory (ours or any Hugging Face checkpoint) or a
     .gguf file. Several models are compared side by side. Writes report.json, report.md and PNG plots to --out."""
+    from .inputs import check_amounts
+    from .report import check_out_dir, write_report
     from .tracking import find_log, read_track
 
     require(models or track, "no model given", "pass MODEL [MODEL ...] (a model directory or .gguf) or --track RUN_DIR")
-    require(batches >= 1, f"--batches must be at least 1, got {batches}", "pass --batches 1 or more")
-    require(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
-    require(seq_len >= 8, f"--seq-len must be at least 8, got {seq_len}", "pass --seq-len 8 or more")
+    check_amounts(batches, batch_size, seq_len, packing)
     require(threshold > 0 and rel_threshold > 0, "--threshold and --rel-threshold must be positive",
             "pass e.g. --threshold 6")
     require(0 < noop_threshold <= 1, f"--noop-threshold must be in (0, 1], got {noop_threshold}", "pass e.g. 0.5")
-    require(packing in ("auto", "packed", "documents"), f"unknown --packing {packing!r}", "use auto|packed|documents")
     kinds = parse_kinds(sites)
     if no_attention:
         kinds = tuple(k for k in kinds if k not in ("query", "key", "value", "attn_scores", "attn_probs", "context",
                                                     "gate"))
     out_path = Path(out)
-    require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory path")
-    require(not out_path.exists() or not any(out_path.iterdir()) or (out_path / "report.json").is_file(),
-            f"--out {out!r} exists and is not an analysis report directory (it would be replaced)",
-            "pass a new or empty directory, or a previous report's directory")
+    check_out_dir(out_path)  # before minutes of analysis, not after
     for m in models:  # fail on a bad path before spending minutes on the others
         require(Path(m).exists(), f"model path {m!r} does not exist", "pass a model directory or a .gguf file")
 
@@ -109,8 +105,6 @@ def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int, batch_s
         require(tracks[Path(run).resolve().name], f"{run!r} has no outlier events in its log.jsonl",
                 "train with `outlierfree train --track-outliers K`")
     command = _command_line(click.get_current_context())
-    from .report import write_report
-
     files = write_report(reports, out_path, tracks, command)
     for r in reports:
         h = r["headline"]

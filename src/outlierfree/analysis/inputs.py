@@ -61,6 +61,17 @@ def from_inputs(inputs: dict[str, torch.Tensor], tokenizer: Any = None) -> EvalB
     return image_batch(inputs["pixel_values"], None, None)
 
 
+PACKINGS = ("auto", "packed", "documents")
+
+
+def check_amounts(batches: int, batch_size: int, seq_len: int | None = None, packing: str | None = None) -> None:
+    """One-line errors for amounts of data that cannot work (checked before any model is loaded)."""
+    require(batches >= 1, f"--batches must be at least 1, got {batches}", "pass --batches 1 or more")
+    require(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
+    require(seq_len is None or seq_len >= 8, f"--seq-len must be at least 8, got {seq_len}", "pass --seq-len 8 or more")
+    require(packing is None or packing in PACKINGS, f"unknown --packing {packing!r}", f"use {'|'.join(PACKINGS)}")
+
+
 # ---- text ------------------------------------------------------------------------------------------------
 class TokenLabeler:
     """Token id -> printable label and delimiter flag, cached (a vocabulary can have 262k entries)."""
@@ -165,7 +176,7 @@ def text_sequences(model: Any, tokenizer: Any, docs: list[str], seq_len: int, n:
     (packed for our models, documents for any other checkpoint)."""
     from ..data import pack_clm, pack_mlm
 
-    require(packing in ("auto", "packed", "documents"), f"unknown --packing {packing!r}", "use auto|packed|documents")
+    check_amounts(1, 1, seq_len, packing)
     if packing == "auto":
         packing = "packed" if is_ours(model) else "documents"
     g = torch.Generator().manual_seed(seed)
@@ -200,8 +211,7 @@ def text_sequences(model: Any, tokenizer: Any, docs: list[str], seq_len: int, n:
 def text_batches(model: Any, tokenizer: Any, data: str | None, batches: int, batch_size: int, seq_len: int,
                  seed: int = 0, packing: str = "auto") -> tuple[list[EvalBatch], dict[str, Any]]:
     """Evaluation batches of text and a description of them (for the report)."""
-    require(batches >= 1, f"--batches must be at least 1, got {batches}", "pass --batches 1 or more")
-    require(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
+    check_amounts(batches, batch_size, seq_len, packing)
     docs, desc = load_texts(data)
     ids, mask, how = text_sequences(model, tokenizer, docs, seq_len, batches * batch_size, seed, packing)
     labeler = TokenLabeler(tokenizer)
@@ -246,7 +256,7 @@ def image_batches(model: Any, data: str | None, batches: int, batch_size: int, s
     model's image size and channels, normalised with the training statistics."""
     from ..data import load_images, normalise
 
-    require(batches >= 1, f"--batches must be at least 1, got {batches}", "pass --batches 1 or more")
+    check_amounts(batches, batch_size)
     cfg = model.config
     size, channels, P = int(cfg.image_size), int(getattr(cfg, "num_channels", 1)), int(cfg.patch_size)
     imgs = load_images(data, size)

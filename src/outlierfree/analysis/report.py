@@ -38,10 +38,7 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | os.PathLike,
     """
     tracks = tracks or {}
     out = Path(out_dir)
-    # the directory is replaced as a whole: never one that holds anything but a previous report
-    require(not out.exists() or (out.is_dir() and (not any(out.iterdir()) or (out / "report.json").is_file())),
-            f"--out {str(out)!r} exists and is not an analysis report directory (it would be replaced)",
-            "pass a new or empty directory, or a previous report's directory")
+    check_out_dir(out)
     names = _unique_names(reports)
     files: dict[str, str] = {}
     with atomic_dir(out) as tmp:
@@ -57,6 +54,14 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | os.PathLike,
         (tmp / "report.json").write_text(json.dumps(_finite(doc), indent=1, default=str, allow_nan=False))
         (tmp / "report.md").write_text(markdown(reports, names, tracks, files, command))
     return {k: out / v for k, v in {**files, "json": "report.json", "markdown": "report.md"}.items()}
+
+
+def check_out_dir(out: Path) -> None:
+    """The output directory is replaced as a whole: refuse a file, or a directory holding anything but a report."""
+    require(not out.exists() or out.is_dir(), f"--out {str(out)!r} is a file", "pass a directory path")
+    require(not out.exists() or not any(out.iterdir()) or (out / "report.json").is_file(),
+            f"--out {str(out)!r} exists and is not an analysis report directory (it would be replaced)",
+            "pass a new or empty directory, or a previous report's directory")
 
 
 def _finite(o: Any) -> Any:
