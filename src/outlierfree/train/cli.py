@@ -83,7 +83,7 @@ def train_cmd(config_file: str | None, set_items: tuple[str, ...], print_config:
       outlierfree train --task clm --attention gated --out runs/opt-gated
       outlierfree train --task image --attention clipped --gamma -0.003 --out runs/vit-clipped
       outlierfree train --config run.yaml --resume
-      accelerate launch --num_processes 2 -m outlierfree train --task mlm --out runs/ddp
+      accelerate launch --multi_gpu --num_processes 2 -m outlierfree train --task mlm --out runs/ddp
     """
     ctx = click.get_current_context()
     cfg = build_config(ctx, config_file, set_items, kw)
