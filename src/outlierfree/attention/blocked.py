@@ -462,6 +462,18 @@ def flex_clipped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
     return o2 * torch.exp(lse2)[..., None].to(o2.dtype)
 
 
+_FLEX_FAILED = False
+
+
+def _flex_failed(e: Exception) -> None:
+    global _FLEX_FAILED
+    _FLEX_FAILED = True
+    import warnings
+
+    warnings.warn(f"FlexAttention clipped-softmax path failed ({type(e).__name__}: {e}); using the PyTorch blocked "
+                  f"kernel from now on (set OUTLIERFREE_BLOCKED_BACKEND=torch to skip the attempt)", stacklevel=3)
+
+
 # ---- plugging into outlierfree_attention ------------------------------------------------------------------------
 def blocked_kernel(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    keep: torch.Tensor | None, scaling: float, dropout: float, cfg: AttentionConfig,
@@ -474,8 +486,13 @@ def blocked_kernel(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     """
     Tq, Tk = query.shape[-2], key.shape[-2]
     gamma = gamma_rows(cfg, keep, causal, Tq, Tk, query.device)
-    if dropout == 0.0 and flex_available(query.device):
-        return flex_clipped_attention(query, key, value, gamma, cfg.zeta, keep, causal, scaling)
+    if dropout == 0.0 and flex_available(query.device) and not _FLEX_FAILED:
+        try:
+            return flex_clipped_attention(query, key, value, gamma, cfg.zeta, keep, causal, scaling)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - untested hardware path: fall back to the PyTorch kernel, once
+            _flex_failed(e)
     return blocked_clipped_attention(query, key, value, gamma, cfg.zeta, keep, causal, scaling,
                                      q_block=cfg.block_size, k_block=cfg.extra.get("key_block"),
                                      dropout_p=dropout)
