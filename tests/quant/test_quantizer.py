@@ -17,10 +17,13 @@ def test_round_trip_matches_torch_fake_quantize(bits, symmetric):
     scale, zp, qmin, qmax = qparams(lo, hi, bits, symmetric)
     ours = fake_quant(x, scale, zp, qmin, qmax)
     ref = torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zp.reshape(1).int(), qmin, qmax)
-    # torch multiplies by 1/scale where we divide: results may differ by one step at exact rounding ties only
+    # same integer grid point everywhere; the dequantized values agree up to float rounding of (q - zp) * scale
     diff = (ours - ref).abs()
-    assert (diff > 1e-5 * float(scale) * 2 ** bits).float().mean() < 1e-3
-    assert float(diff.max()) <= float(scale) * 1.0001
+    assert float(diff.max()) <= 1e-6 * float(x.abs().max())
+    # the training path (divide, straight-through round) may land one step off at exact ties only
+    ours_grad = fake_quant(x.clone().requires_grad_(), scale, zp, qmin, qmax).detach()
+    assert float((ours_grad - ref).abs().max()) <= float(scale) * 1.0001
+    assert float(((ours_grad - ref).abs() > float(scale) / 2).float().mean()) < 1e-2
     # and the grid holds at most 2^bits distinct values
     assert ours.unique().numel() <= 2 ** bits
 
