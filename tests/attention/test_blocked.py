@@ -248,10 +248,30 @@ def test_dropout_in_training_stays_on_the_blocked_kernel(monkeypatch):
 
 
 def test_auto_chooser():
-    short, long_ = torch.zeros(2, 2, 64, 8), torch.zeros(1, 2, bl.AUTO_MIN_KEYS, 8)
     assert interface.AUTO_CLIPPED[0] is bl.choose_clipped_impl
-    assert bl.choose_clipped_impl(short, short) == "eager"
-    assert bl.choose_clipped_impl(long_, long_) == "blocked"
+    choose = bl.choose_clipped_impl
+    assert choose(torch.zeros(32, 4, 128, 8), torch.zeros(32, 4, 128, 8)) == "eager"  # 2M probabilities
+    assert choose(torch.zeros(1, 4, 1024, 8), torch.zeros(1, 4, 1024, 8)) == "eager"  # 4M
+    assert choose(torch.zeros(8, 4, 512, 8), torch.zeros(8, 4, 512, 8)) == "blocked"  # 8M
+    assert choose(torch.zeros(1, 4, 4096, 8), torch.zeros(1, 4, 4096, 8)) == "blocked"
+    assert choose(torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 4096, 8)) == "eager"  # one query row (decoding)
+
+
+def test_auto_model_uses_blocked_on_long_sequences(monkeypatch):
+    seen = []
+    kernel = interface.CLIPPED_KERNELS["blocked"]
+
+    def spy(*a, **kw):
+        seen.append(1)
+        return kernel(*a, **kw)
+
+    spy.takes_causal = True
+    monkeypatch.setitem(interface.CLIPPED_KERNELS, "blocked", spy)
+    monkeypatch.setattr(bl, "AUTO_MIN_ELEMS", 2 * 2 * 24 * 24)  # so the tiny test model counts as "long"
+    model = of.build_model("bert", "tiny", AttentionConfig("clipped", impl="auto"), seed=0).eval()
+    with torch.no_grad():
+        model(**{k: v for k, v in model_batch("bert", model).items() if k != "labels"})
+    assert len(seen) == model.config.num_hidden_layers
 
 
 def test_gated_runs_on_sdpa_and_matches_eager(monkeypatch):

@@ -64,10 +64,11 @@ MAX_KEY_BLOCK = 16384
 # Target number of score elements in one tile (all batch-heads of a chunk x query block x key block). Small
 # sequences batch many heads into one tile so Python overhead stays low; long ones go one head at a time.
 TILE_ELEMS = 1 << 19
-# impl="auto" picks the blocked kernel from this many keys on (measured crossover on the CPU, see
-# docs/attention_kernels.md), or when the eager probability tensor would exceed EAGER_MAX_ELEMS elements.
-AUTO_MIN_KEYS = 512
-EAGER_MAX_ELEMS = 1 << 26
+# impl="auto" picks the blocked kernel once the eager probability tensor B*H*Tq*Tk has this many elements
+# (2^23 floats = 32 MiB, the L3 cache of the dev machine). Measured on the CPU with benchmarks/attention.py
+# (--crossover and the T sweep, docs/attention_kernels.md): below it eager is as fast or faster (its T x T
+# tensors stay in cache), from it on blocked is faster (2x at 8.4M elements) and its memory stays linear.
+AUTO_MIN_ELEMS = 1 << 23
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
@@ -504,14 +505,13 @@ blocked_kernel.takes_causal = True  # outlierfree_attention passes causal=True i
 def choose_clipped_impl(query: torch.Tensor, key: torch.Tensor) -> str:
     """``AUTO_CLIPPED[0]``: "blocked" where it is faster than eager or the sequence is long, else "eager".
 
-    On the CPU the crossover was measured with ``benchmarks/attention.py --crossover`` (docs/attention_kernels.md);
-    on CUDA the FlexAttention path is used from the same length (untested on hardware).
+    The rule is the size of the probability tensor eager would materialise, B*H*Tq*Tk >= ``AUTO_MIN_ELEMS``
+    (measured crossover on the CPU, docs/attention_kernels.md); on CUDA the same rule picks the FlexAttention
+    path (untested on hardware).
     """
     B, H, Tq, _ = query.shape
     Tk = key.shape[-2]
-    if Tk >= AUTO_MIN_KEYS or B * H * Tq * Tk > EAGER_MAX_ELEMS:
-        return "blocked"
-    return "eager"
+    return "blocked" if B * H * Tq * Tk >= AUTO_MIN_ELEMS else "eager"
 
 
 CLIPPED_KERNELS["blocked"] = blocked_kernel
