@@ -151,3 +151,20 @@ def test_observe_replaces_and_cleans_up():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()
                if not hasattr(m, "outlierfree_gate"))
     assert not any("outlierfree_probe" in m.__dict__ for m in model.modules())
+
+
+def test_gpt2_conv1d_linears_are_sites():
+    """GPT-2's linears are transformers' Conv1D: its attention and FFN output projections still get named."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    got = _kinds_by_layer(discover(model), 1)
+    assert ("transformer.h.1.attn.c_proj", "attn_output") in got
+    assert ("transformer.h.1.mlp.c_proj", "ffn_output") in got
+    assert ("transformer.h.1.ln_2", "ln_input") in got
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with observe(model, lambda s, t: None):
+            out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref)

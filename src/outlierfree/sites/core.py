@@ -141,7 +141,7 @@ def discover(model: nn.Module, attention: bool = True) -> list[Site]:
             add(path, "embedding", "output")
         elif isinstance(m, nn.Conv2d) and "embed" in path:  # ViT patch projection
             add(path, "embedding", "output")
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":  # GPT-2 style linears (transposed weight)
             if _is_head(path, model):
                 add(path, "head_input", "input")
                 continue
