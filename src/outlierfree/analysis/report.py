@@ -78,8 +78,8 @@ def _finite(o: Any) -> Any:
 def _unique_names(reports: list[dict[str, Any]]) -> list[str]:
     names, seen = [], {}
     for i, r in enumerate(reports):
-        n = r.get("name") or (r.get("model") or {}).get("path") or f"model {i + 1}"
-        n = Path(str(n)).name or str(n)
+        path = (r.get("model") or {}).get("path")
+        n = r.get("name") or (Path(str(path)).name if path else f"model {i + 1}")
         seen[n] = seen.get(n, 0) + 1
         names.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
     return names
