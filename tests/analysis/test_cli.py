@@ -132,3 +132,13 @@ def test_out_never_replaces_a_foreign_directory(runs, tmp_path, capsys):
     code, _, err = _run(["analyze", str(runs["vit"]), "--batches", "1", "--out", str(foreign)], capsys)
     assert code == 2 and "not an analysis report directory" in err
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_training_data_is_read_from_train_config(tmp_path):
+    from outlierfree.analysis.inputs import VAL_FRACTION, training_data
+
+    (tmp_path / "train_config.json").write_text(json.dumps({"data": "corpus.txt", "val_fraction": 0.25}))
+    assert training_data(tmp_path) == ("corpus.txt", 0.25)
+    (tmp_path / "train_config.json").write_text("{torn")
+    assert training_data(tmp_path) == (None, VAL_FRACTION)
+    assert training_data(tmp_path / "absent") == (None, VAL_FRACTION)

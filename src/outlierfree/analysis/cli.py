@@ -141,7 +141,7 @@ def analyze_path(path: str, *, data: str | None = None, batches: int = 8, batch_
     """Load the model at ``path``, build its evaluation batches and analyse it: the report dict of one model."""
     from ..models.io import load_model, load_tokenizer
     from .analyze import analyze_model
-    from .inputs import image_batches, text_batches
+    from .inputs import VAL_FRACTION, image_batches, text_batches, training_data
 
     model = load_model(path)
     name = model_name(path)
@@ -160,7 +160,10 @@ def analyze_path(path: str, *, data: str | None = None, batches: int = 8, batch_
         # would become [UNK], which is no analysis of the model
         require(len(tok) > len(set(tok.all_special_ids)) + 1, f"the tokenizer of {path!r} has only {len(tok)} "
                 f"tokens (its vocabulary files are missing)", "save the tokenizer beside the model or pass --tokenizer DIR")
-        evals, desc = text_batches(model, tok, data, batches, batch_size, seq_len, seed, packing)
+        trained_on, val_fraction = training_data(path) if Path(path).is_dir() else (None, VAL_FRACTION)
+        if data is None and trained_on is not None:
+            data = trained_on  # a model trained here on --data X: analyse X's held-out documents
+        evals, desc = text_batches(model, tok, data, batches, batch_size, seq_len, seed, packing, val_fraction)
         data_name = data or "offline wiki (validation)"
     require(sum(int(b.mask.sum()) for b in evals) > 0, "the data yields no tokens", "pass other data with --data")
     meta = {"data": {"name": data_name, **desc}, "seed": seed, "batch_size": batch_size, "seq_len": seq_len}

@@ -132,7 +132,7 @@ def is_causal(model: Any) -> bool:
                                            "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt_neox", "falcon")
 
 
-def load_texts(data: str | None) -> tuple[list[str], str]:
+def load_texts(data: str | None, val_fraction: float = VAL_FRACTION) -> tuple[list[str], str]:
     """(validation documents, description). ``data`` None: the offline corpus's validation split; a ``.json`` /
     ``.jsonl`` file: its ``text`` (or ``extract``) fields; anything else: what ``outlierfree.data`` reads
     (a .txt file, folder, glob, saved dataset), of which the same validation split is used."""
@@ -143,10 +143,10 @@ def load_texts(data: str | None) -> tuple[list[str], str]:
         desc = f"{data} (all {len(docs)} documents)"
         return docs, desc
     docs = load_documents(data)
-    _, val = split_documents(docs, VAL_FRACTION)
+    _, val = split_documents(docs, val_fraction)
     require(val, f"the validation split of {data or 'the offline corpus'} is empty", "pass more text with --data")
     desc = f"{'offline Wikipedia corpus' if data is None else data}: validation split ({len(val)} of {len(docs)} " \
-           f"documents, hash rule of outlierfree.data.split_documents, fraction {VAL_FRACTION})"
+           f"documents, hash rule of outlierfree.data.split_documents, fraction {val_fraction})"
     return val, desc
 
 
@@ -209,10 +209,11 @@ def text_sequences(model: Any, tokenizer: Any, docs: list[str], seq_len: int, n:
 
 
 def text_batches(model: Any, tokenizer: Any, data: str | None, batches: int, batch_size: int, seq_len: int,
-                 seed: int = 0, packing: str = "auto") -> tuple[list[EvalBatch], dict[str, Any]]:
+                 seed: int = 0, packing: str = "auto", val_fraction: float = VAL_FRACTION
+                 ) -> tuple[list[EvalBatch], dict[str, Any]]:
     """Evaluation batches of text and a description of them (for the report)."""
     check_amounts(batches, batch_size, seq_len, packing)
-    docs, desc = load_texts(data)
+    docs, desc = load_texts(data, val_fraction)
     ids, mask, how = text_sequences(model, tokenizer, docs, seq_len, batches * batch_size, seed, packing)
     labeler = TokenLabeler(tokenizer)
     out = []
@@ -221,6 +222,18 @@ def text_batches(model: Any, tokenizer: Any, data: str | None, batches: int, bat
         T = int(m.any(0).nonzero().max()) + 1  # drop columns that are padding in every row
         out.append(text_batch(ids[s:s + batch_size, :T], m[:, :T], tokenizer, labeler))
     return out, {"source": desc, "tokenization": how, "sequences": len(ids), "tokens": int(mask.sum())}
+
+
+def training_data(model_dir: str | Path) -> tuple[str | None, float]:
+    """(data, validation fraction) that ``outlierfree train`` used for the model in ``model_dir`` (from its
+    train_config.json), so analysis holds out the same documents; the defaults for any other model."""
+    cfg_path = Path(model_dir) / "train_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        cfg = {}  # an unreadable record of training: fall back to the defaults training also uses
+    frac = cfg.get("val_fraction")
+    return cfg.get("data"), float(frac) if isinstance(frac, (int, float)) and 0 < frac < 1 else VAL_FRACTION
 
 
 # ---- images ----------------------------------------------------------------------------------------------
