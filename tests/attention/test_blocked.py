@@ -280,12 +280,14 @@ def test_gated_runs_on_sdpa_and_matches_eager(monkeypatch):
     used = []
     real = sd.sdpa_attention_forward
     monkeypatch.setattr(sd, "sdpa_attention_forward", lambda *a, **k: used.append(1) or real(*a, **k))
-    auto = of.build_model("bert", "tiny", AttentionConfig("gated", impl="auto"), seed=0).eval()
     eager = of.build_model("bert", "tiny", AttentionConfig("gated", impl="eager"), seed=0).eval()
-    b = model_batch("bert", auto)
-    with torch.no_grad():
-        torch.testing.assert_close(auto(**b).logits, eager(**b).logits, atol=1e-5, rtol=0)
-    assert used
+    b = model_batch("bert", eager)
+    for impl in ("auto", "blocked"):  # blocked, for softmax variants, means the fused SDPA kernel
+        used.clear()
+        fused = of.build_model("bert", "tiny", AttentionConfig("gated", impl=impl), seed=0).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(**b).logits, eager(**b).logits, atol=1e-5, rtol=0)
+        assert len(used) == fused.config.num_hidden_layers
 
 
 def test_cli_flags_select_blocked():

@@ -103,7 +103,7 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                              dropout if module.training else 0.0, cfg, **({"causal": True} if flag else {}))
         else:
             impl = "eager"
-    elif cfg.variant != "clipped" and impl in ("auto", "sdpa") and not want_probs and softcap is None:
+    elif cfg.variant != "clipped" and impl in ("auto", "sdpa", "blocked") and not want_probs and softcap is None:
         impl = "sdpa"
     else:
         impl = "eager"
