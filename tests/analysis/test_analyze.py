@@ -181,3 +181,13 @@ def test_no_batches_is_a_user_error():
     with pytest.raises(OutlierfreeError, match="no sites"):
         analyze_model(_bert(), [EvalBatch({"input_ids": _ids()}, torch.ones(4, 32, dtype=torch.bool), [])],
                       kinds=("gate",))
+
+
+def test_top_activations_keep_one_row_per_site_and_token():
+    from outlierfree.analysis.stats import TopActivations
+
+    top = TopActivations(k=2)
+    for seq, (value, token) in enumerate([(5.0, "<bos>"), (9.0, "<bos>"), (7.0, "."), (1.0, "the")]):
+        top.add(value, {"site": "a:input", "sequence": seq, "position": 0, "token": token})
+    rows = top.rows()
+    assert [(r["value"], r["token"], r["sequence"]) for r in rows] == [(9.0, "<bos>", 1), (7.0, ".", 2)]

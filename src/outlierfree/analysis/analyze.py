@@ -34,18 +34,17 @@ RECURRING_FRACTION = 0.25  # LLM.int8(): a feature is systematic when it is an o
 def analysis_sites(model: nn.Module, kinds: Iterable[str] = DEFAULT_KINDS, attention: bool = True) -> list[Site]:
     """The sites analysis observes: ``kinds`` of :func:`outlierfree.sites.discover`; attention internals only
     if ``attention``."""
-    kinds = tuple(kinds)
-    return select(discover(model, attention=attention), kinds)
+    return select(discover(model, attention=attention), tuple(kinds))
 
 
-def model_info(model: nn.Module, path: str | None = None) -> dict[str, Any]:
-    """What the report says about the model: class, type, variant, sizes."""
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """What the report says about the model: class, type, variant, sizes (``path`` is filled in by the loader)."""
     from ..models.build import attention_config_of, count_parameters
 
     cfg = getattr(model, "config", None)
     variant = attention_config_of(model)
     return {
-        "path": path, "class": type(model).__name__, "model_type": getattr(cfg, "model_type", None),
+        "path": None, "class": type(model).__name__, "model_type": getattr(cfg, "model_type", None),
         "variant": variant.describe() if variant is not None else "stock (not patched)",
         "parameters": count_parameters(model),
         "hidden_size": getattr(cfg, "hidden_size", None),
@@ -72,7 +71,7 @@ def analyze_model(model: nn.Module, batches: Iterable[EvalBatch | dict[str, torc
     Statistics stream: each activation is reduced to per-dimension maxima, per-sequence scalars and histogram
     counts inside the forward pass and then dropped. The model is put in eval mode and restored afterwards.
     """
-    batches = list(batches)
+    batches, kinds = list(batches), tuple(kinds)
     require(len(batches) > 0, "no evaluation batches to analyse", "pass --batches 1 or more, and data with tokens")
     batches = [b if isinstance(b, EvalBatch) else from_inputs(b, tokenizer) for b in batches]
     sites = analysis_sites(model, kinds, attention)
@@ -105,7 +104,7 @@ def analyze_model(model: nn.Module, batches: Iterable[EvalBatch | dict[str, torc
             for batch in batches:
                 current["batch"] = batch
                 inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-                if getattr(model.config, "is_encoder_decoder", False) and "input_ids" in inputs:
+                if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "input_ids" in inputs:
                     # encoder-decoder (T5, BART): the decoder reads the same tokens, so its sites align with them
                     inputs.setdefault("decoder_input_ids", inputs["input_ids"])
                 model(**inputs, **extra)

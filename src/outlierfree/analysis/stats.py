@@ -118,7 +118,7 @@ class AttentionStats:
     def __init__(self, site: Site):
         self.site = site
         self.mass: dict[str, torch.Tensor] = {}  # set name -> (H,) summed over real query rows
-        self.share: dict[str, float] = {}  # set name -> summed fraction of a sequence's tokens in the set
+        self.noop_share = 0.0  # summed over sequences: fraction of the sequence's tokens that are no-op keys
         self.rows = 0.0
         self.sequences = 0
         self.example: torch.Tensor | None = None  # (H, t, t) first sequence, t <= EXAMPLE_TOKENS
@@ -134,10 +134,10 @@ class AttentionStats:
         names = list(sets)
         keys = torch.stack([sets[n] for n in names], dim=-1)  # (B, Tk, S)
         m, rows = metrics.key_mass(p, keys, qmask)  # (H, S)
-        n_real = batch.mask.sum(1).clamp_min(1).double()  # (B,)
         for i, name in enumerate(names):
             self.mass[name] = self.mass.get(name, 0) + m[:, i].cpu()
-            self.share[name] = self.share.get(name, 0.0) + float((sets[name].double().sum(1) / n_real).sum())
+        n_real = batch.mask.sum(1).clamp_min(1).double()  # (B,)
+        self.noop_share += float((sets["noop"].double().sum(1) / n_real).sum())
         self.rows += float(rows)
         self.sequences += p.shape[0]
         if self.example is None:
@@ -155,7 +155,7 @@ class AttentionStats:
             row: dict[str, Any] = {"site": self.site.name, "layer": self.site.layer, "head": h}
             for name, m in self.mass.items():
                 row[name] = float(m[h]) / self.rows
-            row["noop_share"] = self.share["noop"] / self.sequences
+            row["noop_share"] = self.noop_share / self.sequences
             # flagged: most of the head's attention goes to no-op keys, far more than their share of the tokens
             row["noop_head"] = row["noop"] >= noop_threshold and row["noop"] >= 2 * row["noop_share"]
             out.append(row)
@@ -163,25 +163,23 @@ class AttentionStats:
 
 
 class TopActivations:
-    """The largest single-token activations over all sites, with the token that carried each (a bounded heap)."""
+    """The largest single-token activations over all sites, one per (site, token): each sequence offers its
+    maximum, and the same token at the same site in many sequences is kept once, at its largest value."""
 
     def __init__(self, k: int = TOP_ACTIVATIONS):
         self.k = k
-        self.heap: list[tuple[float, int, dict[str, Any]]] = []
-        self._n = 0
+        self.best: dict[tuple[str, Any], tuple[float, dict[str, Any]]] = {}  # at most sites x sequences entries
 
     def add(self, value: float, info: dict[str, Any]) -> None:
-        """Offer one activation; kept if among the ``k`` largest."""
-        self._n += 1
-        item = (value, self._n, info)
-        if len(self.heap) < self.k:
-            heapq.heappush(self.heap, item)
-        elif value > self.heap[0][0]:
-            heapq.heapreplace(self.heap, item)
+        """Offer one activation (``info`` names its site, sequence, position and token)."""
+        key = (info["site"], info["token"] if info["token"] is not None else info["sequence"])
+        if key not in self.best or value > self.best[key][0]:
+            self.best[key] = (value, info)
 
     def rows(self) -> list[dict[str, Any]]:
-        """Largest first."""
-        return [{"value": v, **info} for v, _, info in sorted(self.heap, key=lambda r: -r[0])]
+        """The ``k`` largest, largest first."""
+        top = heapq.nlargest(self.k, self.best.values(), key=lambda r: r[0])
+        return [{"value": v, **info} for v, info in top]
 
 
 def _mean(v: list[float]) -> float | None:
