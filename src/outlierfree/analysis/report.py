@@ -105,6 +105,15 @@ def _site_label(s: dict[str, Any]) -> str:
 
 
 # ---- plots -----------------------------------------------------------------------------------------------
+def _save(fig: Any, path: Path | None) -> bool:
+    """Write ``fig`` as PNG to ``path`` (nothing when None: the plot had no data) and free it; whether written."""
+    if path is not None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path is not None
+
+
 def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
     """Per layer, the largest inf-norm (mean over sequences) and kurtosis among the layer's sites of each kind
     (LayerNorm inputs: the headline sites only): one colour per model, one line style per kind."""
@@ -124,8 +133,7 @@ def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) 
             axes[1].plot(layers, kur, style, color=f"C{i}", marker=".")
             drawn = True
     if not drawn:
-        plt.close(fig)
-        return False
+        return _save(fig, None)
     axes[0].set(title="inf-norm per sequence, mean over sequences\n(max over the layer's sites of each kind)",
                 xlabel="layer", ylabel="max |x|")
     axes[1].set(title="kurtosis per sequence, mean over sequences\n(max over the layer's sites of each kind)",
@@ -135,10 +143,7 @@ def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) 
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_heatmap(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
@@ -162,10 +167,7 @@ def plot_heatmap(reports: list[dict[str, Any]], names: list[str], path: Path) ->
         ax.set_yticks(range(0, len(rows), step), [_site_label(s) for s in rows[::step]], fontsize=6)
         ax.set(title=f"{name}: max |x| per hidden dimension", xlabel="hidden dimension")
         fig.colorbar(im, ax=ax, label="log10 max |x|")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_histogram(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
@@ -184,17 +186,13 @@ def plot_histogram(reports: list[dict[str, Any]], names: list[str], path: Path) 
                 label=f"{name}: {site} ({s['values']:,} values)")
         drawn = True
     if not drawn:
-        plt.close(fig)
-        return False
+        return _save(fig, None)
     ax.set(xscale="log", yscale="log", xlabel="|x|", ylabel="count", ylim=(0.7, None),
            title="magnitudes at the site of the largest activation")
     ax.axvline(6, color="grey", lw=0.8, ls="--")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_noop_head(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
@@ -214,10 +212,7 @@ def plot_noop_head(reports: list[dict[str, Any]], names: list[str], path: Path) 
         ax.set(xlabel="key", ylabel="query",
                title=f"{name}: {best['site']} head {best['head']}\nmass on no-op keys {best['noop']:.2f}")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_tracks(tracks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
@@ -233,17 +228,13 @@ def plot_tracks(tracks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
                 ax.plot(*zip(*pts), marker=".", color=f"C{i}", label=name)
                 drawn = True
     if not drawn:
-        plt.close(fig)
-        return False
+        return _save(fig, None)
     axes[0].set(title="max inf-norm (LN inputs) during training", xlabel="step", ylabel="max |x|")
     axes[1].set(title="max kurtosis (LN inputs) during training", xlabel="step", ylabel="kurtosis")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 # ---- markdown --------------------------------------------------------------------------------------------
