@@ -135,11 +135,11 @@ class QuantConfig:
                 "fp32_head": self.fp32_head, "describe": self.describe()}
 
     def describe(self) -> str:
-        """One line: ``W8 per_tensor sym ... | A8 ... | sites=full | fp32_head=False``."""
+        """One line: ``W8b per_tensor sym ...; A8b ...; sites=full; fp32_head=False`` (no pipes: it goes in tables)."""
         w = f"W{self.weight.describe()}" if self.weight else "W float"
         a = f"A{self.activation.describe()}" if self.activation else "A float"
         s = self.sites if isinstance(self.sites, str) else ",".join(self.sites)
-        return f"{w} | {a} | sites={s} | fp32_head={self.fp32_head}"
+        return f"{w}; {a}; sites={s}; fp32_head={self.fp32_head}"
 
 
 def parse_bits(text: str) -> tuple[int, int]:
