@@ -100,7 +100,8 @@ def markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dic
     for r in rows:
         p = r["paper"]
         paper = " / ".join(str(p.get(k, "–")) for k in ("fp", "max_inf_norm", "avg_kurtosis", "w8a8")) if p else "–"
-        lines.append(f"| {r['family']} | {r['variant']} | {len(r['seeds'])} | {_fmt(r['fp'])} {r['metric']} | "
+        unit = " %" if r["metric"] == "top1" else ""
+        lines.append(f"| {r['family']} | {r['variant']} | {len(r['seeds'])} | {_fmt(r['fp'])}{unit} {r['metric']} | "
                      f"{_fmt(r['max_inf_norm'])} | {_fmt(r['avg_kurtosis'])} | {_fmt(r['w8a8'])} | "
                      f"{_fmt(r['w8a8_linear'])} | {_fmt(r['w8a8_degradation'], 3)} | {paper} |")
     if checks:

@@ -166,13 +166,19 @@ def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str,
               seconds: float, commit: str, preset: str) -> dict[str, Any]:
     """The run's result.json: every number the report shows, with how it was obtained."""
     metric = METRIC[spec.family]
-    fp = quant["w8a8"]["float"].get(metric)
+    pct = 100.0 if metric == "top1" else 1.0  # top-1 in percent, as the paper reports it
+
+    def value(d: dict[str, Any]) -> float | None:
+        v = d.get(metric)
+        return None if v is None else v * pct
+
+    fp = value(quant["w8a8"]["float"])
     res = {
         "name": spec.name, "family": spec.family, "variant": spec.variant, "seed": spec.seed, "preset": preset,
         "metric": metric,
         "fp": fp,
-        "w8a8": quant["w8a8"]["quantized"].get(metric),
-        "w8a8_linear": quant["w8a8_linear"]["quantized"].get(metric),
+        "w8a8": value(quant["w8a8"]["quantized"]),
+        "w8a8_linear": value(quant["w8a8_linear"]["quantized"]),
         "max_inf_norm": analysis["headline"].get("max_inf_norm"),
         "max_inf_norm_site": analysis["headline"].get("max_inf_norm_site"),
         "avg_kurtosis": analysis["headline"].get("avg_kurtosis"),
