@@ -10,7 +10,7 @@ import math
 import platform
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .presets import METRIC, PAPER
 from .runner import write_json
@@ -119,18 +119,30 @@ def markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dic
     return "\n".join(lines) + "\n"
 
 
-def plot_per_layer(results: list[dict[str, Any]], path: Path) -> bool:
-    """Per-layer max inf-norm of each variant, side by side, one panel per family (seed-averaged)."""
+def _family_panels(fams: list[str], path: Path, draw: Callable[[Any, str], None]) -> bool:
+    """One panel per family, drawn by ``draw(ax, family)``, saved as a PNG at ``path``."""
+    if not fams:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fams = sorted({r["family"] for r in results})
-    if not fams:
-        return False
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
     for ax, fam in zip(axes[0], fams):
+        draw(ax, fam)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_per_layer(results: list[dict[str, Any]], path: Path) -> bool:
+    """Per-layer max inf-norm of each variant, side by side, one panel per family (seed-averaged)."""
+
+    def draw(ax: Any, fam: str) -> None:
         variants = sorted({r["variant"] for r in results if r["family"] == fam})
         width = 0.8 / max(1, len(variants))
         for j, var in enumerate(variants):
@@ -143,26 +155,14 @@ def plot_per_layer(results: list[dict[str, Any]], path: Path) -> bool:
             ax.bar([l + j * width for l in layers], [statistics.fmean(per[l]) for l in layers], width, label=var)
         ax.set_title(f"{fam}: max inf-norm of LayerNorm inputs")
         ax.set_xlabel("layer")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+
+    return _family_panels(sorted({r["family"] for r in results}), path, draw)
 
 
 def plot_growth(results: list[dict[str, Any]], path: Path) -> bool:
     """Max inf-norm over training steps (train --track-outliers), one panel per family, one line per run."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fams = sorted({r["family"] for r in results if any(t.get("event") == "outliers" for t in r.get("track", []))})
-    if not fams:
-        return False
-    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
-    for ax, fam in zip(axes[0], fams):
+    def draw(ax: Any, fam: str) -> None:
         for r in sorted((r for r in results if r["family"] == fam), key=lambda r: (r["variant"], r["seed"])):
             pts = [(t["step"], t.get("max_inf_norm")) for t in r.get("track", [])
                    if t.get("event") == "outliers" and t.get("max_inf_norm") is not None]
@@ -171,12 +171,9 @@ def plot_growth(results: list[dict[str, Any]], path: Path) -> bool:
         ax.set_title(f"{fam}: outlier growth")
         ax.set_xlabel("training step")
         ax.set_ylabel("max inf-norm")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+
+    fams = sorted({r["family"] for r in results if any(t.get("event") == "outliers" for t in r.get("track", []))})
+    return _family_panels(fams, path, draw)
 
 
 def machine() -> str:
