@@ -129,3 +129,24 @@ def test_killed_inside_a_run_resumes(tmp_path):
     assert '"resume' in log or "resumed" in log
     res = json.loads((out / "runs" / "bert-vanilla-s0" / "result.json").read_text())
     assert res["how"]["spec"]["train"]["steps"] == 30 and res["fp"] is not None
+
+
+def test_paper_gamma_kills_narrow_attention_at_init_and_preset_gamma_does_not():
+    """Why the CPU presets use gamma = -0.5 / T: the paper's -0.025 clips every near-uniform row of a narrow model
+    to zero at initialisation (no gradient can reach its queries and keys), half of uniform does not."""
+    import torch
+
+    import outlierfree as of
+    from outlierfree import AttentionConfig
+
+    ids = torch.randint(5, 8192, (2, 128), generator=torch.Generator().manual_seed(0))
+
+    def dead_rows(gamma):
+        m = of.build_model("bert", "mini", AttentionConfig("clipped", gamma=gamma, impl="eager"), seed=0).eval()
+        with torch.no_grad():
+            att = m(input_ids=ids, output_attentions=True).attentions
+        return torch.stack([(a.sum(-1) == 0).float().mean() for a in att]).mean().item()
+
+    assert dead_rows(-0.025) == 1.0
+    bert_gamma = PRESETS["cpu"].attention["bert"]["clipped"]["gamma"]
+    assert dead_rows(bert_gamma) == 0.0
