@@ -129,7 +129,7 @@ PRESETS: dict[str, Preset] = {
         name="cpu",
         description="the paper's table at laptop scale on 2 CPU cores (about 3 hours, 2 seeds); settings from the "
                     "outlier-growth study in docs/results.md",
-        families=FAMILIES, variants=("vanilla", "clipped", "gated"), seeds=(0, 1),
+        families=FAMILIES, variants=("vanilla", "clipped", "clipped_row", "gated"), seeds=(0, 1),
         train={
             "bert": dict(size="mini", steps=3000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
                          eval_every=500, val_size=128, save_every=250, track_outliers=250, log_every=50,
@@ -148,7 +148,7 @@ PRESETS: dict[str, Preset] = {
         name="paper",
         description="the paper's settings (BERT-base, OPT-125m, ViT-S/16; BookCorpus + Wikipedia via Hugging Face "
                     "datasets) for GPU machines via `accelerate launch`; not run in CI",
-        families=FAMILIES, variants=("vanilla", "clipped", "gated"), seeds=(0,),
+        families=FAMILIES, variants=("vanilla", "clipped", "clipped_row", "gated"), seeds=(0,),
         train={
             "bert": dict(size="base", steps=1_000_000, batch_size=256, seq_len=128, lr=1e-4, warmup_steps=10_000,
                          weight_decay=0.01, grad_clip=1.0, schedule="linear", precision="fp16",
