@@ -142,3 +142,12 @@ def test_training_data_is_read_from_train_config(tmp_path):
     (tmp_path / "train_config.json").write_text("{torn")
     assert training_data(tmp_path) == (None, VAL_FRACTION)
     assert training_data(tmp_path / "absent") == (None, VAL_FRACTION)
+
+
+def test_model_names_climb_past_generic_directories():
+    from outlierfree.analysis.cli import model_name
+
+    assert model_name("/r/bert-vanilla-s0/train/model") == "bert-vanilla-s0/train/model"
+    assert model_name("/r/bert-gated-s0/train/model") != model_name("/r/bert-vanilla-s0/train/model")
+    assert model_name("/x/all-MiniLM/model") == "all-MiniLM/model"
+    assert model_name("/a/gemma.gguf") == "gemma"

@@ -35,11 +35,14 @@ def is_image_model(model: Any) -> bool:
 def model_name(path: str) -> str:
     """A short name for tables and plots: the directory (or .gguf file) name, with its parent's when the name
     alone says nothing (``.../all-MiniLM/model`` -> ``all-MiniLM/model``)."""
+    generic = ("model", "models", "checkpoint", "final", "best", "last", "snapshot", "train", "runs", "out")
     p = Path(path).resolve()
-    name = p.name.removesuffix(".gguf")
-    if name in ("model", "models", "checkpoint", "final", "best", "last", "snapshot") and p.parent.name:
-        name = f"{p.parent.name}/{name}"
-    return name
+    parts = [p.name.removesuffix(".gguf")]
+    # climb while the names say nothing: runs/bert-vanilla-s0/train/model -> bert-vanilla-s0/train/model
+    while parts[0] in generic and p.parent != p and p.parent.name:
+        p = p.parent
+        parts.insert(0, p.name)
+    return "/".join(parts)
 
 
 @click.command("analyze")
