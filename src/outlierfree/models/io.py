@@ -53,7 +53,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
     """``save_pretrained`` (safetensors) plus the tokenizer, atomically. ``extra_json`` files are written too
     (name -> JSON-serialisable object)."""
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp, _quiet_transformers():
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -190,12 +190,16 @@ class _quiet_transformers:
         from transformers.utils import logging
 
         self.level = logging.get_verbosity()
+        self.bars = logging.is_progress_bar_enabled()
         logging.set_verbosity_error()
+        logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars clutter our own output
 
     def __exit__(self, *exc: Any) -> None:
         from transformers.utils import logging
 
         logging.set_verbosity(self.level)
+        if self.bars:
+            logging.enable_progress_bar()
 
 
 def _one_line(e: BaseException) -> str:
