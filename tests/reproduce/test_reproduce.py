@@ -36,6 +36,7 @@ def test_quick_preset_end_to_end(quick_run):
     for r in res["runs"]:
         assert r["fp"] is not None and r["w8a8"] is not None and r["w8a8_linear"] is not None
         assert r["max_inf_norm"] > 0 and r["per_layer_inf_norm"]
+        assert r["stage_seconds"]["train"] is not None and r["stage_seconds"]["quant"] > 0
         # every number says how it was obtained
         how = r["how"]
         assert how["spec"]["train"]["steps"] == STEPS and how["commit"]

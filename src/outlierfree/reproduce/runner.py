@@ -147,7 +147,8 @@ def _per_layer(analysis: dict[str, Any], kind: str = "ln_input") -> list[dict[st
     return [{"layer": k, **v} for k, v in sorted(by_layer.items())]
 
 
-def _track(train_dir: Path) -> list[dict[str, Any]]:
+def _track_events(train_dir: Path, events: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The events of a training run's log.jsonl whose ``event`` is in ``events``."""
     log = train_dir / "log.jsonl"
     if not log.exists():
         return []
@@ -157,9 +158,13 @@ def _track(train_dir: Path) -> list[dict[str, Any]]:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-        if r.get("event") in ("outliers", "eval"):
+        if r.get("event") in events:
             rows.append(r)
     return rows
+
+
+def _track(train_dir: Path) -> list[dict[str, Any]]:
+    return _track_events(train_dir, ("outliers", "eval"))
 
 
 def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str, Any], quant: dict[str, Any],
@@ -191,9 +196,22 @@ def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str,
                 "quant": {"w8a8": quant["w8a8"]["config"], "w8a8_linear": quant["w8a8_linear"]["config"],
                           "data": quant.get("data"), "calib_batches": quant["w8a8"].get("calib_batches"),
                           "eval_batches": quant["w8a8"].get("eval_batches")}},
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 1),  # this invocation's time for the run (stages done earlier are not counted)
+        "stage_seconds": _stage_seconds(run_dir, analysis, quant),
     }
     return res
+
+
+def _stage_seconds(run_dir: Path, analysis: dict[str, Any], quant: dict[str, Any]) -> dict[str, float | None]:
+    """Wall time of each stage as the stage itself recorded it, whenever it ran (training: the elapsed time of its
+    last logged step, across resumes)."""
+    train_s = None
+    for event in _track_events(run_dir / "train", ("train",)):
+        train_s = event.get("elapsed_s", train_s)
+    quant_s = sum(sum(v for v in q.get("seconds", {}).values() if isinstance(v, (int, float)))
+                  for k, q in quant.items() if isinstance(q, dict) and "seconds" in q)
+    return {"train": None if train_s is None else round(float(train_s), 1),
+            "analysis": (analysis.get("timing") or {}).get("seconds"), "quant": round(quant_s, 1)}
 
 
 def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
