@@ -111,13 +111,18 @@ def load_model(path: str | os.PathLike, model_class: Any = None, dtype: torch.dt
     d, gguf = _resolve(path)
     config = load_config(path)
     cls = model_class or hf_compat.model_class_for(config)
+    if model_class is None and gguf is not None and not getattr(config, "architectures", None):
+        from transformers import AutoModelForCausalLM
+
+        cls = AutoModelForCausalLM  # GGUF files hold language models; their configs name no architecture
     variant = getattr(config, "outlierfree", None)
     kwargs: dict[str, Any] = dict(local_files_only=True, dtype=dtype)
     if gguf is not None:
         kwargs["gguf_file"] = gguf
     try:
         with _quiet_transformers():  # gate tensors are "unexpected" to the stock class: we load them below
-            model, info = cls.from_pretrained(d, output_loading_info=True, **kwargs)
+            # the config parsed above is passed on: a GGUF file is not parsed for it a second time
+            model, info = cls.from_pretrained(d, config=config, output_loading_info=True, **kwargs)
         missing = [k for k in info.get("missing_keys", []) if "outlierfree_gate" not in k]
         if missing and variant is not None:
             raise OutlierfreeError(f"checkpoint {str(path)!r} lacks weights {sorted(missing)[:3]}",
