@@ -163,14 +163,11 @@ def _track_events(train_dir: Path, events: tuple[str, ...]) -> list[dict[str, An
     return rows
 
 
-def _track(train_dir: Path) -> list[dict[str, Any]]:
-    return _track_events(train_dir, ("outliers", "eval"))
-
-
 def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str, Any], quant: dict[str, Any],
               seconds: float, commit: str, preset: str) -> dict[str, Any]:
     """The run's result.json: every number the report shows, with how it was obtained."""
     metric = METRIC[spec.family]
+    events = _track_events(run_dir / "train", ("outliers", "eval", "train"))  # the training log, read once
     pct = 100.0 if metric == "top1" else 1.0  # top-1 in percent, as the paper reports it
 
     def value(d: dict[str, Any]) -> float | None:
@@ -190,24 +187,26 @@ def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str,
         "max_kurtosis": analysis["headline"].get("max_kurtosis"),
         "noop_heads": analysis.get("noop", {}).get("flagged"),
         "per_layer_inf_norm": _per_layer(analysis),
-        "track": _track(run_dir / "train"),
+        "track": [e for e in events if e["event"] in ("outliers", "eval")],
         "how": {"spec": spec.to_dict(), "commit": commit, "model_dir": str(model_dir),
                 "analysis": {"data": analysis.get("data"), "sequences": analysis.get("sequences"), "seed": 0},
                 "quant": {"w8a8": quant["w8a8"]["config"], "w8a8_linear": quant["w8a8_linear"]["config"],
                           "data": quant.get("data"), "calib_batches": quant["w8a8"].get("calib_batches"),
                           "eval_batches": quant["w8a8"].get("eval_batches")}},
         "seconds": round(seconds, 1),  # this invocation's time for the run (stages done earlier are not counted)
-        "stage_seconds": _stage_seconds(run_dir, analysis, quant),
+        "stage_seconds": _stage_seconds(events, analysis, quant),
     }
     return res
 
 
-def _stage_seconds(run_dir: Path, analysis: dict[str, Any], quant: dict[str, Any]) -> dict[str, float | None]:
+def _stage_seconds(events: list[dict[str, Any]], analysis: dict[str, Any],
+                   quant: dict[str, Any]) -> dict[str, float | None]:
     """Wall time of each stage as the stage itself recorded it, whenever it ran (training: the elapsed time of its
     last logged step, across resumes)."""
     train_s = None
-    for event in _track_events(run_dir / "train", ("train",)):
-        train_s = event.get("elapsed_s", train_s)
+    for event in events:
+        if event["event"] == "train":
+            train_s = event.get("elapsed_s", train_s)
     quant_s = sum(sum(v for v in q.get("seconds", {}).values() if isinstance(v, (int, float)))
                   for k, q in quant.items() if isinstance(q, dict) and "seconds" in q)
     return {"train": None if train_s is None else round(float(train_s), 1),
