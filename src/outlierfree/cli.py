@@ -7,6 +7,7 @@ user can cause is an :class:`OutlierfreeError` (or a click usage error) printed 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -175,6 +176,19 @@ def demo_cmd(family: str, size: str, seed: int, **kw: Any) -> None:
                f"of probabilities, row sums in [{probs.sum(-1).min():.3f}, {probs.sum(-1).max():.3f}]")
 
 
+def _disk_full(e: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) is a full disk: torch and safetensors wrap ENOSPC."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "file write failed" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns user errors into one line and exit status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -196,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug, not a user error: one line unless the traceback is asked for
         if os.environ.get("OUTLIERFREE_DEBUG"):
             raise
+        if _disk_full(e):  # checkpoints and reports are written atomically, so nothing half-written is left
+            click.echo("error: the disk is full (no space left on the device); free some space and rerun the same "
+                       "command: finished work is kept and a killed run resumes from its last checkpoint", err=True)
+            sys.exit(2)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         click.echo(f"error: internal error {type(e).__name__}: {msg} (rerun with OUTLIERFREE_DEBUG=1 for the "
                    f"traceback, and please report it)", err=True)

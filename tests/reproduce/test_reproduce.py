@@ -109,6 +109,25 @@ def test_bad_input_one_line(args, needle, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr
 
 
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"),
+                                 RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")])
+def test_full_disk_is_one_line_and_keeps_finished_runs(quick_run, monkeypatch, capsys, exc):
+    from outlierfree import cli
+    from outlierfree.reproduce import runner
+
+    out, _ = quick_run
+    def full_disk(*a, **k):
+        raise exc
+    monkeypatch.setattr(runner, "train_stage", full_disk)
+    with pytest.raises(SystemExit) as e:  # seed 0 is finished and skipped; seed 1 hits the full disk
+        cli.main(["reproduce", "--preset", "quick", "--families", "bert", "--variants", "vanilla", "--seeds", "0,1",
+                  "--max-steps", str(STEPS), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "disk is full" in err[0] and "Traceback" not in err[0]
+    assert (out / "runs" / "bert-vanilla-s0" / "result.json").exists()
+    assert not (out / "runs" / "bert-vanilla-s1" / "result.json").exists()
+
+
 def test_killed_inside_a_run_resumes(tmp_path):
     out = tmp_path / "o"
     args = ["reproduce", "--preset", "quick", "--families", "bert", "--variants", "vanilla", "--max-steps", "30",

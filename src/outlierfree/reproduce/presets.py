@@ -131,8 +131,8 @@ PRESETS: dict[str, Preset] = {
                     "outlier-growth study in docs/results.md",
         families=FAMILIES, variants=("vanilla", "clipped", "clipped_row", "gated"), seeds=(0, 1),
         train={
-            "bert": dict(size="mini", steps=3000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
-                         eval_every=500, val_size=128, save_every=250, track_outliers=250, log_every=50,
+            "bert": dict(size="mini", steps=6000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
+                         eval_every=1000, val_size=128, save_every=500, track_outliers=250, log_every=50,
                          hidden_dropout=0.0, attention_dropout=0.0),
             "opt": dict(size="mini", steps=3000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
                         eval_every=500, val_size=128, save_every=250, track_outliers=250, log_every=50,
