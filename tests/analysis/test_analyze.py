@@ -111,6 +111,10 @@ def test_planted_noop_head_is_flagged():
     assert (strongest["site"], strongest["head"]) == ("bert.encoder.layer.0.attention.self:probs", 1)
     ex = rep["noop"]["example"]
     assert ex["tokens"][7] == "[SEP]" and len(ex["probs"]) == 32
+    maps = rep["noop"]["maps"]  # every head's map, for side-by-side comparisons of the same head
+    assert len(maps["bert.encoder.layer.0.attention.self:probs"]) == 2
+    assert maps["bert.encoder.layer.0.attention.self:probs"][1] == ex["probs"]
+    assert maps["bert.encoder.layer.0.attention.self:probs"][0] != ex["probs"]
     # attention implementation restored after the probes
     assert hf_compat.attention_implementation(model) == "outlierfree"
 
@@ -191,3 +195,25 @@ def test_top_activations_keep_one_row_per_site_and_token():
         top.add(value, {"site": "a:input", "sequence": seq, "position": 0, "token": token})
     rows = top.rows()
     assert [(r["value"], r["token"], r["sequence"]) for r in rows] == [(9.0, "<bos>", 1), (7.0, ".", 2)]
+
+
+def test_noop_plot_shows_the_reference_head_in_every_model(tmp_path):
+    from outlierfree.analysis.report import noop_panels, plot_noop_head
+
+    def rep(strongest, mass, maps=None, heads=()):
+        nz = {"strongest": {"site": strongest[0], "head": strongest[1], "noop": mass},
+              "example": {"tokens": ["a", "b"], "probs": [[1.0, 0.0], [1.0, 0.0]]}}
+        if maps is not None:
+            nz["maps"] = maps
+        return {"noop": nz, "heads": [{"site": s, "head": h, "noop": m} for s, h, m in heads]}
+
+    same = [[0.5, 0.5], [0.5, 0.5]]
+    vanilla = rep(("L2", 1), 0.48)
+    gated = rep(("L0", 0), 0.62, maps={"L0": [same], "L2": [same, [[0.0, 1.0], [0.0, 1.0]]]},
+                heads=[("L0", 0, 0.62), ("L2", 1, 0.07)])
+    other_arch = rep(("X", 0), 0.3)  # no maps (or no such site): its own strongest head
+    p = noop_panels([vanilla, gated, other_arch], ["vanilla", "gated", "other"])
+    assert [(q["site"], q["head"]) for q in p] == [("L2", 1), ("L2", 1), ("X", 0)]
+    assert p[1]["probs"] == [[0.0, 1.0], [0.0, 1.0]] and p[1]["noop"] == 0.07 and "same head" in p[1]["how"]
+    assert p[2]["how"] == "strongest no-op head" and p[2]["noop"] == 0.3
+    assert plot_noop_head([vanilla, gated], ["vanilla", "gated"], tmp_path / "n.png") and (tmp_path / "n.png").stat().st_size

@@ -254,7 +254,20 @@ def noop_summary(heads: list[dict[str, Any]], attn: list[AttentionStats]) -> dic
     best = max(heads, key=lambda r: r["noop"])
     st = next(s for s in attn if s.site.name == best["site"])
     ex = st.example[best["head"]] if st.example is not None else None
-    return {"heads": len(heads), "flagged": sum(r["noop_head"] for r in heads),
-            "strongest": {k: best[k] for k in best},
-            "example": {"tokens": st.example_labels,
-                        "probs": [[round(float(v), 5) for v in row] for row in ex.tolist()] if ex is not None else []}}
+    out = {"heads": len(heads), "flagged": sum(r["noop_head"] for r in heads),
+           "strongest": {k: best[k] for k in best},
+           "example": {"tokens": st.example_labels, "probs": _rounded(ex) if ex is not None else []}}
+    # Every head's map of the same sequence, so that a comparison can show another model's strongest no-op head
+    # next to the *same* layer and head here (the reproduce report does). Kept for models of up to MAPS_MAX_HEADS
+    # heads: at 48 tokens that is at most a few MB of JSON.
+    if len(heads) <= MAPS_MAX_HEADS:
+        out["maps"] = {s.site.name: [_rounded(h) for h in s.example] for s in attn if s.example is not None}
+    return out
+
+
+MAPS_MAX_HEADS = 256
+
+
+def _rounded(probs: Any) -> list[list[float]]:
+    """A (t, t) map as nested lists, rounded to 4 decimals (plots need no more; JSON stays small)."""
+    return [[round(float(v), 4) for v in row] for row in probs.tolist()]

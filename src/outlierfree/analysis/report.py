@@ -195,22 +195,47 @@ def plot_histogram(reports: list[dict[str, Any]], names: list[str], path: Path) 
     return _save(fig, path)
 
 
+def noop_panels(reports: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """What the no-op plot shows: the first model's strongest no-op head, then for every other model the *same*
+    layer and head where it has that site (the paper's comparison: the head vanilla uses to do nothing, and what
+    the same head does in a variant), else that model's own strongest no-op head."""
+    panels = []
+    ref = None
+    for r, n in zip(reports, names):
+        nz = r.get("noop") or {}
+        if not nz.get("example", {}).get("probs"):
+            continue
+        site, head, mass, probs = (nz["strongest"]["site"], nz["strongest"]["head"], nz["strongest"]["noop"],
+                                   nz["example"]["probs"])
+        how = "strongest no-op head"
+        if ref is None:
+            ref = (site, head)
+        elif ref[0] in (nz.get("maps") or {}) and ref[1] < len(nz["maps"][ref[0]]):
+            site, head = ref
+            probs = nz["maps"][site][head]
+            row = next((h for h in r.get("heads") or [] if h["site"] == site and h["head"] == head), None)
+            mass = row["noop"] if row else float("nan")
+            how = "same head as " + names[0]
+        panels.append({"name": n, "site": site, "head": head, "noop": mass, "probs": probs,
+                       "tokens": nz["example"]["tokens"], "how": how})
+    return panels
+
+
 def plot_noop_head(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
-    """Attention map (first evaluation sequence) of each model's strongest no-op head, tokens on both axes."""
-    panels = [(n, r["noop"]) for r, n in zip(reports, names)
-              if (r.get("noop") or {}).get("example", {}).get("probs")]
+    """Attention map (first evaluation sequence) of the first model's strongest no-op head and of the same head in
+    the other models (see :func:`noop_panels`), tokens on both axes."""
+    panels = noop_panels(reports, names)
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6.5), squeeze=False)
-    for ax, (name, nz) in zip(axes[0], panels):
-        ex, best = nz["example"], nz["strongest"]
-        im = ax.imshow(ex["probs"], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        t = len(ex["tokens"])
+    for ax, p in zip(axes[0], panels):
+        im = ax.imshow(p["probs"], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        t = len(p["tokens"])
         fs = 6 if t <= 32 else 4
-        ax.set_xticks(range(t), ex["tokens"], rotation=90, fontsize=fs)
-        ax.set_yticks(range(t), ex["tokens"], fontsize=fs)
+        ax.set_xticks(range(t), p["tokens"], rotation=90, fontsize=fs)
+        ax.set_yticks(range(t), p["tokens"], fontsize=fs)
         ax.set(xlabel="key", ylabel="query",
-               title=f"{name}: {best['site']} head {best['head']}\nmass on no-op keys {best['noop']:.2f}")
+               title=f"{p['name']} ({p['how']}): {p['site']} head {p['head']}\nmass on no-op keys {p['noop']:.2f}")
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
 

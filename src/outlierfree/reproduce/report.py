@@ -209,15 +209,17 @@ def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dic
 
 
 def _noop_plots(results: list[dict[str, Any]], out: Path) -> list[str]:
-    """Per family (first seed): the analysis report's side-by-side plots, including the attention map of the
-    strongest no-op head in each variant."""
+    """Per family (first seed): the analysis report's side-by-side plots, including the attention map of
+    vanilla's strongest no-op head next to the same layer and head in the other variants."""
     import json
 
     from ..analysis import write_report
 
     made = []
     for fam in sorted({r["family"] for r in results}):
-        runs = sorted((r for r in results if r["family"] == fam), key=lambda r: (r["seed"], r["variant"]))
+        # vanilla first: the no-op plot shows vanilla's strongest no-op head and the same head in the others
+        runs = sorted((r for r in results if r["family"] == fam),
+                      key=lambda r: (r["seed"], r["variant"] != "vanilla", r["variant"]))
         if not runs:
             continue
         seed = runs[0]["seed"]
