@@ -127,8 +127,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="the paper's table at laptop scale on 2 CPU cores (about 3 hours, 2 seeds); settings from the "
-                    "outlier-growth study in docs/results.md",
+        description="the paper's table at laptop scale on 2 CPU cores (2 seeds; about 6-7 hours in all, so split "
+                    "it across processes or sittings); settings from the outlier-growth study in docs/results.md",
         families=FAMILIES, variants=("vanilla", "clipped", "clipped_row", "gated"), seeds=(0, 1),
         train={
             "bert": dict(size="mini", steps=6000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
