@@ -183,7 +183,7 @@ def machine() -> str:
     import torch
 
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads" + (f", GPU {torch.cuda.get_device_name(0)}"
+            f"{torch.get_num_threads()} torch thread(s) in the reporting process" + (f", GPU {torch.cuda.get_device_name(0)}"
                                                       if torch.cuda.is_available() else ", no GPU"))
 
 
