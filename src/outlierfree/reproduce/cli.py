@@ -29,10 +29,13 @@ def _csv(text: str | None, what: str, valid: tuple[str, ...] | None = None,
 
 def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = None, seeds: Any = None,
                   max_steps: int | None = None, progress: bool = True, command: str | None = None,
-                  echo: Callable[[str], None] = print) -> dict[str, Path]:
-    """Expand the preset, run every run (skip / resume), and write the report. Returns the report's paths."""
+                  echo: Callable[[str], None] = print, report_only: bool = False) -> dict[str, Path]:
+    """Expand the preset, run every run (skip / resume), and write the report. Returns the report's paths.
+
+    With ``report_only``, train nothing: write the report from the runs that have finished and list the others
+    with where they stand (for a preset split across processes or sittings)."""
     from . import report
-    from .runner import git_commit, run_all
+    from .runner import collect, git_commit, run_all
 
     p = get_preset(preset)
     if max_steps is not None:
@@ -40,13 +43,21 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
     specs = p.runs(families, variants, seeds, max_steps)
     out_path = Path(out)
     require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory")
-    out_path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    echo(f"reproduce preset {p.name}: {len(specs)} runs ({p.description}) -> {out_path}")
-    results = run_all(specs, out_path, p.name, progress=progress, echo=echo)
+    missing: dict[str, str] = {}
+    if report_only:
+        require(out_path.is_dir(), f"--out {out!r} does not exist", "pass the --out of an earlier reproduce run")
+        echo(f"reproduce preset {p.name}: report of the finished runs among {len(specs)} -> {out_path}")
+        results, missing = collect(specs, out_path, echo)
+        require(len(results) > 0, f"none of the {len(specs)} selected runs in {out!r} has finished",
+                "run the same command without --report-only first")
+    else:
+        out_path.mkdir(parents=True, exist_ok=True)
+        echo(f"reproduce preset {p.name}: {len(specs)} runs ({p.description}) -> {out_path}")
+        results = run_all(specs, out_path, p.name, progress=progress, echo=echo)
     meta = {"preset": p.name, "command": command or f"outlierfree reproduce --preset {p.name} --out {out}",
             "commit": git_commit(), "wall_s": time.perf_counter() - t0, "max_steps": max_steps,
-            "runs": [s.name for s in specs]}
+            "runs": [s.name for s in specs if s.name not in missing], "missing": missing}
     files = report.write(results, out_path, meta)
     echo(f"wrote {files['markdown']} and {files['json']}")
     return files
@@ -61,8 +72,11 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
 @click.option("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 [default: the preset's]")
 @click.option("--max-steps", type=int, default=None, help="cap every run's training steps (e.g. to try `paper`)")
 @click.option("--quiet", is_flag=True, help="no progress bars, only the run lines")
+@click.option("--report-only", is_flag=True,
+              help="train nothing: write the report from the selected runs that have finished, and list where "
+                   "the others stand (safe beside processes training into the same --out)")
 def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: str | None, seeds: str | None,
-                  max_steps: int | None, quiet: bool) -> None:
+                  max_steps: int | None, quiet: bool, report_only: bool) -> None:
     """Train vanilla, clipped and gated models, measure their outliers, quantize them (paper's W8A8 and
     linear-only), and write the paper's table (report.md, results.json, plots) into --out.
 
@@ -71,6 +85,8 @@ def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: 
         outlierfree reproduce --preset quick
 
         outlierfree reproduce --preset cpu --out runs/cpu --seeds 0,1
+
+        outlierfree reproduce --preset cpu --out runs/cpu --seeds 0,1 --report-only
     """
     get_preset(preset)
     fams = _csv(families, "families", FAMILIES, "family")
@@ -83,4 +99,4 @@ def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: 
             raise OutlierfreeError(f"--seeds {seeds!r} is not a list of integers", "pass e.g. --seeds 0,1") from None
     command = "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_reproduce(preset, out or f"runs/reproduce-{preset}", fams, vars_, seed_list, max_steps, not quiet, command,
-                  click.echo)
+                  click.echo, report_only)

@@ -104,6 +104,9 @@ def markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dic
         lines.append(f"| {r['family']} | {r['variant']} | {len(r['seeds'])} | {_fmt(r['fp'])}{unit} {r['metric']} | "
                      f"{_fmt(r['max_inf_norm'])} | {_fmt(r['avg_kurtosis'])} | {_fmt(r['w8a8'])} | "
                      f"{_fmt(r['w8a8_linear'])} | {_fmt(r['w8a8_degradation'], 3)} | {paper} |")
+    if meta.get("missing"):
+        lines += ["", "Not in this table (unfinished when the report was written): " +
+                  "; ".join(f"{k} ({v})" for k, v in meta["missing"].items()) + "."]
     if checks:
         lines += ["", "## Against vanilla (the paper's effect)", "",
                   "| family | variant | FP no worse | max inf-norm ratio (vanilla / this) | >= 5x lower | "

@@ -213,6 +213,40 @@ def _stage_seconds(events: list[dict[str, Any]], analysis: dict[str, Any],
             "analysis": (analysis.get("timing") or {}).get("seconds"), "quant": round(quant_s, 1)}
 
 
+def run_status(spec: RunSpec, run_dir: Path) -> str:
+    """Where an unfinished run stands, in words: not started, training at step N of M, or trained."""
+    if not (run_dir / "spec.json").exists():
+        return "not started"
+    train_dir = run_dir / "train"
+    if (train_dir / "model").exists():
+        return "trained, analysis or quantization not done"
+    steps = [e["step"] for e in _track_events(train_dir, ("checkpoint",)) if isinstance(e.get("step"), int)]
+    total = spec.train.get("steps")
+    return f"checkpoint at step {max(steps)} of {total}" if steps else f"started, no checkpoint yet (of {total} steps)"
+
+
+def collect(specs: list[RunSpec], out: Path, echo: Callable[[str], None] = print
+            ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The finished runs among ``specs`` (their result.json) and, for the others, where they stand. Trains
+    nothing and writes nothing, so it can run beside the processes that are training into the same ``out``."""
+    runs_dir = out / "runs"
+    results: list[dict[str, Any]] = []
+    missing: dict[str, str] = {}
+    for i, spec in enumerate(specs, 1):
+        run_dir = runs_dir / spec.name
+        path = run_dir / "spec.json"
+        if path.exists() and read_json(path) != spec.to_dict():
+            raise OutlierfreeError(f"{str(run_dir)!r} holds a run of a different config",
+                                   "pass the --preset, --max-steps and selection that the run was made with")
+        if (run_dir / "result.json").exists():
+            results.append(read_json(run_dir / "result.json"))
+            echo(f"[{i}/{len(specs)}] {spec.name}: done")
+        else:
+            missing[spec.name] = run_status(spec, run_dir)
+            echo(f"[{i}/{len(specs)}] {spec.name}: not in the report ({missing[spec.name]})")
+    return results, missing
+
+
 def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
             echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run (or skip, or resume) every spec in order; returns their result dicts."""
