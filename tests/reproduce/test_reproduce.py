@@ -204,3 +204,14 @@ def test_paper_gamma_kills_narrow_attention_at_init_and_preset_gamma_does_not():
     assert dead_rows(-0.025) == 1.0
     bert_gamma = PRESETS["cpu"].attention["bert"]["clipped"]["gamma"]
     assert dead_rows(bert_gamma) == 0.0
+
+
+def test_training_time_sums_the_processes_of_a_resumed_run():
+    from outlierfree.reproduce.runner import _stage_seconds
+
+    events = [{"event": "train", "step": 50, "elapsed_s": 10.0}, {"event": "train", "step": 100, "elapsed_s": 20.0},
+              {"event": "resume", "step": 50},  # killed after step 100, resumed from the step-50 checkpoint
+              {"event": "train", "step": 100, "elapsed_s": 9.0}, {"event": "train", "step": 150, "elapsed_s": 19.5}]
+    assert _stage_seconds(events, {}, {})["train"] == 39.5
+    assert _stage_seconds(events[:2], {}, {})["train"] == 20.0
+    assert _stage_seconds([], {}, {})["train"] is None

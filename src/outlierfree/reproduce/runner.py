@@ -167,7 +167,7 @@ def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str,
               seconds: float, commit: str, preset: str) -> dict[str, Any]:
     """The run's result.json: every number the report shows, with how it was obtained."""
     metric = METRIC[spec.family]
-    events = _track_events(run_dir / "train", ("outliers", "eval", "train"))  # the training log, read once
+    events = _track_events(run_dir / "train", ("outliers", "eval", "train", "resume"))  # the training log, read once
     pct = 100.0 if metric == "top1" else 1.0  # top-1 in percent, as the paper reports it
 
     def value(d: dict[str, Any]) -> float | None:
@@ -201,12 +201,17 @@ def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str,
 
 def _stage_seconds(events: list[dict[str, Any]], analysis: dict[str, Any],
                    quant: dict[str, Any]) -> dict[str, float | None]:
-    """Wall time of each stage as the stage itself recorded it, whenever it ran (training: the elapsed time of its
-    last logged step, across resumes)."""
-    train_s = None
+    """Wall time of each stage as the stage itself recorded it, whenever it ran. Training: each process's elapsed
+    time at its last logged step, summed over the processes of a resumed run (every process restarts its clock,
+    and a ``resume`` event marks where the next one began)."""
+    train_s, segment = None, None
     for event in events:
-        if event["event"] == "train":
-            train_s = event.get("elapsed_s", train_s)
+        if event["event"] == "resume" and segment is not None:
+            train_s, segment = (train_s or 0.0) + segment, None
+        elif event["event"] == "train" and event.get("elapsed_s") is not None:
+            segment = float(event["elapsed_s"])
+    if segment is not None:
+        train_s = (train_s or 0.0) + segment
     quant_s = sum(sum(v for v in q.get("seconds", {}).values() if isinstance(v, (int, float)))
                   for k, q in quant.items() if isinstance(q, dict) and "seconds" in q)
     return {"train": None if train_s is None else round(float(train_s), 1),
