@@ -71,21 +71,27 @@ def git_commit() -> str:
     return "unknown"
 
 
+def refuse_other_config(run_dir: Path, spec: RunSpec, fix: str) -> bool:
+    """Raise if ``run_dir`` holds a run of a config other than ``spec`` (naming what differs); returns whether it
+    holds a run at all."""
+    path = run_dir / "spec.json"
+    if not path.exists():
+        return False
+    old = read_json(path)
+    if old != spec.to_dict():
+        diff = sorted(k for k in set(old.get("train", {})) | set(spec.train)
+                      if old.get("train", {}).get(k) != spec.train.get(k))
+        other = [k for k in ("analysis", "quant") if old.get(k) != getattr(spec, k)]
+        raise OutlierfreeError(
+            f"{str(run_dir)!r} holds a run of a different config (differs in {', '.join(diff + other) or 'spec'})", fix)
+    return True
+
+
 def check_spec(run_dir: Path, spec: RunSpec) -> None:
     """Record ``spec`` in ``run_dir``, or refuse if the directory holds a run of a different config."""
-    path = run_dir / "spec.json"
-    if path.exists():
-        old = read_json(path)
-        if old != spec.to_dict():
-            diff = sorted(k for k in set(old.get("train", {})) | set(spec.train)
-                          if old.get("train", {}).get(k) != spec.train.get(k))
-            other = [k for k in ("analysis", "quant") if old.get(k) != getattr(spec, k)]
-            raise OutlierfreeError(
-                f"{str(run_dir)!r} holds a run of a different config (differs in {', '.join(diff + other) or 'spec'})",
-                "use another --out directory, or delete that run directory to redo it")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, spec.to_dict())
+    if not refuse_other_config(run_dir, spec, "use another --out directory, or delete that run directory to redo it"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "spec.json", spec.to_dict())
 
 
 def train_stage(spec: RunSpec, run_dir: Path, progress: bool) -> Path:
@@ -219,7 +225,7 @@ def _stage_seconds(events: list[dict[str, Any]], analysis: dict[str, Any],
 
 
 def run_status(spec: RunSpec, run_dir: Path) -> str:
-    """Where an unfinished run stands, in words: not started, training at step N of M, or trained."""
+    """Where an unfinished run stands, in words: not started, its last checkpoint's step, or trained."""
     if not (run_dir / "spec.json").exists():
         return "not started"
     train_dir = run_dir / "train"
@@ -239,10 +245,7 @@ def collect(specs: list[RunSpec], out: Path, echo: Callable[[str], None] = print
     missing: dict[str, str] = {}
     for i, spec in enumerate(specs, 1):
         run_dir = runs_dir / spec.name
-        path = run_dir / "spec.json"
-        if path.exists() and read_json(path) != spec.to_dict():
-            raise OutlierfreeError(f"{str(run_dir)!r} holds a run of a different config",
-                                   "pass the --preset, --max-steps and selection that the run was made with")
+        refuse_other_config(run_dir, spec, "pass the --preset and --max-steps that the run was made with")
         if (run_dir / "result.json").exists():
             results.append(read_json(run_dir / "result.json"))
             echo(f"[{i}/{len(specs)}] {spec.name}: done")
