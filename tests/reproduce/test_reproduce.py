@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,30 +80,31 @@ def test_report_only_reports_finished_runs_and_where_the_others_stand(quick_run)
     (run_dir / "train").mkdir(parents=True)
     (run_dir / "spec.json").write_text(json.dumps(spec.to_dict()))
     (run_dir / "train" / "log.jsonl").write_text('{"event": "checkpoint", "step": 2}\n{"event": "train", "st')
-    finished = out / "runs" / "opt-vanilla-s0" / "result.json"
-    mtime = finished.stat().st_mtime_ns
-    lines = []
-    reproduce("quick", str(out), families=("opt",), variants=("vanilla", "clipped"), seeds=(0, 1, 2),
-              max_steps=STEPS, progress=False, echo=lines.append, report_only=True)
-    assert finished.stat().st_mtime_ns == mtime  # nothing rerun
-    assert not (out / "runs" / "opt-vanilla-s2").exists()  # nothing started
-    assert not (run_dir / "train" / "model").exists()
-    res = json.loads((out / "results.json").read_text())
-    assert sorted(r["name"] for r in res["runs"]) == ["opt-clipped-s0", "opt-vanilla-s0"]
-    assert res["meta"]["missing"]["opt-vanilla-s1"] == f"checkpoint at step 2 of {STEPS}"
-    assert res["meta"]["missing"]["opt-clipped-s2"] == "not started"
-    md = (out / "report.md").read_text()
-    assert "| opt | vanilla | 1 |" in md and f"opt-vanilla-s1 (checkpoint at step 2 of {STEPS})" in md
-    assert any("opt-vanilla-s1: not in the report" in line for line in lines)
-    # a selection with no finished run, or another config, is refused without writing anything
-    with pytest.raises(OutlierfreeError, match="none of the 1 selected runs"):
-        reproduce("quick", str(out), families=("opt",), variants=("vanilla",), seeds=(2,), max_steps=STEPS,
-                  progress=False, echo=quiet, report_only=True)
-    with pytest.raises(OutlierfreeError, match="different config"):
-        reproduce("quick", str(out), families=("opt",), variants=("vanilla",), max_steps=STEPS + 1,
-                  progress=False, echo=quiet, report_only=True)
-    import shutil
-    shutil.rmtree(run_dir)
+    try:
+        finished = out / "runs" / "opt-vanilla-s0" / "result.json"
+        mtime = finished.stat().st_mtime_ns
+        lines = []
+        reproduce("quick", str(out), families=("opt",), variants=("vanilla", "clipped"), seeds=(0, 1, 2),
+                  max_steps=STEPS, progress=False, echo=lines.append, report_only=True)
+        assert finished.stat().st_mtime_ns == mtime  # nothing rerun
+        assert not (out / "runs" / "opt-vanilla-s2").exists()  # nothing started
+        assert not (run_dir / "train" / "model").exists()
+        res = json.loads((out / "results.json").read_text())
+        assert sorted(r["name"] for r in res["runs"]) == ["opt-clipped-s0", "opt-vanilla-s0"]
+        assert res["meta"]["missing"]["opt-vanilla-s1"] == f"checkpoint at step 2 of {STEPS}"
+        assert res["meta"]["missing"]["opt-clipped-s2"] == "not started"
+        md = (out / "report.md").read_text()
+        assert "| opt | vanilla | 1 |" in md and f"opt-vanilla-s1 (checkpoint at step 2 of {STEPS})" in md
+        assert any("opt-vanilla-s1: not in the report" in line for line in lines)
+        # a selection with no finished run, or another config, is refused without writing anything
+        with pytest.raises(OutlierfreeError, match="none of the 1 selected runs"):
+            reproduce("quick", str(out), families=("opt",), variants=("vanilla",), seeds=(2,), max_steps=STEPS,
+                      progress=False, echo=quiet, report_only=True)
+        with pytest.raises(OutlierfreeError, match="different config"):
+            reproduce("quick", str(out), families=("opt",), variants=("vanilla",), max_steps=STEPS + 1,
+                      progress=False, echo=quiet, report_only=True)
+    finally:  # the planted run must not leak into the module's other tests
+        shutil.rmtree(run_dir)
 
 
 def test_table_and_criteria_from_plain_results():

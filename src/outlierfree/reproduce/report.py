@@ -185,9 +185,9 @@ def machine() -> str:
 
     import torch
 
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch thread(s) in the reporting process" + (f", GPU {torch.cuda.get_device_name(0)}"
-                                                      if torch.cuda.is_available() else ", no GPU"))
+            f"{torch.get_num_threads()} torch thread(s) in the reporting process{gpu}")
 
 
 def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
