@@ -150,6 +150,28 @@ PRESETS: dict[str, Preset] = {
         analysis={"batches": 4, "batch_size": 16},
         quant={"calib_batches": 16, "eval_batches": 8, "batch_size": 16},
     ),
+    "gpu": Preset(
+        name="gpu",
+        description="the cpu preset's small models trained far longer, with dropout 0.1, on one GPU: several runs "
+                    "share it as separate processes (about 10 minutes on an H200; docs/results.md, 'GPU table')",
+        families=("bert", "opt"), variants=("vanilla", "clipped", "clipped_row", "gated"), seeds=(0, 1),
+        train={
+            # Finding 7: dropout 0.1 keeps vanilla's outliers growing where the no-dropout recipe plateaus. The
+            # schedule is the cpu preset's (linear decay after warm-up), stretched over more steps.
+            "bert": dict(size="mini", steps=40000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
+                         eval_every=5000, val_size=128, save_every=5000, track_outliers=1000, log_every=500,
+                         hidden_dropout=0.1, attention_dropout=0.1, precision="no"),
+            "opt": dict(size="mini", steps=40000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
+                        eval_every=5000, val_size=128, save_every=5000, track_outliers=1000, log_every=500,
+                        hidden_dropout=0.1, attention_dropout=0.1, precision="no"),
+            "vit": dict(size="mini", steps=40000, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=200,
+                        eval_every=5000, val_size=2000, save_every=5000, track_outliers=1000, log_every=500,
+                        hf_config={"num_attention_heads": 4}, precision="no"),
+        },
+        attention=_attention(bert_gamma=-0.5 / 128, opt_alpha=0.5, opt_t=128, vit_gamma=-0.5 / 50),
+        analysis={"batches": 4, "batch_size": 16},
+        quant={"calib_batches": 16, "eval_batches": 8, "batch_size": 16},
+    ),
     "paper": Preset(
         name="paper",
         description="the paper's settings (BERT-base, OPT-125m, ViT-S/16; BookCorpus + Wikipedia via Hugging Face "

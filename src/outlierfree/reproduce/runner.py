@@ -57,7 +57,7 @@ def read_json(path: Path) -> Any:
 
 
 def git_commit() -> str:
-    """The commit of the installed source tree (``unknown`` outside git)."""
+    """The commit of the installed source tree; outside git, ``$OUTLIERFREE_COMMIT`` or ``unknown``."""
     try:
         here = Path(__file__).resolve().parent
         r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -68,7 +68,7 @@ def git_commit() -> str:
             return r.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return "unknown"
+    return os.environ.get("OUTLIERFREE_COMMIT") or "unknown"
 
 
 def refuse_other_config(run_dir: Path, spec: RunSpec, fix: str) -> bool:
