@@ -158,13 +158,13 @@ PRESETS: dict[str, Preset] = {
         train={
             # Finding 7: dropout 0.1 keeps vanilla's outliers growing where the no-dropout recipe plateaus. The
             # schedule is the cpu preset's (linear decay after warm-up), stretched over more steps.
-            "bert": dict(size="mini", steps=40000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
+            "bert": dict(size="mini", steps=16000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
                          eval_every=5000, val_size=128, save_every=5000, track_outliers=1000, log_every=500,
                          hidden_dropout=0.1, attention_dropout=0.1, precision="no"),
-            "opt": dict(size="mini", steps=40000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
+            "opt": dict(size="mini", steps=16000, batch_size=32, seq_len=128, lr=1e-3, warmup_steps=200,
                         eval_every=5000, val_size=128, save_every=5000, track_outliers=1000, log_every=500,
                         hidden_dropout=0.1, attention_dropout=0.1, precision="no"),
-            "vit": dict(size="mini", steps=40000, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=200,
+            "vit": dict(size="mini", steps=16000, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=200,
                         eval_every=5000, val_size=2000, save_every=5000, track_outliers=1000, log_every=500,
                         hf_config={"num_attention_heads": 4}, precision="no"),
         },

@@ -57,7 +57,10 @@ def read_json(path: Path) -> Any:
 
 
 def git_commit() -> str:
-    """The commit of the installed source tree; outside git, ``$OUTLIERFREE_COMMIT`` or ``unknown``."""
+    """``$OUTLIERFREE_COMMIT`` if set (e.g. a copy of the tree on another machine), else the commit of the installed
+    source tree, else ``unknown``."""
+    if os.environ.get("OUTLIERFREE_COMMIT"):
+        return os.environ["OUTLIERFREE_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -68,7 +71,7 @@ def git_commit() -> str:
             return r.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("OUTLIERFREE_COMMIT") or "unknown"
+    return "unknown"
 
 
 def refuse_other_config(run_dir: Path, spec: RunSpec, fix: str) -> bool:
