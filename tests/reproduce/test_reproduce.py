@@ -41,6 +41,7 @@ def test_quick_preset_end_to_end(quick_run):
         # every number says how it was obtained
         how = r["how"]
         assert how["spec"]["train"]["steps"] == STEPS and how["commit"]
+        assert "CPU cores" in how["machine"] and "torch" in how["machine"]
         assert how["quant"]["w8a8"]["activation"]["bits"] == 8 and "estimator" in how["quant"]["w8a8"]["activation"]
     md = (out / "report.md").read_text()
     for needle in ("| bert | vanilla |", "| opt | clipped |", "| vit | clipped |", "735", "per_layer_inf_norm.png"):
@@ -206,6 +207,27 @@ def test_paper_gamma_kills_narrow_attention_at_init_and_preset_gamma_does_not():
     assert dead_rows(-0.025) == 1.0
     bert_gamma = PRESETS["cpu"].attention["bert"]["clipped"]["gamma"]
     assert dead_rows(bert_gamma) == 0.0
+    # the gpu preset's alpha = 1 sits at the edge: some entries are clipped, but no row is entirely zero
+    assert dead_rows(PRESETS["gpu"].attention["bert"]["clipped"]["gamma"]) < 0.01
+    assert dead_rows(-1.2 / 128) > 0.5
+
+
+def test_report_names_the_machines_and_commits_runs_were_made_on(quick_run, tmp_path):
+    """Runs trained elsewhere (a GPU machine) and reported here: the report says where each was made."""
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    result = copy / "runs" / "opt-vanilla-s0" / "result.json"
+    r = json.loads(result.read_text())
+    r["how"]["machine"], r["how"]["commit"] = "x86_64 Linux, 16 CPU cores, GPU Test-GPU", "abc123"
+    result.write_text(json.dumps(r))
+    reproduce("quick", str(copy), families=("bert", "opt", "vit"), variants=("vanilla", "clipped"),
+              max_steps=STEPS, progress=False, echo=quiet, report_only=True)
+    md = (copy / "report.md").read_text()
+    assert "- runs trained on: " in md and "GPU Test-GPU (1 run)" in md and "(5 runs)" in md
+    assert "- runs' commits: " in md and "abc123 (1 run)" in md
+    meta = json.loads((copy / "results.json").read_text())["meta"]
+    assert meta["run_machines"]["x86_64 Linux, 16 CPU cores, GPU Test-GPU"] == 1
 
 
 def test_training_time_sums_the_processes_of_a_resumed_run():

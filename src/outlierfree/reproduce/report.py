@@ -7,13 +7,12 @@ report is always a faithful view of what the runs measured.
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
 from .presets import METRIC, PAPER
-from .runner import write_json
+from .runner import machine, write_json
 
 COLUMNS = ("fp", "max_inf_norm", "avg_kurtosis", "w8a8", "w8a8_linear")
 HEADERS = {"fp": "FP", "max_inf_norm": "max inf-norm", "avg_kurtosis": "avg kurtosis", "w8a8": "W8A8 (full)",
@@ -84,7 +83,8 @@ def markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dic
     """report.md: how it was made, the table (ours, then the paper's), the acceptance checks, the plots."""
     lines = [f"# outlierfree reproduce: preset `{meta['preset']}`", "",
              f"- command: `{meta['command']}`", f"- commit: `{meta['commit']}`",
-             f"- machine: {meta['machine']}", f"- wall time of this invocation: {meta['wall_s']:.0f} s "
+             f"- machine of this report: {meta['machine']}", *_where_runs_ran(meta),
+             f"- wall time of this invocation: {meta['wall_s']:.0f} s "
              f"(runs' own times: {meta['runs_s']:.0f} s in total)",
              "- data: offline Wikipedia leads (validation split held out by document) for BERT / OPT, "
              "Fashion-MNIST for ViT; FP and W8A8 on the same validation batches",
@@ -179,15 +179,15 @@ def plot_growth(results: list[dict[str, Any]], path: Path) -> bool:
     return _family_panels(fams, path, draw)
 
 
-def machine() -> str:
-    """A one-line description of this machine."""
-    import os
-
-    import torch
-
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch thread(s) in the reporting process{gpu}")
+def _where_runs_ran(meta: dict[str, Any]) -> list[str]:
+    """Lines naming the machines and commits the runs themselves were made on, where they differ from this
+    report's (runs trained elsewhere, e.g. on a GPU machine, and reported here)."""
+    lines = []
+    for key, own, what in (("run_machines", "machine", "runs trained on"), ("run_commits", "commit", "runs' commits")):
+        seen = meta.get(key) or {}
+        if seen and list(seen) != [meta.get(own)]:
+            lines.append(f"- {what}: " + "; ".join(f"{k} ({n} run{'s' * (n > 1)})" for k, n in seen.items()))
+    return lines
 
 
 def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
@@ -202,6 +202,8 @@ def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dic
     noop = _noop_plots(results, out)
     plots += noop
     meta = {**meta, "machine": meta.get("machine") or machine(),
+            "run_machines": _count(r.get("how", {}).get("machine") or "not recorded" for r in results),
+            "run_commits": _count(r.get("how", {}).get("commit") or "not recorded" for r in results),
             "runs_s": sum(float(r.get("seconds") or 0) for r in results)}
     write_json(out / "results.json", {"meta": meta, "table": rows, "criteria": checks, "runs": results})
     md = out / "report.md"
@@ -209,6 +211,14 @@ def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dic
     tmp.write_text(markdown(rows, checks, meta, plots))
     tmp.replace(md)
     return {"markdown": md, "json": out / "results.json"}
+
+
+def _count(values: Any) -> dict[str, int]:
+    """How often each value occurs, in first-seen order."""
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
 
 
 def _noop_plots(results: list[dict[str, Any]], out: Path) -> list[str]:

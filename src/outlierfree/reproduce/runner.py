@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -72,6 +73,15 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"
+
+
+def machine() -> str:
+    """A one-line description of this machine: processor, cores, torch and its threads, GPU."""
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch thread(s){gpu}")
 
 
 def refuse_other_config(run_dir: Path, spec: RunSpec, fix: str) -> bool:
@@ -197,7 +207,7 @@ def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str,
         "noop_heads": analysis.get("noop", {}).get("flagged"),
         "per_layer_inf_norm": _per_layer(analysis),
         "track": [e for e in events if e["event"] in ("outliers", "eval")],
-        "how": {"spec": spec.to_dict(), "commit": commit, "model_dir": str(model_dir),
+        "how": {"spec": spec.to_dict(), "commit": commit, "machine": machine(), "model_dir": str(model_dir),
                 "analysis": {"data": analysis.get("data"), "sequences": analysis.get("sequences"), "seed": 0},
                 "quant": {"w8a8": quant["w8a8"]["config"], "w8a8_linear": quant["w8a8_linear"]["config"],
                           "data": quant.get("data"), "calib_batches": quant["w8a8"].get("calib_batches"),
