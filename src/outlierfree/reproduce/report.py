@@ -7,6 +7,7 @@ report is always a faithful view of what the runs measured.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Callable
@@ -137,8 +138,10 @@ def _family_panels(fams: list[str], path: Path, draw: Callable[[Any, str], None]
         ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # atomic, as report.md
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)
     return True
 
 
@@ -207,7 +210,7 @@ def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dic
             "runs_s": sum(float(r.get("seconds") or 0) for r in results)}
     write_json(out / "results.json", {"meta": meta, "table": rows, "criteria": checks, "runs": results})
     md = out / "report.md"
-    tmp = md.with_name(".report.md.tmp")
+    tmp = md.with_name(f".report.md.tmp-{os.getpid()}")  # per process: several may report into one --out at once
     tmp.write_text(markdown(rows, checks, meta, plots))
     tmp.replace(md)
     return {"markdown": md, "json": out / "results.json"}
