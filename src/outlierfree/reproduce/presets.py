@@ -153,7 +153,8 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         name="gpu",
         description="the cpu preset's small models trained far longer, with dropout 0.1, on one GPU: several runs "
-                    "share it as separate processes (about 10 minutes on an H200; docs/results.md, 'GPU table')",
+                    "share it as separate processes (9-10 runs at once took about 7 minutes on an H200; "
+                    "docs/results.md)",
         families=FAMILIES, variants=("vanilla", "clipped", "clipped_row", "gated"), seeds=(0, 1),
         train={
             # Finding 7: dropout 0.1 keeps vanilla's outliers growing where the no-dropout recipe plateaus. The
@@ -170,7 +171,7 @@ PRESETS: dict[str, Preset] = {
         },
         # alpha = 1 (gamma = -1 / T): the largest that leaves attention alive at initialisation (about half of the
         # entries of bert/mini's near-uniform rows survive; alpha 1.2 clips 99 % of rows to all zeros). In the
-        # GPU study alpha 1 beat alpha 0.5, 0.8 and 1.1 on FP and W8A8 (docs/results.md, 'GPU table').
+        # GPU study alpha 1 beat alpha 0.5, 0.8 and 1.1 on FP and W8A8 (docs/results.md, the gpu preset's table).
         attention=_attention(bert_gamma=-1 / 128, opt_alpha=0.5, opt_t=128, vit_gamma=-1 / 50),
         analysis={"batches": 4, "batch_size": 16},
         quant={"calib_batches": 16, "eval_batches": 8, "batch_size": 16},

@@ -186,7 +186,8 @@ def _where_runs_ran(meta: dict[str, Any]) -> list[str]:
     """Lines naming the machines and commits the runs themselves were made on, where they differ from this
     report's (runs trained elsewhere, e.g. on a GPU machine, and reported here)."""
     lines = []
-    for key, own, what in (("run_machines", "machine", "runs trained on"), ("run_commits", "commit", "runs' commits")):
+    for key, own, what in (("run_machines", "machine", "runs trained on"),
+                           ("run_commits", "commit", "runs' commits")):
         seen = meta.get(key) or {}
         if seen and list(seen) != [meta.get(own)]:
             lines.append(f"- {what}: " + "; ".join(f"{k} ({n} run{'s' * (n > 1)})" for k, n in seen.items()))
