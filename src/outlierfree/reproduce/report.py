@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -206,8 +207,8 @@ def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dic
     noop = _noop_plots(results, out)
     plots += noop
     meta = {**meta, "machine": meta.get("machine") or machine(),
-            "run_machines": _count(r.get("how", {}).get("machine") or "not recorded" for r in results),
-            "run_commits": _count(r.get("how", {}).get("commit") or "not recorded" for r in results),
+            "run_machines": dict(Counter(r.get("how", {}).get("machine") or "not recorded" for r in results)),
+            "run_commits": dict(Counter(r.get("how", {}).get("commit") or "not recorded" for r in results)),
             "runs_s": sum(float(r.get("seconds") or 0) for r in results)}
     write_json(out / "results.json", {"meta": meta, "table": rows, "criteria": checks, "runs": results})
     md = out / "report.md"
@@ -215,14 +216,6 @@ def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dic
     tmp.write_text(markdown(rows, checks, meta, plots))
     tmp.replace(md)
     return {"markdown": md, "json": out / "results.json"}
-
-
-def _count(values: Any) -> dict[str, int]:
-    """How often each value occurs, in first-seen order."""
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 def _noop_plots(results: list[dict[str, Any]], out: Path) -> list[str]:
