@@ -105,11 +105,15 @@ def _site_label(s: dict[str, Any]) -> str:
 
 
 # ---- plots -----------------------------------------------------------------------------------------------
-def _save(fig: Any, path: Path | None) -> bool:
-    """Write ``fig`` as PNG to ``path`` (nothing when None: the plot had no data) and free it; whether written."""
+def save_png(fig: Any, path: Path | None) -> bool:
+    """Write ``fig`` as PNG to ``path`` (nothing when None: the plot had no data) and free it; whether written.
+    Written to a per-process temporary name and renamed, so a reader (or another process writing the same plot)
+    never sees half a file."""
     if path is not None:
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
     plt.close(fig)
     return path is not None
 
@@ -133,7 +137,7 @@ def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) 
             axes[1].plot(layers, kur, style, color=f"C{i}", marker=".")
             drawn = True
     if not drawn:
-        return _save(fig, None)
+        return save_png(fig, None)
     axes[0].set(title="inf-norm per sequence, mean over sequences\n(max over the layer's sites of each kind)",
                 xlabel="layer", ylabel="max |x|")
     axes[1].set(title="kurtosis per sequence, mean over sequences\n(max over the layer's sites of each kind)",
@@ -143,7 +147,7 @@ def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) 
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_heatmap(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
@@ -167,7 +171,7 @@ def plot_heatmap(reports: list[dict[str, Any]], names: list[str], path: Path) ->
         ax.set_yticks(range(0, len(rows), step), [_site_label(s) for s in rows[::step]], fontsize=6)
         ax.set(title=f"{name}: max |x| per hidden dimension", xlabel="hidden dimension")
         fig.colorbar(im, ax=ax, label="log10 max |x|")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_histogram(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
@@ -186,13 +190,13 @@ def plot_histogram(reports: list[dict[str, Any]], names: list[str], path: Path) 
                 label=f"{name}: {site} ({s['values']:,} values)")
         drawn = True
     if not drawn:
-        return _save(fig, None)
+        return save_png(fig, None)
     ax.set(xscale="log", yscale="log", xlabel="|x|", ylabel="count", ylim=(0.7, None),
            title="magnitudes at the site of the largest activation")
     ax.axvline(6, color="grey", lw=0.8, ls="--")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def noop_panels(reports: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
@@ -237,7 +241,7 @@ def plot_noop_head(reports: list[dict[str, Any]], names: list[str], path: Path) 
         ax.set(xlabel="key", ylabel="query",
                title=f"{p['name']} ({p['how']}): {p['site']} head {p['head']}\nmass on no-op keys {p['noop']:.2f}")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_tracks(tracks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
@@ -253,13 +257,13 @@ def plot_tracks(tracks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
                 ax.plot(*zip(*pts), marker=".", color=f"C{i}", label=name)
                 drawn = True
     if not drawn:
-        return _save(fig, None)
+        return save_png(fig, None)
     axes[0].set(title="max inf-norm (LN inputs) during training", xlabel="step", ylabel="max |x|")
     axes[1].set(title="max kurtosis (LN inputs) during training", xlabel="step", ylabel="kurtosis")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ---- markdown --------------------------------------------------------------------------------------------

@@ -128,22 +128,14 @@ def _family_panels(fams: list[str], path: Path, draw: Callable[[Any, str], None]
     """One panel per family, drawn by ``draw(ax, family)``, saved as a PNG at ``path``."""
     if not fams:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..analysis.report import plt, save_png  # lazy: matplotlib only when a plot is drawn
 
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         draw(ax, fam)
         ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # atomic, as report.md
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
+    return save_png(fig, path)
 
 
 def plot_per_layer(results: list[dict[str, Any]], path: Path) -> bool:
