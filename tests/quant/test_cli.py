@@ -41,7 +41,8 @@ def test_quantize_writes_json_markdown_and_plot(tiny_bert):
     out = tiny_bert / "quant"
     rc, so, se = run("quantize", str(tiny_bert / "model"), "--data", str(tiny_bert / "text.txt"), "--bits",
                      "w8a8,w16a16", "--sites", "full,linear", "--calib-batches", "2", "--eval-batches", "2",
-                     "--batch-size", "4", "--seq-len", "32", "--diag-batches", "1", "--quiet", "--out", str(out))
+                     "--batch-size", "4", "--seq-len", "32", "--diag-batches", "1", "--ablation", "--quiet",
+                     "--out", str(out))
     assert rc == 0, se
     rep = json.loads((out / "quant.json").read_text())
     assert len(rep["runs"]) == 4 and rep["task"] == "mlm"

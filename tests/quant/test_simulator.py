@@ -73,7 +73,7 @@ def test_w8a8_is_lossy_and_linear_quantizes_only_linear_inputs(family):
             if cfg.sites == "linear":
                 assert kinds <= {"linear_input", "head_input"}
                 linear_weights = {id(mod.weight) for mod in m.modules() if isinstance(mod, torch.nn.Linear)}
-                assert set(qm.weights) == linear_weights  # Linear weights only (a tied LM head counts as Linear)
+                assert {k[0] for k in qm.weights} == linear_weights  # Linear weights only (a tied LM head counts as Linear)
             sq = 10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())
             assert 10 < float(sq) < 60
 
@@ -88,13 +88,13 @@ def test_fp32_head_keeps_the_tied_head_in_float():
         assert not any(qm.site_of[n].kind == "head_input" for n in qm.act)
         seen = []
         orig = qm._weight_fn
-        qm._weight_fn = lambda path, func, w: seen.append((path, func)) or orig(path, func, w)
-        qm.interceptor.weight_fn = qm._weight_fn
+        qm.observed.mode.weight_fn = lambda path, func, name, w: seen.append((path, func)) or orig(path, func, name, w)
         with torch.no_grad():
             m(**batches[0])
         assert ("cls.predictions.decoder", "linear") in seen
         w = m.cls.predictions.decoder.weight
-        assert orig("cls.predictions.decoder", "linear", w) is None  # ...but not its use in the head
+        assert orig("cls.predictions.decoder", "linear", "bert.embeddings.word_embeddings.weight", w) is None  # ...not in the head
+        assert "bert.embeddings.word_embeddings.weight" in qm.float_weights
 
 
 def _output_sqnr(m, qm, batch):
@@ -166,7 +166,7 @@ def test_dynamic_per_token_needs_no_calibration():
 def test_evaluate_quantized_api_reports_config_and_metrics():
     m, batches = model_and_batches("opt", n=3)
     r = evaluate_quantized(m, None, batches[:2], batches[2:], paper_w8a8(), progress=False)
-    assert r["task"] == "clm" and r["config"]["sites"] == "full" and r["calib_batches"] == 2
+    assert r["task"] == "clm" and r["config"]["sites"] == "paper" and r["calib_batches"] == 2
     assert r["float"]["perplexity"] > 1 and r["quantized"]["perplexity"] > 1
     assert r["config"]["activation"]["estimator"] == "running_minmax" and r["config"]["weight"]["symmetric"]
     x = model_output(m, batches[2], "clm")  # hooks are gone: plain float forward

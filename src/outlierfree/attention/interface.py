@@ -44,13 +44,19 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     keep: torch.Tensor | None, scaling: float, dropout: float, cfg: AttentionConfig,
-                    probe: Callable | None = None, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialised attention: returns context (B, H, Tq, D) and probabilities (B, H, Tq, Tk)."""
+                    probe: Callable | None = None, softcap: float | None = None,
+                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialised attention: returns context (B, H, Tq, D) and probabilities (B, H, Tq, Tk).
+
+    ``bias`` (an additive float mask, T5's position bias, ALiBi...) is added to the scores *after* the ``scores``
+    probe, as the paper's reference code quantizes the scores before the mask: a bias is never a site."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if probe is not None:
         scores = probe(module, "scores", scores)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     if cfg.variant == "clipped":
         probs = clipped_softmax(scores, gamma_for(cfg, keep, key.shape[-2]), cfg.zeta, keep)
     else:
@@ -88,6 +94,11 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if probe is not None:
         query, key, value = (probe(module, n, t) for n, t in (("query", query), ("key", key), ("value", value)))
     softcap = kwargs.get("softcap")
+    # additive terms of the scores: a float mask (0 / large negative, or a real bias) and T5's position bias
+    bias = kwargs.get("position_bias")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        m = attention_mask[..., -Tk:]
+        bias = m if bias is None else bias + m
 
     probs = None
     want_probs = probe is not None or bool(kwargs.get("output_attentions")) or _attentions_requested()
@@ -95,7 +106,7 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if cfg.variant == "clipped" and not want_probs:
         if impl == "auto":
             impl = AUTO_CLIPPED[0](query, key)
-        if impl in CLIPPED_KERNELS and softcap is None:
+        if impl in CLIPPED_KERNELS and softcap is None and kwargs.get("position_bias") is None:
             kernel = CLIPPED_KERNELS[impl]
             flag = causal and attention_mask is None and getattr(kernel, "takes_causal", False)  # no T x T mask
             keep = keep_mask(attention_mask, Tq, Tk, causal and attention_mask is None and not flag, query.device)
@@ -103,7 +114,8 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                              dropout if module.training else 0.0, cfg, **({"causal": True} if flag else {}))
         else:
             impl = "eager"
-    elif cfg.variant != "clipped" and impl in ("auto", "sdpa", "blocked") and not want_probs and softcap is None:
+    elif cfg.variant != "clipped" and impl in ("auto", "sdpa", "blocked") and not want_probs and softcap is None \
+            and kwargs.get("position_bias") is None:
         impl = "sdpa"
     else:
         impl = "eager"
@@ -117,7 +129,7 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         if impl == "eager":
             keep = keep_mask(attention_mask, Tq, Tk, causal and attention_mask is None, query.device)
             context, probs = eager_attention(module, query, _repeat_kv(key, n_rep), _repeat_kv(value, n_rep), keep,
-                                             scaling, dropout, cfg, probe, softcap)
+                                             scaling, dropout, cfg, probe, softcap, bias)
         if probe is not None:
             context = probe(module, "context", context)
         out = context.transpose(1, 2)  # (B, Tq, H, D)

@@ -64,12 +64,9 @@ def attentions_requested() -> bool:
 
 
 def is_attention_module(module: nn.Module) -> bool:
-    """Generic rule for a transformers self-attention module that calls the attention interface:
-    it holds a config and its own Q, K, V projections (``query/key/value`` or ``q_proj/k_proj/v_proj``)."""
-    if getattr(module, "config", None) is None:
-        return False
-    names = set(dict(module.named_children()))
-    return {"query", "key", "value"} <= names or {"q_proj", "k_proj", "v_proj"} <= names
+    """Whether ``module`` is an attention module that calls transformers' attention interface: found from its
+    forward's source (:func:`calls_attention_interface`), whatever its children are named."""
+    return calls_attention_interface(module)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -173,3 +170,56 @@ def mlm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if enc is None or head is None:
         raise TypeError(f"{type(model).__name__} is not a BertForMaskedLM (no .bert / .cls)")
     return enc, head
+
+
+# ---- what the site mechanism needs to know about any transformers model --------------------------------------
+_INTERFACE_CALLERS: dict[type, bool] = {}
+
+
+def calls_attention_interface(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward calls transformers' attention interface (``ALL_ATTENTION_FUNCTIONS``).
+
+    Read once per class from the forward's source: this finds every attention module of transformers 5 whatever
+    its child names (``q_lin``, ``c_attn``, ``q``/``k``/``v``/``o``, fused ``qkv``...).
+    """
+    cls = type(module)
+    hit = _INTERFACE_CALLERS.get(cls)
+    if hit is None:
+        import inspect
+
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        hit = _INTERFACE_CALLERS[cls] = "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface(" in src
+    return hit
+
+
+def hidden_widths(config: Any) -> set[int]:
+    """The widths of a model's residual stream (and of its embeddings, where they differ: ALBERT, OPT-350m)."""
+    widths = set()
+    for name in ("hidden_size", "d_model", "n_embd", "dim", "embedding_size", "word_embed_proj_dim"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            widths.add(v)
+    text = getattr(config, "text_config", None)
+    if text is not None and text is not config:
+        widths |= hidden_widths(text)
+    return widths
+
+
+_HEAD_CHILDREN = ("lm_head", "cls", "classifier", "score", "qa_outputs", "predictions", "generator_predictions",
+                  "generator_lm_head", "vocab_transform", "vocab_layer_norm", "vocab_projector", "activation")
+
+
+def head_paths(model: nn.Module) -> list[str]:
+    """Top-level children of ``model`` that form its task head (everything outside the base model).
+
+    ``BertForMaskedLM`` -> ``["cls"]``, ``OPTForCausalLM`` -> ``["lm_head"]``, ``ViTForImageClassification`` ->
+    ``["classifier"]``, ``DistilBertForMaskedLM`` -> its ``vocab_*`` modules; a base model (``BertModel``) -> ``[]``.
+    """
+    children = dict(model.named_children())
+    prefix = getattr(model, "base_model_prefix", None)
+    if prefix and prefix in children:
+        return [n for n in children if n != prefix]
+    return [n for n in children if n in _HEAD_CHILDREN and n != "activation"]

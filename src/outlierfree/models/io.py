@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -99,17 +100,24 @@ def load_config(path: str | os.PathLike) -> Any:
 
 
 def load_model(path: str | os.PathLike, model_class: Any = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", *, allow_fallback: bool | None = None) -> nn.Module:
     """Load a model saved by outlierfree (its variant re-applied) or any Hugging Face checkpoint on disk.
 
     Args:
         path: a model directory, or a ``.gguf`` file that transformers can load (GGUF weights are dequantized).
         model_class: transformers class to instantiate; default: the one in ``config.architectures``.
         dtype: parameter dtype (float32 by default: analysis and simulated quantization want full precision).
-    Never touches the network: everything is read from ``path``.
+        allow_fallback: when the checkpoint holds the base model but not the class's task head (a sentence encoder
+            whose config names ``BertForMaskedLM``), load the base model (``BertModel``) instead and print a
+            one-line notice to stderr. Default: only when ``model_class`` is not given.
+    Never touches the network: everything is read from ``path``. Never returns invented weights: a checkpoint
+    directory whose weights do not cover the model (other than a task head it may fall back from) or do not fit
+    its shapes raises :class:`OutlierfreeError` naming the tensors.
     """
     d, gguf = _resolve(path)
     config = load_config(path)
+    if allow_fallback is None:
+        allow_fallback = model_class is None
     cls = model_class or hf_compat.model_class_for(config)
     if model_class is None and gguf is not None and not getattr(config, "architectures", None):
         from transformers import AutoModelForCausalLM
@@ -117,16 +125,19 @@ def load_model(path: str | os.PathLike, model_class: Any = None, dtype: torch.dt
         cls = AutoModelForCausalLM  # GGUF files hold language models; their configs name no architecture
     variant = getattr(config, "outlierfree", None)
     kwargs: dict[str, Any] = dict(local_files_only=True, dtype=dtype)
-    if gguf is not None:
-        kwargs["gguf_file"] = gguf
+    notice = None
     try:
         with _quiet_transformers():  # gate tensors are "unexpected" to the stock class: we load them below
-            # the config parsed above is passed on: a GGUF file is not parsed for it a second time
-            model, info = cls.from_pretrained(d, config=config, output_loading_info=True, **kwargs)
-        missing = [k for k in info.get("missing_keys", []) if "outlierfree_gate" not in k]
-        if missing and variant is not None:
-            raise OutlierfreeError(f"checkpoint {str(path)!r} lacks weights {sorted(missing)[:3]}",
-                                   "re-save the model with outlierfree; the file is incomplete")
+            if gguf is not None:
+                # the config parsed above is passed on: a GGUF file is not parsed for it a second time
+                model, info = cls.from_pretrained(d, config=config, output_loading_info=True, gguf_file=gguf,
+                                                  **kwargs)
+                missing = [k for k in info.get("missing_keys", []) if "outlierfree_gate" not in k]
+                if missing and variant is not None:
+                    raise OutlierfreeError(f"checkpoint {str(path)!r} lacks weights {sorted(missing)[:3]}",
+                                           "re-save the model with outlierfree; the file is incomplete")
+            else:
+                model, notice = _load_complete(cls, d, config, kwargs, str(path), allow_fallback)
         if variant is not None:
             patch_model(model, variant)
             _load_gates(model, d)
@@ -137,7 +148,120 @@ def load_model(path: str | os.PathLike, model_class: Any = None, dtype: torch.dt
                                "check that the checkpoint is complete and was written by save_pretrained") from e
     model.to(device)
     model.eval()
+    if notice is not None:
+        print(notice, file=sys.stderr, flush=True)
     return model
+
+
+def _load_complete(cls: Any, d: Path, config: Any, kwargs: dict[str, Any], path: str,
+                   allow_fallback: bool) -> tuple[nn.Module, str | None]:
+    """``cls.from_pretrained`` that refuses to invent weights: (model, notice or None).
+
+    Every parameter must come from the checkpoint with the model's shape. If only the task head is missing (all
+    missing keys lie outside ``base_model_prefix``) and ``allow_fallback``, the base model is loaded instead
+    (itself complete) and the notice says so.
+    """
+    model, missing = _from_pretrained_checked(cls, d, config, kwargs, path)
+    if not missing:
+        return model, None
+    base = model.base_model
+    prefix = getattr(model, "base_model_prefix", "")
+    if base is model:  # a base model itself: any missing tensor is part of it
+        inside, head = missing, []
+    else:
+        inside = [k for k in missing if k.startswith(prefix + ".")]
+        head = [k for k in missing if not k.startswith(prefix + ".")]
+    name = type(model).__name__
+    if inside:
+        where = f"the base model of {name}" if base is not model else name
+        raise OutlierfreeError(f"checkpoint {path!r} lacks {_tensors(len(inside))} of {where} ({_few(inside)}), so "
+                               f"{'it' if len(inside) == 1 else 'they'} would be random",
+                               "the weight files are incomplete or do not belong to this config.json; re-save the "
+                               "model with save_pretrained")
+    head_name = _head_name(name)
+    base_cls = type(base)
+    if not allow_fallback:
+        raise OutlierfreeError(f"checkpoint {path!r} has no weights for the {head_name} of {name} ({_few(head)}), "
+                               f"so the head would be random",
+                               f"load the base model instead: pass model_class={base_cls.__name__} or "
+                               f"allow_fallback=True")
+    del model, base  # one model in memory at a time
+    model, missing = _from_pretrained_checked(base_cls, d, config, kwargs, path)
+    if missing:
+        raise OutlierfreeError(f"checkpoint {path!r} has no weights for the {head_name} of {name}, and its base "
+                               f"model {base_cls.__name__} lacks {_tensors(len(missing))} too ({_few(missing)})",
+                               "the weight files are incomplete or do not belong to this config.json; re-save the "
+                               "model with save_pretrained")
+    part = "decoder" if ("CausalLM" in name or "LMHead" in name) else "encoder"
+    notice = (f"notice: {path} has no weights for the {head_name} ({_few(head)}); loaded the {part} as "
+              f"{base_cls.__name__}, so metrics compare hidden states")
+    return model, notice
+
+
+def _from_pretrained_checked(cls: Any, d: Path, config: Any, kwargs: dict[str, Any],
+                             path: str) -> tuple[nn.Module, list[str]]:
+    """(model, missing keys that would be random) for ``cls`` loaded from ``d``; raises on mismatched shapes.
+
+    Not missing: our gate tensors (loaded separately), weights tied to a loaded one (a decoder tied to the word
+    embeddings) and non-persistent buffers (position ids). A base model whose only missing tensors are its
+    pooler is reloaded without one (``add_pooling_layer=False``) rather than given a random pooler.
+    """
+    import inspect
+
+    model, info = cls.from_pretrained(d, config=config, output_loading_info=True, ignore_mismatched_sizes=True,
+                                      **kwargs)
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        shown = "; ".join(f"{k}: {tuple(a)} in the file, {tuple(b)} in the model" for k, a, b in mismatched[:3])
+        more = f"; ... {len(mismatched)} tensors" if len(mismatched) > 3 else ""
+        verb = "has another shape" if len(mismatched) == 1 else "have other shapes"
+        raise OutlierfreeError(f"checkpoint {path!r} does not fit {type(model).__name__}: "
+                               f"{_tensors(len(mismatched))} {verb} ({shown}{more})",
+                               "the weight files do not belong to this config.json; re-save the model with "
+                               "save_pretrained")
+    missing = _missing(model, info)
+    if (missing and model.base_model is model and all(k.startswith("pooler.") for k in missing)
+            and "add_pooling_layer" in inspect.signature(cls.__init__).parameters):
+        del model
+        model, info = cls.from_pretrained(d, config=config, output_loading_info=True, ignore_mismatched_sizes=True,
+                                          add_pooling_layer=False, **kwargs)
+        missing = _missing(model, info)
+    return model, missing
+
+
+def _missing(model: nn.Module, info: dict[str, Any]) -> list[str]:
+    """The missing keys of a load that leave real weights random, in the model's state-dict order."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if not isinstance(tied, dict):
+        tied = {}
+    volatile = {f"{mn}.{bn}" if mn else bn for mn, m in model.named_modules()
+                for bn in m._non_persistent_buffers_set}
+    missing = {k for k in info.get("missing_keys") or [] if "outlierfree_gate" not in k and k not in tied
+               and k not in volatile}
+    order = {k: i for i, k in enumerate(model.state_dict(keep_vars=True))}
+    return sorted(missing, key=lambda k: (order.get(k, len(order)), k))
+
+
+def _head_name(class_name: str) -> str:
+    """How a notice names the task head of a transformers class (``BertForMaskedLM`` -> ``masked-LM head``)."""
+    for marker, name in (("ForMaskedLM", "masked-LM head"), ("ForCausalLM", "language-model head"),
+                         ("LMHead", "language-model head"), ("Classification", "classification head"),
+                         ("ForQuestionAnswering", "question-answering head"),
+                         ("ForPreTraining", "pre-training heads")):
+        if marker in class_name:
+            return name
+    return "task head"
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    """``a, b, c, ... 7 tensors`` (all of them when there are at most ``n``)."""
+    if len(keys) <= n:
+        return ", ".join(keys)
+    return ", ".join(keys[:n]) + f", ... {len(keys)} tensors"
 
 
 def _load_gates(model: nn.Module, d: Path) -> None:

@@ -22,9 +22,7 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
                   weight_granularity: str, act_symmetric: bool, weight_symmetric: bool, dynamic: bool,
                   momentum: float, percentile: float, fp32_head: bool) -> list[QuantConfig]:
     """One :class:`QuantConfig` per (bits, sites) pair of the comma-separated flags (errors are one line)."""
-    from ..sites.core import SITE_KINDS
-
-    from .trace import RESIDUAL_KIND
+    from ..sites import parse_kinds
 
     require(estimator in ESTIMATORS, f"unknown --estimator {estimator!r}", f"use one of {', '.join(ESTIMATORS)}")
     require(weight_estimator in ESTIMATORS, f"unknown --weight-estimator {weight_estimator!r}",
@@ -36,17 +34,14 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
     bit_list = [parse_bits(b) for b in _split(bits)]
     require(bool(bit_list), "empty --bits", "pass e.g. --bits w8a8")
     site_sets: list[Any] = []
-    for s in _split(sites) or ["full"]:
+    for s in _split(sites) or ["paper"]:
         if s in SITE_PRESETS:
             site_sets.append(s)
+        elif "+" not in s and s not in __import__("outlierfree.sites", fromlist=["SITE_KINDS"]).SITE_KINDS:
+            raise OutlierfreeError(f"unknown --sites value {s!r}",
+                                   f"use {', '.join(SITE_PRESETS)}, or site kinds joined by + (e.g. ln_input+residual)")
         else:
-            kinds = tuple(k for k in s.split("+") if k)
-            bad = [k for k in kinds if k not in SITE_KINDS and k != RESIDUAL_KIND]
-            if bad:
-                raise OutlierfreeError(f"unknown --sites value {bad[0]!r}",
-                                       f"use full, linear, or site kinds joined by + "
-                                       f"({', '.join(SITE_KINDS + (RESIDUAL_KIND,))})")
-            site_sets.append(kinds)
+            site_sets.append(parse_kinds(s))
     configs = []
     for wb, ab in bit_list:
         for s in site_sets:
@@ -62,9 +57,10 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
 @click.argument("model_path", metavar="MODEL")
 @click.option("--bits", default="w8a8", show_default=True,
               help="weight and activation bits as wNaM (2..16); several comma-separated, e.g. w8a8,w16a16")
-@click.option("--sites", default="full", show_default=True,
-              help="full (every activation) | linear (linear inputs + Linear weights, as common libraries) | "
-                   "site kinds joined by + (e.g. ln_input+residual); several comma-separated")
+@click.option("--sites", default="paper", show_default=True,
+              help="paper (the reference code's quantizers) | full (every activation and weight) | linear (linear "
+                   "inputs + linear weights, as common libraries) | site kinds joined by + (e.g. ln_input+residual); "
+                   "several comma-separated")
 @click.option("--estimator", default="running_minmax", show_default=True,
               help=f"activation range estimator: {'|'.join(ESTIMATORS)}")
 @click.option("--weight-estimator", default="current_minmax", show_default=True,
@@ -82,7 +78,10 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=None, help="text sequence length [default: training's, else 128]")
 @click.option("--diag-batches", type=int, default=2, show_default=True,
-              help="evaluation batches for the one-group-at-a-time ablation (0: no diagnostics)")
+              help="evaluation batches for the ablation (0: no per-site diagnostics at all)")
+@click.option("--ablation", is_flag=True,
+              help="also quantize one site group at a time and rank the groups by harm (one quantized pass per "
+                   "group over --diag-batches batches: minutes on a 12-layer model)")
 @click.option("--data", default=None, help="data source (as for `outlierfree train`) [default: the model's training "
                                            "data, else the offline corpus / Fashion-MNIST]")
 @click.option("--tokenizer", default=None, help="tokenizer directory [default: beside the model]")
@@ -92,7 +91,8 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
 def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_estimator: str,
                  act_granularity: str, weight_granularity: str, act_symmetric: bool, weight_symmetric: bool,
                  dynamic: bool, momentum: float, percentile: float, fp32_head: bool, calib_batches: int,
-                 eval_batches: int, batch_size: int, seq_len: int | None, diag_batches: int, data: str | None,
+                 eval_batches: int, batch_size: int, seq_len: int | None, diag_batches: int, ablation: bool,
+                 data: str | None,
                  tokenizer: str | None, seed: int, out: str, quiet: bool) -> None:
     """Simulate full W/A quantization of MODEL (every weight and activation, including residual sums and
     LayerNorm inputs) and report float vs quantized metrics, per-site SQNR and which sites hurt most.
@@ -137,7 +137,12 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
         if not quiet:
             console.print(f"[bold]{cfg.describe()}[/bold]")
         r = evaluate_quantized(model, tok, batches.calib, batches.eval, cfg, task, diagnostics=diag_batches > 0,
-                               diag_batches=diag_batches, progress=not quiet)
+                               diag_batches=diag_batches, progress=not quiet, ablate=ablation and diag_batches > 0)
+        if r.get("uninstrumented") and cfg is configs[0]:
+            click.echo(f"notice: {len(r['uninstrumented'])} module(s) compute attention outside transformers' "
+                       f"attention interface, so their scores, probabilities and context stay float: "
+                       f"{', '.join(r['uninstrumented'][:3])}" + (" ..." if len(r["uninstrumented"]) > 3 else ""),
+                       err=True)
         runs.append(r)
         click.echo(f"{cfg.describe()}: float {metric} {r['float'].get(metric):.4g}, quantized "
                    f"{r['quantized'].get(metric):.4g}, output SQNR {r['quantized'].get('output_sqnr_db', 0):.1f} dB "

@@ -2,10 +2,10 @@
 
     QuantConfig(weight=QuantSpec(bits=8, symmetric=True, granularity="per_tensor", estimator="current_minmax"),
                 activation=QuantSpec(bits=8, symmetric=False, estimator="running_minmax", static=True),
-                sites="full", fp32_head=False)
+                sites="paper", fp32_head=False)
 
 ``paper_w8a8()`` is the setting of the paper's reference code (W8 per-tensor symmetric, current min-max; A8
-per-tensor asymmetric, static, running min-max with momentum 0.9 over 16 batches; every activation quantized);
+per-tensor asymmetric, static, running min-max with momentum 0.9 over 16 batches; the reference's site set);
 ``linear_w8a8()`` is what the common libraries quantize (only the inputs and weights of ``nn.Linear``).
 """
 
@@ -19,7 +19,7 @@ from ..errors import OutlierfreeError, require
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_token")
 ESTIMATORS = ("current_minmax", "minmax", "running_minmax", "mse", "percentile", "histogram")
-SITE_PRESETS = ("full", "linear")
+SITE_PRESETS = ("paper", "full", "linear")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -88,33 +88,29 @@ class QuantConfig:
     Attributes:
         weight: spec for weights (``None``: weights stay float).
         activation: spec for activations (``None``: activations stay float).
-        sites: ``full`` (every activation site: embeddings and their sums, Q, K, V, scores, probabilities,
-            context, each linear's input and output, residual sums, norm inputs and outputs, FFN activations,
-            the head's input), ``linear`` (only the inputs of ``nn.Linear`` layers, and only Linear weights:
-            what torchao / llm-compressor / bitsandbytes quantize), or a tuple of site kinds.
+        sites: ``paper`` (the reference code's quantizers, per family: see :mod:`.sitesets`), ``full`` (every
+            activation site and every weight, each tensor rounded once), ``linear`` (only linear inputs and
+            linear weights: what torchao / llm-compressor / bitsandbytes quantize), or a tuple of site kinds.
         fp32_head: keep the task head (LM head / classifier: its input and weight) in float (reference code's
             ``fp32_head``).
     """
 
     weight: QuantSpec | None = field(default_factory=lambda: QuantSpec(8, True, "per_tensor", "current_minmax"))
     activation: QuantSpec | None = field(default_factory=QuantSpec)
-    sites: str | tuple[str, ...] = "full"
+    sites: str | tuple[str, ...] = "paper"
     fp32_head: bool = False
 
     def __post_init__(self) -> None:
-        from ..sites.core import SITE_KINDS
+        from ..sites import parse_kinds
 
-        from .trace import RESIDUAL_KIND
+        from ..sites import SITE_KINDS
 
-        if isinstance(self.sites, str):
-            require(self.sites in SITE_PRESETS, f"unknown site set {self.sites!r}",
-                    f"use {' or '.join(SITE_PRESETS)}, or a list of site kinds")
-        else:
-            kinds = tuple(self.sites)
-            bad = [k for k in kinds if k not in SITE_KINDS and k != RESIDUAL_KIND]
-            require(not bad, f"unknown site kind {bad[0] if bad else ''!r}",
-                    f"use kinds from {', '.join(SITE_KINDS + (RESIDUAL_KIND,))}")
-            object.__setattr__(self, "sites", kinds)
+        if not (isinstance(self.sites, str) and self.sites in SITE_PRESETS):
+            words = self.sites.replace(",", "+").split("+") if isinstance(self.sites, str) else list(self.sites)
+            bad = [w for w in words if w.strip() not in SITE_KINDS]
+            require(not bad, f"unknown site set or kind {bad[0] if bad else self.sites!r}",
+                    f"use {', '.join(SITE_PRESETS)}, or site kinds joined by + ({', '.join(SITE_KINDS)})")
+            object.__setattr__(self, "sites", parse_kinds(self.sites, "sites"))
         if self.weight is not None:
             require(self.weight.granularity != "per_token", "per_token granularity is for activations",
                     "use per_tensor or per_channel for weights")
@@ -156,11 +152,11 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 def paper_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False) -> QuantConfig:
     """The paper's setting: W per-tensor symmetric current min-max; A per-tensor asymmetric static running
-    min-max (momentum 0.9, 16 calibration batches); every activation site."""
+    min-max (momentum 0.9, 16 calibration batches); the reference code's site set (``sites="paper"``)."""
     return QuantConfig(weight=QuantSpec(weight_bits, True, "per_tensor", "current_minmax"),
                        activation=QuantSpec(act_bits, False, "per_tensor", "running_minmax", static=True,
                                             momentum=0.9),
-                       sites="full", fp32_head=fp32_head)
+                       sites="paper", fp32_head=fp32_head)
 
 
 def linear_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False) -> QuantConfig:
@@ -168,4 +164,9 @@ def linear_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False
     return paper_w8a8(weight_bits, act_bits, fp32_head).replace(sites="linear")
 
 
-PRESETS = {"paper": paper_w8a8, "linear": linear_w8a8}
+def full_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False) -> QuantConfig:
+    """Every activation and every weight (each tensor rounded once), on the paper's grids."""
+    return paper_w8a8(weight_bits, act_bits, fp32_head).replace(sites="full")
+
+
+PRESETS = {"paper": paper_w8a8, "full": full_w8a8, "linear": linear_w8a8}

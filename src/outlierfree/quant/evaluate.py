@@ -107,10 +107,13 @@ def headline(task: str) -> tuple[str, bool]:
 
 
 def evaluate_pair(qm: QuantizedModel, batches: Iterable[dict[str, torch.Tensor]], task: str,
-                  progress: bool = True, label: str = "evaluating", record: bool = False) -> dict[str, Any]:
+                  progress: bool = True, label: str = "evaluating", record: bool = False,
+                  refs: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Float and quantized metrics on the same batches (float pass then quantized pass per batch).
 
-    Returns ``{"float": {...}, "quantized": {...}, "seconds": {"float": s, "quantized": s}}``.
+    ``refs``: the float outputs of these batches when already computed (the ablation reuses them; the float
+    pass is then skipped and its seconds are 0). Returns ``{"float": {...}, "quantized": {...}, "seconds":
+    {"float": s, "quantized": s}}``.
     """
     fs, qs = Scores(task), Scores(task)
     tf = tq = 0.0
@@ -119,10 +122,13 @@ def evaluate_pair(qm: QuantizedModel, batches: Iterable[dict[str, torch.Tensor]]
     model.eval()
     try:
         with torch.no_grad():
-            for batch in track(batches, label, enabled=progress):
+            for i, batch in enumerate(track(batches, label, enabled=progress)):
                 t0 = time.perf_counter()
-                with qm.float_mode():
-                    ref = model_output(model, batch, task)
+                if refs is not None:
+                    ref = refs[i]
+                else:
+                    with qm.float_mode():
+                        ref = model_output(model, batch, task)
                 t1 = time.perf_counter()
                 if record:
                     with qm.recording():
@@ -151,21 +157,32 @@ def site_groups(qm: QuantizedModel) -> dict[str, list[str]]:
     return groups
 
 
-def ablation(qm: QuantizedModel, batches: list[dict[str, torch.Tensor]], task: str, float_result: dict[str, Any],
-             progress: bool = True) -> list[dict[str, Any]]:
+def ablation(qm: QuantizedModel, batches: list[dict[str, torch.Tensor]], task: str,
+             float_result: dict[str, Any] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Leave-one-group-in: quantize only one site group (or only the weights) at a time; worst first.
 
     Each row: group, sites, the quantized metric, its change against float, and the output SQNR. Rows are sorted by
-    harm to the task metric, ties broken by output SQNR.
+    harm to the task metric, ties broken by output SQNR. The float outputs are computed once and reused for every
+    group (the numbers are those of a float pass beside each group's quantized pass).
     """
     metric, higher = headline(task)
     groups = site_groups(qm)
     rows = []
     items = [("weights only", [], True)] if qm.config.weight is not None else []
     items += [(g, names, False) for g, names in sorted(groups.items())]
+    with torch.no_grad(), qm.float_mode():  # the float outputs once, not once per group
+        was = qm.model.training
+        qm.model.eval()
+        refs = [model_output(qm.model, b, task) for b in batches]
+        qm.model.train(was)
+    if float_result is None:
+        fs = Scores(task)
+        for y, b in zip(refs, batches):
+            fs.add(y, b, None)
+        float_result = fs.result()
     for group, names, weights in track(items, "ablation (one group at a time)", enabled=progress):
         with qm.only_sites(names, weights=weights):
-            r = evaluate_pair(qm, batches, task, progress=False)["quantized"]
+            r = evaluate_pair(qm, batches, task, progress=False, refs=refs)["quantized"]
         val = r.get(metric)
         ref = float_result.get(metric)
         delta = None if val is None or ref is None else val - ref
@@ -178,17 +195,19 @@ def ablation(qm: QuantizedModel, batches: list[dict[str, torch.Tensor]], task: s
 
 def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: list[dict[str, torch.Tensor]],
                        eval_batches: list[dict[str, torch.Tensor]], config: QuantConfig, task: str | None = None,
-                       diagnostics: bool = False, diag_batches: int = 2, progress: bool = True) -> dict[str, Any]:
+                       diagnostics: bool = False, diag_batches: int = 2, progress: bool = True,
+                       ablate: bool = False) -> dict[str, Any]:
     """Calibrate ``config`` on ``calib_batches``, evaluate float and quantized on ``eval_batches``.
 
     The Python API used by ``outlierfree reproduce``. The model is left as it was (hooks removed).
 
     Returns ``{"config": ..., "task": ..., "float": {...}, "quantized": {...}, "seconds": {...},
-    "calib_batches": n, "eval_batches": n}`` plus, with ``diagnostics``, ``"sites"`` (per-site range and SQNR),
-    ``"weights"`` and ``"ablation"`` (leave-one-group-in on the first ``diag_batches`` evaluation batches).
+    "calib_batches": n, "eval_batches": n, "uninstrumented": [...]}`` plus, with ``diagnostics``, ``"sites"``
+    (per-site range and SQNR), ``"aliases"`` and ``"weights"`` (quantized and float weights); with ``ablate`` also
+    ``"ablation"`` (leave-one-group-in on the first ``diag_batches`` evaluation batches).
     """
     task = task or task_of(model)
-    qm = quantize(model, config)
+    qm = quantize(model, config, task)
     try:
         t0 = time.perf_counter()
         n_cal = qm.calibrate(calib_batches, lambda m, b: model_output(m, b, task), progress=progress) \
@@ -196,17 +215,19 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
         t_cal = time.perf_counter() - t0
         res = evaluate_pair(qm, eval_batches, task, progress=progress, record=diagnostics)
         out: dict[str, Any] = {"config": config.to_dict(), "task": task, **res,
-                               "calib_batches": n_cal, "eval_batches": len(eval_batches)}
+                               "calib_batches": n_cal, "eval_batches": len(eval_batches),
+                               "uninstrumented": qm.uninstrumented}
         out["seconds"]["calibration"] = t_cal
         if diagnostics:
             out["sites"] = qm.sites_table()
             out["aliases"] = dict(qm.aliases)
             out["weights"] = qm.weight_table()
+        if ablate:
+            t0 = time.perf_counter()
             if config.activation is not None or config.weight is not None:
-                out["ablation"] = ablation(qm, eval_batches[:max(1, diag_batches)], task,
-                                           evaluate_pair(qm, eval_batches[:max(1, diag_batches)], task,
-                                                         progress=False)["float"], progress=progress)
+                out["ablation"] = ablation(qm, eval_batches[:max(1, diag_batches)], task, progress=progress)
                 out["ablation_batches"] = min(len(eval_batches), max(1, diag_batches))
+            out["seconds"]["ablation"] = time.perf_counter() - t0
         return out
     finally:
         qm.remove()

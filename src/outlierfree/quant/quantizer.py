@@ -82,6 +82,11 @@ def _reduce_range(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torc
     return lo, hi
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or as is when it is float32 / float64 already."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class Quantizer:
     """Fake quantizer of one tensor site (an activation) or one weight.
 
@@ -105,8 +110,9 @@ class Quantizer:
 
     # ---- range ----------------------------------------------------------------------------------------------
     def observe(self, x: torch.Tensor) -> None:
-        """Update the range estimate with a calibration tensor."""
-        self.estimator.update(x.detach())
+        """Update the range estimate with a calibration tensor (in float32 or float64, whatever its dtype)."""
+        x = _wide(x.detach())
+        self.estimator.update(x)
         self.lo, self.hi = self._shape(*self.estimator.range(final=False), x)
 
     def freeze(self) -> None:
@@ -142,11 +148,12 @@ class Quantizer:
     def __call__(self, x: torch.Tensor, calibrate: bool = False) -> torch.Tensor:
         """Fake-quantized ``x`` (and a range update first when ``calibrate`` and the spec is static)."""
         self.calls += 1
+        dtype, x = x.dtype, _wide(x)  # scale and zero point in float32 even for fp16 / bf16 tensors
         if calibrate and not self.spec.dynamic:
             self.observe(x)
         lo, hi = self.range_for(x)
         lo, hi = lo.to(x.dtype), hi.to(x.dtype)
-        q = fake_quant_range(x, lo, hi, self.spec.bits, self.spec.symmetric)
+        q = fake_quant_range(x, lo, hi, self.spec.bits, self.spec.symmetric).to(dtype)
         if self.record:
             with torch.no_grad():
                 xd = x.detach().double()

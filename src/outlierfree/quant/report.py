@@ -49,11 +49,23 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append("Float and quantized are evaluated on the same validation batches; ranges are calibrated on the "
                  "training split. Output SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) of the model output against "
-                 "float.")
+                 "float. Site sets: `paper` = the reference code's quantizers (docs/quantization.md), `full` = every "
+                 "activation and weight, `linear` = linear inputs and weights only.")
+    for r in report["runs"]:
+        if r.get("uninstrumented"):
+            lines += ["", f"**Not instrumented** ({r['config']['describe']}): these modules compute a softmax "
+                          f"outside transformers' attention interface, so their scores, probabilities and context "
+                          f"stayed float: {', '.join('`%s`' % m for m in r['uninstrumented'])}."]
     for r in report["runs"]:
         if "sites" not in r:
             continue
+        floats = [w for w in r.get("weights", []) if not w.get("quantized", True)]
         lines += ["", f"## Diagnostics: {r['config']['describe']}", "",
+                  f"{sum(1 for w in r.get('weights', []) if w.get('quantized', True))} weights quantized, "
+                  f"{len(floats)} used in float: "
+                  + ("; ".join(f"`{w['weight']}` ({w['why']})" for w in floats[:12])
+                     + (f"; ... ({len(floats) - 12} more in quant.json)" if len(floats) > 12 else "")
+                     if floats else "none") + ".", "",
                   "### Sites with the lowest SQNR (each site's own quantization error on the evaluation batches)", "",
                   "| site | kind | range | SQNR (dB) | same tensor as |", "|---|---|---|---|---|"]
         sites = sorted((s for s in r["sites"] if s["sqnr_db"] is not None), key=lambda s: s["sqnr_db"])

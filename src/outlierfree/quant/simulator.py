@@ -2,22 +2,28 @@
 
     qm = quantize(model, paper_w8a8())          # hooks in place; the model's parameters are never modified
     qm.calibrate(train_batches)                 # static activation ranges (running min-max over the batches)
-    out = model(**batch)                        # fake-quantized forward (weights and every activation site)
+    out = model(**batch)                        # fake-quantized forward (weights and every selected site)
     with qm.float_mode(): ref = model(**batch)  # the same model in float, without removing anything
     qm.remove()                                 # back to the untouched float model
 
-Activation sites are those of :mod:`outlierfree.sites` (module inputs/outputs and attention internals, through
-``observe``) plus the residual and embedding sums found by :mod:`.trace`. A tensor is quantized at most once, at the
-first site where it appears: the query projection's output is also the attention ``query`` site, a LayerNorm's
-output is also the next linear's input, a residual sum is also the next LayerNorm's input. Later sites that receive
-the same storage (a view or the tensor itself) are recorded as aliases of the first and left alone, so that no
-tensor is rounded twice onto two slightly different grids.
+Activation sites and weights come from the one site mechanism of :mod:`outlierfree.sites` (``observe``: module
+hooks, attention internals, residual sums and weight interception); which of them are quantized is the config's
+site set (:mod:`.sitesets`: ``paper``, ``full``, ``linear`` or kinds).
+
+**A tensor is rounded at most once, by construction.** Every quantized tensor carries the name of its site, and the
+op mode of :mod:`outlierfree.sites.ops` carries that name through every operation that keeps values on the grid
+(views, copies, ``transpose().contiguous()``, casts, splits, concatenation, scaling by a number). A site whose tensor
+already lies on a grid is recorded as an alias of the site that quantized it and left alone.
+
+**Calibration happens only inside** :meth:`QuantizedModel.calibrate`. With static activation ranges, a forward pass
+before it is an error (run it inside :meth:`~QuantizedModel.float_mode` for a float reference), and a site first
+met after calibration is an error that names it. Quantization parameters are computed in float32 (or float64) for
+every input dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -25,10 +31,10 @@ import torch.nn as nn
 
 from ..errors import OutlierfreeError
 from ..models import hf_compat
-from ..sites.core import Site, discover, observe, select
-from .config import QuantConfig
+from ..sites import Site, discover, grid_of, observe
+from .config import QuantConfig, QuantSpec
 from .quantizer import Quantizer
-from .trace import RESIDUAL_KIND, intercept
+from .sitesets import site_set
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -38,11 +44,6 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, dict):
         return model(**{k: v for k, v in batch.items() if k != "labels"})
     return model(batch)
-
-
-def head_paths(model: nn.Module) -> set[str]:
-    """Module paths of the task head (the LM head / classifier whose input is the ``head_input`` site)."""
-    return {s.module for s in discover(model, attention=False) if s.kind == "head_input"}
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -59,82 +60,64 @@ class QuantizedModel:
     Attributes:
         model: the wrapped model (unchanged parameters).
         config: the :class:`QuantConfig`.
+        siteset: the :class:`~.sitesets.SiteSet` deciding which activations and weights are quantized.
         act: activation quantizers by site name (created on first sight, during calibration).
         aliases: site name -> name of the site that already quantized the same tensor.
-        mode: ``calibrate``, ``quantize`` or ``float``.
+        float_weights: parameter name -> why it stays float (every parameter the forward used and did not quantize).
+        mode: ``idle`` (static ranges, not calibrated yet), ``calibrate``, ``quantize`` or ``float``.
     """
 
-    def __init__(self, model: nn.Module, config: QuantConfig):
+    def __init__(self, model: nn.Module, config: QuantConfig, task: str | None = None):
+        from .data import task_of
+
         check_finite_weights(model)
         self.model = model
         self.config = config
-        self.heads = head_paths(model)
+        self.task = task or task_of(model)
+        self.siteset = site_set(model, config.sites, config.fp32_head, self.task)
         self.act: dict[str, Quantizer] = {}
         self.site_of: dict[str, Site] = {}
         self.aliases: dict[str, str] = {}
         self.weights: dict[int, tuple[int, torch.Tensor, Quantizer]] = {}
-        self.weight_names: dict[int, str] = {}
-        for n, p in model.named_parameters(remove_duplicate=False):
-            self.weight_names.setdefault(id(p), n)  # a tied weight keeps its first (owning) name
-        self.mode = "quantize" if (config.activation is None or config.activation.dynamic) else "calibrate"
+        self.float_weights: dict[str, str] = {}
+        self.static = config.activation is not None and not config.activation.dynamic
+        self.mode = "idle" if self.static else "quantize"
         self.only: set[str] | None = None  # ablation: quantize only these activation sites
         self.weights_on = config.weight is not None
         self.calibrated = False
-        self._recent: deque = deque(maxlen=64)  # (tensor, version) of the latest quantized outputs
-        self._recent_keys: dict[tuple, tuple[torch.Tensor, int, str]] = {}
+        self._late: list[str] = []  # sites first met after calibration, in the running forward
         self._stack = contextlib.ExitStack()
         self._attach()
 
-    # ---- which sites ----------------------------------------------------------------------------------------
-    def _site_kinds(self) -> set[str] | None:
-        s = self.config.sites
-        if s == "full":
-            return None
-        if s == "linear":
-            return {"linear_input", "head_input"}
-        return set(s)
-
-    def _static_sites(self) -> list[Site]:
-        kinds = self._site_kinds()
-        sites = discover(self.model)
-        if kinds is not None:
-            sites = select(sites, tuple(kinds))
-        if self.config.fp32_head:
-            sites = [s for s in sites if s.kind != "head_input"]
-        # a linear's input in `linear` mode also counts for the attention output / ffn output projections:
-        # discover names only their *outputs* specially, their inputs are linear_input already
-        return sites
-
-    def _want_residual(self) -> bool:
-        kinds = self._site_kinds()
-        return self.config.activation is not None and (kinds is None or RESIDUAL_KIND in kinds)
-
+    # ---- wiring ---------------------------------------------------------------------------------------------
     def _attach(self) -> None:
         try:
-            if self.config.activation is not None:
-                sites = self._static_sites()
-                self._stack.enter_context(observe(self.model, self._site_fn, sites))
-            add_fn = self._site_fn if self._want_residual() else None
-            weight_fn = self._weight_fn if self.config.weight is not None else None
-            self.interceptor = self._stack.enter_context(intercept(self.model, weight_fn, add_fn))
-            self._stack.enter_context(self._clear_recent_per_forward())
+            sites = [s for s in discover(self.model) if self.siteset.wants(s)] \
+                if self.config.activation is not None else []
+            self.observed = self._stack.enter_context(observe(
+                self.model, self._site_fn, sites,
+                residual=self.config.activation is not None and self.siteset.wants_residual(),
+                weight_fn=self._weight_fn if self.config.weight is not None else None, grids=True))
+            h = self.model.register_forward_hook(self._after_forward, always_call=True)
+            self._stack.callback(h.remove)
         except BaseException:
             self._stack.close()
             raise
 
-    @contextlib.contextmanager
-    def _clear_recent_per_forward(self) -> Iterator[None]:
-        def clear(*_: Any) -> None:
-            self._recent.clear()
-            self._recent_keys.clear()
+    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._late:
+            late, self._late = sorted(set(self._late)), []
+            raise OutlierfreeError(
+                f"{len(late)} quantization site(s) were first met after calibration: {', '.join(late[:4])}"
+                + (" ..." if len(late) > 4 else ""),
+                "calibrate on batches that take the same code paths as evaluation (same inputs and options)")
 
-        h1 = self.model.register_forward_pre_hook(clear)
-        h2 = self.model.register_forward_hook(clear, always_call=True)
-        try:
-            yield
-        finally:
-            h1.remove()
-            h2.remove()
+    @property
+    def uninstrumented(self) -> list[str]:
+        """Modules that computed a softmax outside transformers' attention interface: their attention internals
+        (scores, probabilities, context) were not quantized."""
+        mode = self.observed.mode
+        return sorted(mode.uninstrumented) if mode is not None else []
 
     def remove(self) -> None:
         """Remove every hook and mode: the model is the float model again."""
@@ -147,69 +130,57 @@ class QuantizedModel:
         self.remove()
 
     # ---- activation sites -----------------------------------------------------------------------------------
-    @staticmethod
-    def _key(t: torch.Tensor) -> tuple:
-        return (t.untyped_storage().data_ptr(), t.device.type)
-
     def _site_fn(self, site: Site, x: torch.Tensor) -> torch.Tensor | None:
         if self.mode == "float" or not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return None
-        self.interceptor.busy = True
-        try:
-            key = self._key(x)
-            hit = self._recent_keys.get(key)
-            if hit is not None and hit[0]._version == hit[1]:
-                if hit[2] != site.name:
-                    self.aliases.setdefault(site.name, hit[2])
+        if self.mode == "idle":
+            raise OutlierfreeError("the model ran a quantized forward pass before calibrate()",
+                                   "call qm.calibrate(batches) first, or run float passes inside qm.float_mode()")
+        g = grid_of(x)
+        if g is not None:  # already rounded at an earlier site: never twice
+            if g != site.name:
+                self.aliases.setdefault(site.name, g)
+            return None
+        if not self.siteset.wants(site):  # residual sums are offered whatever the set
+            return None
+        if self.only is not None and site.name not in self.only:
+            return None
+        q = self.act.get(site.name)
+        if q is None:
+            if self.mode != "calibrate" and self.static:
+                self._late.append(site.name)
                 return None
-            if self.only is not None and site.name not in self.only:
-                return None
-            q = self.act.get(site.name)
-            if q is None:
-                if self.mode != "calibrate" and not self.config.activation.dynamic:
-                    return None  # never a first site during calibration (an alias there): leave it
-                q = self.act[site.name] = Quantizer(self.config.activation, site.name)
-                self.site_of[site.name] = site
-                self.aliases.pop(site.name, None)
-            out = q(x, calibrate=self.mode == "calibrate")
-            self._remember(out, site.name)
-            return out
-        finally:
-            self.interceptor.busy = False
-
-    def _remember(self, t: torch.Tensor, name: str) -> None:
-        if len(self._recent) == self._recent.maxlen:
-            old = self._recent[0]
-            self._recent_keys.pop(self._key(old), None)
-        self._recent.append(t)
-        self._recent_keys[self._key(t)] = (t, t._version, name)
+            q = self.act[site.name] = Quantizer(self.config.activation, site.name)
+            self.site_of[site.name] = site
+            self.aliases.pop(site.name, None)
+        return q(x, calibrate=self.mode == "calibrate")
 
     # ---- weights --------------------------------------------------------------------------------------------
-    def _weight_fn(self, path: str, func: str, w: torch.Tensor) -> torch.Tensor | None:
-        if not self.weights_on or self.mode == "float":
+    def _weight_fn(self, path: str, func: str, pname: str, w: torch.Tensor) -> torch.Tensor | None:
+        if not self.weights_on or self.mode == "float" or not w.is_floating_point():
             return None
-        if self.config.fp32_head and path in self.heads:
+        reason = self.siteset.weight_reason(path, func, pname, w)
+        if reason is not None:
+            self.float_weights.setdefault(pname, reason)
             return None
-        if self.config.sites == "linear" and func != "linear":
-            return None  # the common libraries quantize Linear weights only
-        self.interceptor.busy = True
-        try:
-            cached = self.weights.get(id(w))
-            if cached is not None and cached[0] == w._version:
-                return cached[1]
-            name = self.weight_names.get(id(w), path + ".weight")
-            qz = Quantizer(self.config.weight, name)
-            qz.observe(w)
-            qz.freeze()
-            with torch.no_grad():
-                wq = qz(w.detach())
-            if w.requires_grad and torch.is_grad_enabled():
-                wq = w + (wq - w).detach()  # straight-through to the float weight
-            else:
-                self.weights[id(w)] = (w._version, wq, qz)
-            return wq
-        finally:
-            self.interceptor.busy = False
+        key = (id(w), func == "addmm")
+        cached = self.weights.get(key)
+        if cached is not None and cached[0] == w._version:
+            return cached[1]
+        spec: QuantSpec = self.config.weight
+        if w.dim() == 1 and spec.granularity != "per_tensor":
+            spec = QuantSpec(**{**spec.__dict__, "granularity": "per_tensor"})  # a norm gain is one "channel"
+        qz = Quantizer(spec, pname)
+        src = w.detach().t() if func == "addmm" else w.detach()  # Conv1D: (in, out), channels on dim 1
+        qz.observe(src)
+        qz.freeze()
+        with torch.no_grad():
+            wq = qz(src)
+            wq = wq.t() if func == "addmm" else wq
+        if w.requires_grad and torch.is_grad_enabled():
+            return w + (wq - w).detach()  # straight-through to the float weight
+        self.weights[key] = (w._version, wq, qz)
+        return wq
 
     # ---- modes ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -264,6 +235,13 @@ class QuantizedModel:
                     n += 1
         finally:
             self.model.train(was_training)
+        if n == 0:
+            self.mode = "idle"
+            raise OutlierfreeError("calibration got no batches", "pass one or more calibration batches")
+        if self.static and not self.act:
+            self.mode = "idle"
+            raise OutlierfreeError(f"the site set {self.siteset.name!r} matched no activation of "
+                                   f"{type(self.model).__name__}", "pass another --sites (paper, full, linear)")
         for q in self.act.values():
             q.freeze()
         self.mode = "quantize"
@@ -284,14 +262,13 @@ class QuantizedModel:
         return rows
 
     def weight_table(self) -> list[dict[str, Any]]:
-        """One row per quantized weight: name, range, SQNR of the weight itself."""
-        rows = []
-        for _, (_, wq, qz) in self.weights.items():
-            rows.append({"weight": qz.name, **qz.range_summary()})
+        """One row per weight the forward used: quantized ones with their range, float ones with the reason."""
+        rows = [{"weight": qz.name, "quantized": True, **qz.range_summary()} for _, (_, _, qz) in self.weights.items()]
+        rows += [{"weight": n, "quantized": False, "why": why} for n, why in sorted(self.float_weights.items())]
         return rows
 
 
-def quantize(model: nn.Module, config: QuantConfig) -> QuantizedModel:
+def quantize(model: nn.Module, config: QuantConfig, task: str | None = None) -> QuantizedModel:
     """Put ``model`` under simulated quantization (hooks only; see :class:`QuantizedModel`).
 
     Works on any Hugging Face model whose attention goes through transformers' attention interface (BERT, OPT,
@@ -302,4 +279,4 @@ def quantize(model: nn.Module, config: QuantConfig) -> QuantizedModel:
         raise OutlierfreeError(f"quantize() needs a torch module, got {type(model).__name__}",
                                "pass a loaded Hugging Face model")
     hf_compat.register()
-    return QuantizedModel(model, config)
+    return QuantizedModel(model, config, task)

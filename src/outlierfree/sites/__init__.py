@@ -1,5 +1,8 @@
-"""Named tensor sites shared by outlier analysis and the quantization simulator (see :mod:`.core`)."""
+"""Named tensor sites shared by outlier analysis and the quantization simulator (see :mod:`.core` and :mod:`.ops`)."""
 
-from .core import ATTENTION_POINTS, SITE_KINDS, Site, discover, layer_index, observe, select
+from .core import (ATTENTION_POINTS, SITE_KINDS, Observed, Site, discover, in_head, layer_index, observe, parse_kinds,
+                   select)
+from .ops import RESIDUAL_KIND, grid_of, mark
 
-__all__ = ["Site", "SITE_KINDS", "ATTENTION_POINTS", "discover", "observe", "select", "layer_index"]
+__all__ = ["Site", "SITE_KINDS", "ATTENTION_POINTS", "RESIDUAL_KIND", "Observed", "discover", "observe", "select",
+           "layer_index", "parse_kinds", "in_head", "grid_of", "mark"]

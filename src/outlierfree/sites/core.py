@@ -8,9 +8,11 @@ A *site* is one tensor a forward pass produces, named by the module that produce
 Module-boundary sites are observed with forward hooks; attention internals (query, key, value, scores, probs,
 context, gate) through the ``outlierfree_probe`` of :mod:`outlierfree.attention.interface`, which is why
 :func:`observe` routes the model through the ``outlierfree`` attention implementation while it is active.
-Known families (BERT, OPT, ViT) get precise names for attention output and FFN output; any other transformer gets
-the generic rule: every norm's input and output, every linear's input and output, every activation function's
-output, the embeddings, and every attention module's internals.
+Residual and embedding sums, the weights every operation uses, and the grids of quantized tensors come from the
+op mode of :mod:`.ops`. Known families (BERT, OPT, ViT) get precise names for attention output and FFN output; any
+other transformer gets the generic rule: every norm's input and output, every linear's input and output, every
+activation function's output, the embeddings, the task head's input and logits, and the internals of every module
+that calls transformers' attention interface.
 
 One mechanism serves both users: ``observe(model, fn)`` calls ``fn(site, tensor)`` at every site; if ``fn`` returns a
 tensor, that tensor replaces the activation (the simulator's fake quantization); ``None`` leaves it unchanged.
@@ -21,47 +23,55 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
+from ..errors import require
 from ..models import hf_compat
 
-# Every kind of site, in the order a block computes them.
+# Every kind of site, in the order a block computes them: the one list that analysis and quantization share.
 SITE_KINDS = (
     "embedding",  # output of an embedding table (word, position, token type, patch projection)
+    "residual",  # a residual sum or an embeddings' sum, found as a `tensor + tensor` add (see .ops)
     "ln_input",  # input of a LayerNorm / RMSNorm: the residual sum (or the embeddings' sum)
     "ln_output",  # output of a LayerNorm / RMSNorm
     "linear_input",  # input of any other nn.Linear
-    "linear_output",  # output of any other nn.Linear
+    "linear_output",  # output of any other nn.Linear (Q, K, V projections included)
     "query", "key", "value",  # attention Q, K, V (B, H, T, D), inside the attention function
-    "attn_scores",  # Q K^T * scale (B, H, Tq, Tk)
+    "attn_scores",  # Q K^T * scale (B, H, Tq, Tk), before masks and position biases are added
     "attn_probs",  # (clipped) softmax probabilities (B, H, Tq, Tk)
     "context",  # probabilities x V, before the gate (B, H, Tq, D)
     "gate",  # gated attention's gate probabilities
     "attn_output",  # output of the attention's output projection, before the residual add
+    "ffn_up",  # output of the FFN's first linear(s), before the activation (fc1, intermediate.dense, gate_proj)
     "ffn_hidden",  # output of the FFN activation function
     "ffn_output",  # output of the FFN's second linear, before the residual add
-    "head_input",  # input of the task head (LM head / classifier)
+    "head_input",  # input of the task head's final linear (LM head / classifier)
+    "logits",  # output of the task head's final linear
 )
 ATTENTION_POINTS = {"query": "query", "key": "key", "value": "value", "scores": "attn_scores",
                      "probs": "attn_probs", "context": "context", "gate": "gate"}
-NORM_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm")  # class-name fragments of normalisation modules
+NORM_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm", "LayerNorm2d")  # class-name fragments of normalisation modules
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)(?:\.|$)")
-# precise names of the known families: (module path suffix pattern, point) -> kind
+# precise names of the known families: module path suffix pattern -> kind of the Linear's output
 _FAMILY_RULES: dict[str, list[tuple[str, str]]] = {
     "bert": [(r"\.attention\.output\.dense$", "attn_output"), (r"\.layer\.\d+\.output\.dense$", "ffn_output"),
-             (r"\.intermediate\.intermediate_act_fn$", "ffn_hidden")],
+             (r"\.intermediate\.dense$", "ffn_up")],
     # transformers 5 names ViT's blocks like Llama's (attention.o_proj, mlp.fc2); older releases like BERT's
     "vit": [(r"\.attention\.(output\.dense|o_proj)$", "attn_output"),
-            (r"\.(layer\.\d+\.output\.dense|mlp\.fc2)$", "ffn_output")],
-    "opt": [(r"\.self_attn\.out_proj$", "attn_output"), (r"\.fc2$", "ffn_output"), (r"\.activation_fn$", "ffn_hidden")],
+            (r"\.(layer\.\d+\.output\.dense|mlp\.fc2)$", "ffn_output"), (r"\.(intermediate\.dense|mlp\.fc1)$", "ffn_up")],
+    "opt": [(r"\.self_attn\.out_proj$", "attn_output"), (r"\.fc2$", "ffn_output"), (r"\.fc1$", "ffn_up")],
 }
-# generic names (Llama, Gemma, Mistral, GPT-2 style...) for attention and FFN outputs
-_GENERIC_RULES = [(r"\.(o_proj|out_proj|c_proj)$", "attn_output", r"attn|attention"),
-                  (r"\.(down_proj|fc2|dense_4h_to_h|c_proj|wo)$", "ffn_output", r"mlp|ffn|feed_forward|output")]
-_HEAD_NAMES = ("lm_head", "classifier", "cls.predictions.decoder", "decoder")
+# generic names (Llama, Gemma, Mistral, GPT-2, DistilBERT, T5, ALBERT...): (leaf pattern, kind, parent pattern)
+_GENERIC_RULES = [
+    (r"\.(o_proj|out_proj|c_proj|out_lin|o|dense)$", "attn_output", r"attn|attention"),
+    (r"\.(down_proj|fc2|dense_4h_to_h|c_proj|wo|lin2|w2|ffn_output|output\.dense)$", "ffn_output",
+     r"mlp|ffn|feed_forward|DenseReluDense|layer\.\d+$|albert_layers\.\d+$"),
+    (r"\.(fc1|gate_proj|up_proj|c_fc|wi|wi_0|wi_1|lin1|w1|w3|dense_h_to_4h|ffn|intermediate\.dense)$", "ffn_up",
+     r"mlp|ffn|feed_forward|DenseReluDense|intermediate|layer\.\d+$|albert_layers\.\d+$"),
+]
 
 
 @dataclass(frozen=True)
@@ -102,20 +112,33 @@ def _is_activation(path: str, m: nn.Module) -> bool:
 
 
 def _linear_kind(path: str, family: str | None) -> str | None:
-    """attn_output / ffn_output for the Linear at ``path``, or None for an ordinary linear."""
+    """attn_output / ffn_up / ffn_output for the Linear at ``path``, or None for an ordinary linear."""
     for pat, kind in _FAMILY_RULES.get(family or "", []):
-        if re.search(pat, path) and kind != "ffn_hidden":
+        if re.search(pat, path):
             return kind
     if family in _FAMILY_RULES:
         return None
     for pat, kind, parent in _GENERIC_RULES:
-        if re.search(pat, path) and re.search(parent, path):
+        m = re.search(pat, path)
+        if m and re.search(parent, path[:m.start()], re.IGNORECASE):
             return kind
     return None
 
 
-def _is_head(path: str, model: nn.Module) -> bool:
-    return path in _HEAD_NAMES or path.endswith(".decoder") and "predictions" in path
+def _final_head_linear(model: nn.Module) -> str | None:
+    """Path of the last linear of the task head (the LM head / classifier whose output is the logits)."""
+    last = None
+    for head in hf_compat.head_paths(model):
+        mod = model.get_submodule(head)
+        for sub, m in mod.named_modules():
+            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+                last = f"{head}.{sub}" if sub else head
+    return last
+
+
+def in_head(path: str, heads: list[str]) -> bool:
+    """Whether a module path lies in the task head (one of ``hf_compat.head_paths``)."""
+    return any(path == h or path.startswith(h + ".") for h in heads)
 
 
 def discover(model: nn.Module, attention: bool = True) -> list[Site]:
@@ -126,6 +149,7 @@ def discover(model: nn.Module, attention: bool = True) -> list[Site]:
             ``outlierfree`` attention function, which :func:`observe` switches on while it runs.
     """
     family = hf_compat.family_of(getattr(model, "config", None))
+    head = _final_head_linear(model)
     sites: list[Site] = []
 
     def add(path: str, kind: str, point: str) -> None:
@@ -139,11 +163,13 @@ def discover(model: nn.Module, attention: bool = True) -> list[Site]:
             add(path, "ln_output", "output")
         elif isinstance(m, nn.Embedding):
             add(path, "embedding", "output")
-        elif isinstance(m, nn.Conv2d) and "embed" in path:  # ViT patch projection
-            add(path, "embedding", "output")
+        elif isinstance(m, nn.Conv2d) and "embed" in path:  # ViT patch projection: a linear map of the pixels
+            add(path, "linear_input", "input")
+            add(path, "linear_output", "output")
         elif isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":  # GPT-2 style linears (transposed weight)
-            if _is_head(path, model):
+            if path == head:
                 add(path, "head_input", "input")
+                add(path, "logits", "output")
                 continue
             kind = _linear_kind(path, family)
             add(path, "linear_input", "input")
@@ -168,16 +194,48 @@ def select(sites: list[Site], kinds: str | tuple[str, ...] | None = None, layer:
 SiteFn = Callable[[Site, torch.Tensor], "torch.Tensor | None"]
 
 
+class Observed(list):
+    """The static sites being observed, and the op mode (:class:`.ops.OpMode`, or None) that traces the forward."""
+
+    def __init__(self, sites: list[Site], mode: Any):
+        super().__init__(sites)
+        self.mode = mode
+
+
+def parse_kinds(text: str | tuple[str, ...] | list[str], flag: str = "--sites") -> tuple[str, ...]:
+    """Site kinds from ``"ln_input,residual"`` / ``"ln_input+residual"`` / ``"all"`` / a sequence, validated with
+    a one-line error naming the unknown kind (the one validation analysis and quantization share)."""
+    if isinstance(text, str):
+        if text.strip() == "all":
+            return SITE_KINDS
+        kinds = tuple(k.strip() for k in re.split(r"[,+]", text) if k.strip())
+    else:
+        kinds = tuple(text)
+    bad = [k for k in kinds if k not in SITE_KINDS]
+    require(bool(kinds) and not bad, f"unknown site kind {bad[0] if bad else text!r} in {flag}",
+            f"use kinds from {', '.join(SITE_KINDS)} (or all)")
+    return kinds
+
+
 @contextlib.contextmanager
-def observe(model: nn.Module, fn: SiteFn, sites: list[Site] | None = None) -> Iterator[list[Site]]:
+def observe(model: nn.Module, fn: SiteFn, sites: list[Site] | None = None, *, residual: bool = False,
+            weight_fn: "ops.WeightFn | None" = None, grids: bool = False) -> Iterator[list[Site]]:
     """Call ``fn(site, tensor)`` for every site during forward passes inside the ``with`` block.
 
-    If ``fn`` returns a tensor, it replaces the activation (inputs and outputs of modules and attention internals
-    alike), so the same mechanism measures (analysis) and fake-quantizes (simulator). Hooks, probes and the
-    attention implementation are restored on exit, also after an exception.
+    If ``fn`` returns a tensor, it replaces the activation (inputs and outputs of modules, attention internals and
+    residual sums alike) and is marked as lying on that site's grid (:func:`.ops.grid_of`), so the same mechanism
+    measures (analysis) and fake-quantizes (simulator). Hooks, probes, the op mode and the attention implementation
+    are restored on exit, also after an exception.
 
-    Yields the list of sites being observed (``discover(model)`` when ``sites`` is None).
+    Args:
+        sites: the static sites to observe (``discover(model)`` when None).
+        residual: also call ``fn`` at every residual / embedding sum (kind ``residual``, found by :mod:`.ops`).
+        weight_fn: offered every parameter the model computes with (see :mod:`.ops`), may return a replacement.
+        grids: run the op mode even without residual sums or weights, so that grids propagate.
+    Yields the list of static sites being observed (an :class:`Observed`, whose ``mode`` is the op mode or None).
     """
+    from . import ops
+
     sites = discover(model) if sites is None else sites
     modules = dict(model.named_modules())
     by_module: dict[str, dict[str, Site]] = {}
@@ -186,31 +244,72 @@ def observe(model: nn.Module, fn: SiteFn, sites: list[Site] | None = None) -> It
             raise KeyError(f"site {s.name} names a module that {type(model).__name__} does not have")
         by_module.setdefault(s.module, {})[s.point] = s
 
+    state: dict[str, Any] = {"mode": None}
+    calls: dict[str, int] = {}  # module path -> calls in the running forward (ALBERT runs one layer many times)
+    repeats: dict[tuple[str, int], Site] = {}
+
+    def call(site: Site, t: torch.Tensor) -> torch.Tensor | None:
+        k = calls.get(site.module, 1) - 1
+        if k > 0 and "#" not in site.name:  # a module's k-th call in one forward is a site of its own
+            site = repeats.get((site.name, k)) or repeats.setdefault(
+                (site.name, k), Site(f"{site.name}#{k}", site.kind, (site.layer or 0) + k if site.layer is not None
+                                     else None, site.module, site.point))
+        mode = state["mode"]
+        if mode is not None:
+            mode.busy = True  # the site function's own operations are not traced
+        try:
+            new = fn(site, t)
+        finally:
+            if mode is not None:
+                mode.busy = False
+        if new is not None and new is not t:
+            ops.mark(new, site.name)
+        return new
+
     handles = []
     probed: list[nn.Module] = []
     previous_impl = hf_compat.attention_implementation(model)
     needs_probe = any(p in ATTENTION_POINTS for pts in by_module.values() for p in pts)
-    try:
-        if needs_probe and previous_impl != hf_compat.IMPL_NAME:
-            hf_compat.set_attention_implementation(model, hf_compat.IMPL_NAME)
-        for path, points in by_module.items():
-            m = modules[path]
-            if "input" in points:
-                handles.append(m.register_forward_pre_hook(_pre_hook(points["input"], fn), with_kwargs=True))
-            if "output" in points:
-                handles.append(m.register_forward_hook(_post_hook(points["output"], fn)))
-            internal = {p: s for p, s in points.items() if p in ATTENTION_POINTS}
-            if internal:
-                m.outlierfree_probe = _probe(internal, fn)
-                probed.append(m)
-        yield sites
-    finally:
-        for h in handles:
-            h.remove()
-        for m in probed:
-            m.__dict__.pop("outlierfree_probe", None)
-        if needs_probe and previous_impl not in (None, hf_compat.IMPL_NAME):
-            hf_compat.set_attention_implementation(model, previous_impl)
+    with contextlib.ExitStack() as stack:
+        try:
+            if needs_probe and previous_impl != hf_compat.IMPL_NAME:
+                hf_compat.set_attention_implementation(model, hf_compat.IMPL_NAME)
+            handles.append(model.register_forward_pre_hook(_reset(calls), prepend=True))
+            for path, points in by_module.items():
+                m = modules[path]
+                handles.append(m.register_forward_pre_hook(_count(calls, path), prepend=True))
+                if "input" in points:
+                    handles.append(m.register_forward_pre_hook(_pre_hook(points["input"], call), with_kwargs=True))
+                if "output" in points:
+                    handles.append(m.register_forward_hook(_post_hook(points["output"], call)))
+                internal = {p: s for p, s in points.items() if p in ATTENTION_POINTS}
+                if internal:
+                    m.outlierfree_probe = _probe(internal, call)
+                    probed.append(m)
+            if residual or weight_fn is not None or grids:
+                state["mode"] = stack.enter_context(ops.trace(model, weight_fn, call if residual else None))
+            yield Observed(sites, state["mode"])
+        finally:
+            for h in handles:
+                h.remove()
+            for m in probed:
+                m.__dict__.pop("outlierfree_probe", None)
+            if needs_probe and previous_impl not in (None, hf_compat.IMPL_NAME):
+                hf_compat.set_attention_implementation(model, previous_impl)
+
+
+def _reset(calls: dict[str, int]) -> Callable:
+    def hook(module: nn.Module, args: tuple) -> None:
+        calls.clear()
+
+    return hook
+
+
+def _count(calls: dict[str, int], path: str) -> Callable:
+    def hook(module: nn.Module, args: tuple) -> None:
+        calls[path] = calls.get(path, 0) + 1
+
+    return hook
 
 
 def _pre_hook(site: Site, fn: SiteFn) -> Callable:
