@@ -75,7 +75,8 @@ def analyze_model(model: nn.Module, batches: Iterable[EvalBatch | dict[str, torc
     require(len(batches) > 0, "no evaluation batches to analyse", "pass --batches 1 or more, and data with tokens")
     batches = [b if isinstance(b, EvalBatch) else from_inputs(b, tokenizer) for b in batches]
     sites = analysis_sites(model, kinds, attention)
-    require(len(sites) > 0, f"found no sites of kinds {', '.join(kinds)} in {type(model).__name__}",
+    residual = "residual" in kinds  # residual sums are found while the forward runs (outlierfree.sites.ops)
+    require(len(sites) > 0 or residual, f"found no sites of kinds {', '.join(kinds)} in {type(model).__name__}",
             "pass other --sites kinds (see docs/metrics.md), e.g. --sites all")
     stats: dict[str, HiddenStats | AttentionStats] = {
         s.name: AttentionStats(s) if s.kind == "attn_probs" else HiddenStats(s) for s in sites}
@@ -83,7 +84,9 @@ def analyze_model(model: nn.Module, batches: Iterable[EvalBatch | dict[str, torc
     current: dict[str, Any] = {"batch": None, "offset": 0}
 
     def on_site(site: Site, t: torch.Tensor) -> None:
-        st = stats[site.name]
+        st = stats.get(site.name)
+        if st is None:  # a residual sum, or a module's second call in one forward (ALBERT's shared layers)
+            st = stats[site.name] = AttentionStats(site) if site.kind == "attn_probs" else HiddenStats(site)
         batch = current["batch"]
         if isinstance(st, AttentionStats):
             st.update(t, batch)
@@ -100,7 +103,7 @@ def analyze_model(model: nn.Module, batches: Iterable[EvalBatch | dict[str, torc
     model.eval()
     t0 = time.perf_counter()
     try:
-        with torch.no_grad(), observe(model, on_site, sites), _progress(progress, len(batches), name) as advance:
+        with torch.no_grad(), observe(model, on_site, sites, residual=residual), _progress(progress, len(batches), name) as advance:
             for batch in batches:
                 current["batch"] = batch
                 inputs = {k: v.to(device) for k, v in batch.inputs.items()}

@@ -10,20 +10,14 @@ from typing import Any
 import click
 
 from ..errors import OutlierfreeError, require
-from ..sites import SITE_KINDS
+from ..sites import parse_kinds as _parse_kinds
 from .analyze import DEFAULT_KINDS, DEFAULT_NOOP_THRESHOLD
 from .metrics import DEFAULT_ABS_THRESHOLD, DEFAULT_REL_THRESHOLD
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
-    """``--sites`` value: comma-separated site kinds, or ``all``."""
-    if text.strip() == "all":
-        return SITE_KINDS
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    bad = [k for k in kinds if k not in SITE_KINDS]
-    require(kinds and not bad, f"unknown site kind {bad[0] if bad else text!r} in --sites",
-            f"use a comma-separated list of {', '.join(SITE_KINDS)}, or all")
-    return kinds
+    """``--sites`` value: comma-separated site kinds, or ``all`` (the one validation of :mod:`outlierfree.sites`)."""
+    return _parse_kinds(text, "--sites")
 
 
 def is_image_model(model: Any) -> bool:

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..errors import OutlierfreeError
 from ..models import hf_compat
-from ..sites import Site, discover, grid_of, observe
+from ..sites import Site, discover, grid_of, mark, observe
 from .config import QuantConfig, QuantSpec
 from .quantizer import Quantizer
 from .sitesets import site_set
@@ -176,9 +176,9 @@ class QuantizedModel:
         qz.freeze()
         with torch.no_grad():
             wq = qz(src)
-            wq = wq.t() if func == "addmm" else wq
+            wq = mark(wq.t() if func == "addmm" else wq, pname)  # its lookups are on its grid already
         if w.requires_grad and torch.is_grad_enabled():
-            return w + (wq - w).detach()  # straight-through to the float weight
+            return mark(w + (wq - w).detach(), pname)  # straight-through to the float weight
         self.weights[key] = (w._version, wq, qz)
         return wq
 

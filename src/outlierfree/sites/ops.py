@@ -16,7 +16,7 @@ as tensor operations, named here by the path of the module whose forward runs th
 3. **grids**: a tensor that a site function replaced (a quantized tensor) carries the name of its site, and so do
    the tensors derived from it by operations that keep every value on the same grid (views, transposes, copies,
    ``contiguous``, dtype casts, splits, concatenations of such tensors, multiplication by a Python number, dropout
-   in eval mode...). :func:`grid_of` tells the simulator that such a tensor is already quantized, so no tensor is
+   in eval mode, an embedding lookup in a quantized table...). :func:`grid_of` tells the simulator that such a tensor is already quantized, so no tensor is
    rounded twice: not the attention context copied by ``transpose().contiguous()`` before the output projection,
    not OPT's query scaled by ``head_dim ** -0.5``, not a key repeated for grouped-query attention.
 4. **attention computed by hand**: a ``softmax`` run outside every attention module that calls transformers'
@@ -182,7 +182,11 @@ class OpMode(TorchFunctionMode):
     def _propagate(self, name: str, args: tuple, out: object) -> None:
         if not args:
             return
-        if name in PRESERVING:
+        if name == "embedding" and len(args) > 1:  # a lookup holds values of its (quantized) table
+            g = grid_of(args[1])
+            if g is not None:
+                _mark_all(out, g)
+        elif name in PRESERVING:
             g = grid_of(args[0])
             if g is not None:
                 _mark_all(out, g)
