@@ -3,6 +3,13 @@ the same batches, in one run. Goal: ratio <= 3x.
 
     python benchmarks/quant_eval.py [--models minilm,bert,opt,vit] [--size small] [--batch 8] [--seq 128]
                                     [--batches 4] [--repeats 3]
+    python benchmarks/quant_eval.py --default-command [--ablation] [--size small]
+
+``--default-command`` times what ``outlierfree quantize MODEL`` does with its defaults (16 calibration batches,
+4 evaluation batches of 8 x 128, per-site diagnostics, no ablation) on a 12-layer, 768-wide masked LM built from a
+BERT-base config (random weights: the time does not depend on them), against the float evaluation of the same 4
+batches in the same run; ``--ablation`` adds the ablation's time before and after reusing the float outputs, on
+bert/``--size`` (the per-group evaluation loop of the earlier code against :func:`ablation`, numbers compared).
 
 The float baseline is the untouched model (transformers' default attention, SDPA); the simulated run is the same
 model under ``quantize(model, paper_w8a8())`` after calibration (eager attention so the probabilities can be
@@ -66,8 +73,70 @@ def time_pair(model_f: torch.nn.Module, model_q: torch.nn.Module, batches: list,
     return statistics.median(tf), statistics.median(tq)
 
 
+def default_command(ablation: bool) -> dict:
+    """Seconds of the default quantize pipeline (evaluate_quantized as the CLI calls it) on a BERT-base-sized MLM."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from outlierfree.quant.evaluate import evaluate_quantized
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig()).eval()  # 12 layers, 768 wide, 110 M parameters
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(20):
+        ids = torch.randint(1000, 30000, (8, 128), generator=g)  # (B, T)
+        labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, -100)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    calib, ev = batches[:16], batches[16:]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for b in ev:
+            model_output(model, b, "mlm")
+        t_float = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r = evaluate_quantized(model, None, calib, ev, paper_w8a8(), "mlm", diagnostics=True, diag_batches=2,
+                           progress=False, ablate=ablation)
+    t_all = time.perf_counter() - t0
+    return {"model": "BertForMaskedLM(BertConfig()) random", "float_eval_s": t_float, "quantize_s": t_all,
+            "ratio": t_all / t_float, "stages_s": r["seconds"], "ablation": ablation,
+            "ablation_groups": len(r.get("ablation", []))}
+
+
+def ablation_before_after(size: str) -> dict:
+    """The ablation as it was (a float and a quantized pass per site group) against now (the float outputs computed
+    once and reused), on bert/<size> with 2 batches of 8 x 128; the rows must be identical."""
+    from outlierfree.quant.evaluate import ablation, evaluate_pair, site_groups
+
+    model = build_model("bert", size, "vanilla", seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(5, model.config.vocab_size, (8, 128), generator=g)  # (B, T)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                        "labels": torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, -100)})
+    qm = quantize(model, paper_w8a8())
+    qm.calibrate(batches[:2], progress=False)
+    ev = batches[2:]
+    t0 = time.perf_counter()
+    old = {}
+    for group, names in sorted(site_groups(qm).items()):  # the former loop: float and quantized per group
+        with qm.only_sites(names):
+            old[group] = evaluate_pair(qm, ev, "mlm", progress=False)["quantized"]["perplexity"]
+    t_old = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows = ablation(qm, ev, "mlm", progress=False)
+    t_new = time.perf_counter() - t0
+    qm.remove()
+    same = all(abs(r["perplexity"] - old[r["group"]]) <= 1e-9 * old[r["group"]] for r in rows if r["group"] in old)
+    return {"model": f"bert/{size}", "groups": len(old), "before_s": t_old, "after_s": t_new,
+            "ratio": t_new / t_old, "identical_numbers": same}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--default-command", action="store_true",
+                    help="time the default quantize pipeline on a BERT-base-sized model (see the docstring)")
+    ap.add_argument("--ablation", action="store_true", help="with --default-command: include the ablation")
     ap.add_argument("--models", default="minilm,bert,opt,vit")
     ap.add_argument("--size", default="small", help="size of the from-scratch bert/opt/vit models")
     ap.add_argument("--batch", type=int, default=8)
@@ -76,6 +145,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant_eval.json"))
     args = ap.parse_args()
+    if args.default_command:
+        r = default_command(False)
+        if args.ablation:
+            r["ablation_before_after"] = a = ablation_before_after(args.size)
+            print(f"ablation on {a['model']} ({a['groups']} groups, 2 batches): before {a['before_s']:.1f} s, after "
+                  f"{a['after_s']:.1f} s ({a['ratio']:.2f}x), identical numbers: {a['identical_numbers']}")
+        print(f"default quantize on {r['model']}: {r['quantize_s']:.1f} s (stages {r['stages_s']}), float evaluation "
+              f"of the same 4 batches {r['float_eval_s']:.1f} s, ratio {r['ratio']:.2f}; goal < 120 s on 2 cores")
+        out = Path(args.out).with_name("quant_default_command.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+        out.with_suffix(".tmp").write_text(json.dumps({"meta": meta, "result": r}, indent=2))
+        out.with_suffix(".tmp").replace(out)
+        print(f"wrote {out}")
+        return
 
     rows = []
     for name in args.models.split(","):

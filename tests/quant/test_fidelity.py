@@ -176,6 +176,19 @@ def test_calibration_happens_only_in_calibrate():
         assert "lm_head:output" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_bad_calibration_input_is_one_line():
+    m = build_model("bert", "tiny", "vanilla", seed=0).eval()
+    pad = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.zeros(2, 8, dtype=torch.long)}
+    with quantize(m, paper_w8a8()) as qm:
+        with pytest.raises(OutlierfreeError, match="padding only"):
+            qm.calibrate([pad], progress=False)
+        with pytest.raises(OutlierfreeError, match="no batches"):
+            qm.calibrate([], progress=False)
+    with quantize(m, paper_w8a8().replace(sites=("gate",))) as qm:  # a vanilla model has no gate
+        with pytest.raises(OutlierfreeError, match="matched no activation"):
+            qm.calibrate(_tiny_batches("bert"), progress=False)
+
+
 def test_quantization_parameters_are_float32_for_half_tensors():
     q = Quantizer(QuantSpec(8, False, "per_tensor", "current_minmax", static=False))
     zeros = torch.zeros(4, 8, dtype=torch.float16)

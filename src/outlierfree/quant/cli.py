@@ -74,7 +74,7 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="percentile estimator's p")
 @click.option("--fp32-head", is_flag=True, help="keep the task head (LM head / classifier) in float")
 @click.option("--calib-batches", type=int, default=16, show_default=True, help="calibration batches (training split)")
-@click.option("--eval-batches", type=int, default=8, show_default=True, help="evaluation batches (validation split)")
+@click.option("--eval-batches", type=int, default=4, show_default=True, help="evaluation batches (validation split)")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=None, help="text sequence length [default: training's, else 128]")
 @click.option("--diag-batches", type=int, default=2, show_default=True,

@@ -155,10 +155,11 @@ class Quantizer:
         lo, hi = lo.to(x.dtype), hi.to(x.dtype)
         q = fake_quant_range(x, lo, hi, self.spec.bits, self.spec.symmetric).to(dtype)
         if self.record:
-            with torch.no_grad():
-                xd = x.detach().double()
-                self.signal += float((xd * xd).sum())
-                self.noise += float(((xd - q.detach().double()) ** 2).sum())
+            with torch.no_grad():  # float32 sums (torch reduces pairwise), accumulated in Python floats
+                xd = x.detach()
+                self.signal += float(torch.sum(xd * xd, dtype=torch.float64) if xd.dtype == torch.float64
+                                     else (xd * xd).sum())
+                self.noise += float(((xd - q.detach().to(xd.dtype)) ** 2).sum())
                 self.absmax = max(self.absmax, float(xd.abs().max()))
         return q
 

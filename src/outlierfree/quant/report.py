@@ -82,6 +82,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MAX_PLOTTED = 60
+
+
 def plot(report: dict[str, Any], path: Path) -> bool:
     """Per-site SQNR (left) and the ablation's output SQNR per group (right) of the first run with diagnostics."""
     run = next((r for r in report["runs"] if r.get("sites")), None)
@@ -93,6 +96,9 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     sites = [s for s in run["sites"] if s["sqnr_db"] is not None and not math.isinf(s["sqnr_db"])]
+    if len(sites) > MAX_PLOTTED:  # a 12-layer model has ~200 sites: draw the worst, in module order
+        worst = {s["site"] for s in sorted(sites, key=lambda s: s["sqnr_db"])[:MAX_PLOTTED]}
+        sites = [s for s in sites if s["site"] in worst]
     kinds = sorted({s["kind"] for s in sites})
     cmap = plt.get_cmap("tab20")
     colour = {k: cmap(i % 20) for i, k in enumerate(kinds)}

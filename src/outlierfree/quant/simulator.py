@@ -231,6 +231,10 @@ class QuantizedModel:
         try:
             with torch.no_grad():
                 for batch in track(batches, "calibrating", total=total, enabled=progress):
+                    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+                    if isinstance(mask, torch.Tensor) and not bool(mask.any()):
+                        raise OutlierfreeError(f"calibration batch {n} holds padding only (its attention_mask is "
+                                               f"all zeros)", "calibrate on batches with real tokens")
                     forward(self.model, batch)
                     n += 1
         finally:

@@ -10,9 +10,10 @@
   linear output, the gate and its weights, biases and norm betas, and the whole masked-LM head (BERT's ``cls``:
   the reference leaves ``org_model.cls`` unquantized). ViT, which the reference does not cover, gets BERT's rules
   with its classifier quantized like OPT's LM head; other architectures get the same rules by analogy.
-  Inputs of linears and norms are listed too: for BERT, OPT and ViT each is the output of a quantized site (so
-  it is recorded as an alias and not rounded again); elsewhere (Llama's ``act(gate) * up`` before ``down_proj``,
-  the embeddings entering a pre-norm decoder) they are where an integer kernel would need its input quantized.
+  Inputs of linears and norms are listed too: for BERT and OPT each is the output of a quantized site (so it is
+  recorded as an alias and not rounded again); elsewhere (Llama's ``act(gate) * up`` before ``down_proj``, ViT's
+  pixels before the patch projection) they are where an integer kernel would need its input quantized. An
+  embedding lookup is a row of its quantized table, so it is never rounded again.
 - ``full``: every activation site, each tensor rounded once, and every weight the model computes with (gates too).
 - ``linear``: only linear inputs and linear weights (``nn.Linear``, GPT-2's ``Conv1D``): what the common
   libraries (torchao, llm-compressor, bitsandbytes) quantize.
@@ -58,8 +59,10 @@ class SiteSet:
         self.family = hf_compat.family_of(getattr(model, "config", None))
         self.heads = hf_compat.head_paths(model)
         self.gated = any(getattr(m, "outlierfree_gate", None) is not None for m in model.modules())
+        self.fp32_head = fp32_head
         self.float_head = fp32_head or (self.name == "paper" and task == "mlm")
         self.owners: dict[str, nn.Module] = dict(model.named_modules())
+        self.convs = {n for n, m in self.owners.items() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
 
     # ---- activations ----------------------------------------------------------------------------------------
     def wants(self, site: Site) -> bool:
@@ -69,7 +72,7 @@ class SiteSet:
         if self.name == "full":
             return True
         if self.name == "linear":
-            return site.kind in LINEAR_KINDS
+            return site.kind in LINEAR_KINDS and site.module not in self.convs  # a conv (ViT patches) is no Linear
         if self.kinds is not None:
             return site.kind in self.kinds
         # paper
@@ -94,8 +97,8 @@ class SiteSet:
         if leaf == "bias" or leaf.endswith("_bias") and w.dim() == 1:
             return "bias (kept in float, as int32 in integer runtimes)"
         if self.float_head and in_head(path, self.heads):
-            return "task head kept in float" + (" (paper: the reference leaves the masked-LM head float)"
-                                                if self.name == "paper" else " (--fp32-head)")
+            return "task head kept in float" + (" (--fp32-head)" if self.fp32_head
+                                                else " (paper: the reference leaves the masked-LM head float)")
         if "outlierfree_gate" in pname:
             if self.name == "full" or self.kinds is not None:
                 return None

@@ -5,7 +5,7 @@ Layout of ``OUT``:
     OUT/runs/<family>-<variant>-s<seed>/spec.json       what the run is (refused if a rerun differs)
                                          train/          the training run (checkpoints, log.jsonl, model/)
                                          analysis.json   outlier analysis of the final model
-                                         quant.json      float vs W8A8 (paper setting) and W8A8 (linear only)
+                                         quant.json      float vs W8A8 (paper's site set) and W8A8 (linear only)
                                          result.json     the run's numbers: what the report is built from
     OUT/report.md, OUT/results.json, OUT/*.png           the table and plots (rebuilt from the result.json files)
 
@@ -132,10 +132,13 @@ def analysis_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool
 
 
 def quant_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -> dict[str, Any]:
-    """Float vs W8A8 in the paper's full setting and in the linear-only setting (cached in quant.json)."""
+    """Float vs W8A8 in the paper's setting (the reference's site set) and in the linear-only setting (cached in
+    quant.json; a cache made with another site set is simulated again)."""
     path = run_dir / "quant.json"
     if path.exists():
-        return read_json(path)
+        cached = read_json(path)
+        if not stale_quant(cached["w8a8"]["config"]):
+            return cached
     from ..models.io import load_model, load_tokenizer
     from ..quant.config import linear_w8a8, paper_w8a8
     from ..quant.data import make_batches, task_of
@@ -153,6 +156,11 @@ def quant_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -
                                        progress=progress)
     write_json(path, out)
     return out
+
+
+def stale_quant(config: dict[str, Any] | None) -> bool:
+    """Whether a recorded W8A8 config predates the ``paper`` site set (made with the old ``full`` default)."""
+    return (config or {}).get("sites") != "paper"
 
 
 def _per_layer(analysis: dict[str, Any], kind: str = "ln_input") -> list[dict[str, Any]]:
@@ -237,6 +245,10 @@ def _stage_seconds(events: list[dict[str, Any]], analysis: dict[str, Any],
             "analysis": (analysis.get("timing") or {}).get("seconds"), "quant": round(quant_s, 1)}
 
 
+def _has_model(run_dir: Path) -> bool:
+    return any(p.name == "config.json" for p in run_dir.glob("**/model/config.json"))
+
+
 def run_status(spec: RunSpec, run_dir: Path) -> str:
     """Where an unfinished run stands, in words: not started, its last checkpoint's step, or trained."""
     if not (run_dir / "spec.json").exists():
@@ -282,9 +294,13 @@ def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
         run_dir = runs_dir / spec.name
         result_path = run_dir / "result.json"
         if result_path.exists():
-            results.append(read_json(result_path))
-            echo(f"[{i}/{len(specs)}] {spec.name}: done earlier, skipped")
-            continue
+            res = read_json(result_path)
+            if not (stale_quant(res.get("how", {}).get("quant", {}).get("w8a8")) and _has_model(run_dir)):
+                results.append(res)
+                echo(f"[{i}/{len(specs)}] {spec.name}: done earlier, skipped")
+                continue
+            echo(f"[{i}/{len(specs)}] {spec.name}: W8A8 was simulated with the old site set; simulating it again "
+                 f"with the paper's")
         left = len(specs) - i + 1
         eta = f", ETA {_fmt_s(sum(spent) / len(spent) * left)} for the {left} left" if spent else ""
         echo(f"[{i}/{len(specs)}] {spec.name}: training {spec.train.get('size')} for {spec.train.get('steps')} "
@@ -293,7 +309,7 @@ def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
         model_dir = train_stage(spec, run_dir, progress)
         echo(f"[{i}/{len(specs)}] {spec.name}: analysing outliers")
         analysis = analysis_stage(spec, model_dir, run_dir, progress)
-        echo(f"[{i}/{len(specs)}] {spec.name}: simulating W8A8 (full and linear)")
+        echo(f"[{i}/{len(specs)}] {spec.name}: simulating W8A8 (paper set and linear only)")
         quant = quant_stage(spec, model_dir, run_dir, progress)
         dt = time.perf_counter() - t0
         spent.append(dt)

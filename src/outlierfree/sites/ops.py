@@ -198,7 +198,7 @@ class OpMode(TorchFunctionMode):
         elif name in JOINS and isinstance(args[0], (list, tuple)) and args[0]:
             # an empty tensor (a KV cache's initial state) holds no values, so it takes no part
             grids = [grid_of(t) for t in args[0] if not (isinstance(t, torch.Tensor) and t.numel() == 0)]
-            if grids and all(g is not None for g in grids):
+            if grids and grids[0] is not None and all(g == grids[0] for g in grids):  # one grid (a KV cache)
                 _mark_all(out, grids[0])
 
     def _is_residual_add(self, args: tuple, out: object) -> bool:
