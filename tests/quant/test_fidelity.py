@@ -209,3 +209,39 @@ def test_analyze_measures_the_residual_sums_quantize_uses():
         qm.calibrate(_tiny_batches("opt"), progress=False)
         residual = {n for n in qm.act if qm.site_of[n].kind == "residual"}
     assert names == residual and "model.decoder.layers.1:add1" in names
+
+
+def _handwritten(name):
+    import transformers as T
+
+    torch.manual_seed(0)
+    if name == "mpnet":
+        return T.MPNetForMaskedLM(T.MPNetConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=128,
+                                                max_position_embeddings=66)).eval()
+    if name == "bloom":
+        return T.BloomForCausalLM(T.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)).eval()
+    return T.FalconForCausalLM(T.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4)).eval()
+
+
+@pytest.mark.parametrize("name", ["mpnet", "bloom", "falcon"])
+def test_attention_outside_the_interface_is_named_not_silently_float(name):
+    """MPNet and BLOOM compute softmax by hand, Falcon calls SDPA directly: their attention modules are named as
+    not instrumented, and everything else still holds (16 bits is float to 40 dB, no mask becomes a site)."""
+    m = _handwritten(name)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    mask[2, 4:] = 0
+    batch = {"input_ids": torch.randint(4, 128, (3, 12), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": mask if name == "mpnet" else mask.flip(1)}
+    with quantize(m, full_w8a8(16, 16)) as qm:
+        qm.calibrate([batch], progress=False)
+        with torch.no_grad():
+            y = m(**batch).logits
+            with qm.float_mode():
+                ref = m(**batch).logits
+        assert len(qm.uninstrumented) == 2 and all(u.endswith(("attn", "attention")) for u in qm.uninstrumented)
+        sel = batch["attention_mask"].bool()
+        assert _sqnr(ref[sel], y[sel]) >= 40
+        assert all(-1e4 < float(q.lo) <= float(q.hi) < 1e4 for q in qm.act.values())

@@ -107,6 +107,7 @@ class Quantizer:
         self.signal = 0.0  # sum of x^2 while recording
         self.noise = 0.0  # sum of (x - q(x))^2 while recording
         self.absmax = 0.0
+        self.export = False  # True while exporting: quantize with the traceable torch op (see export_quant)
 
     # ---- range ----------------------------------------------------------------------------------------------
     def observe(self, x: torch.Tensor) -> None:
@@ -153,7 +154,10 @@ class Quantizer:
             self.observe(x)
         lo, hi = self.range_for(x)
         lo, hi = lo.to(x.dtype), hi.to(x.dtype)
-        q = fake_quant_range(x, lo, hi, self.spec.bits, self.spec.symmetric).to(dtype)
+        if self.export:
+            q = self.export_quant(x, lo, hi).to(dtype)
+        else:
+            q = fake_quant_range(x, lo, hi, self.spec.bits, self.spec.symmetric).to(dtype)
         if self.record:
             with torch.no_grad():  # float32 sums (torch reduces pairwise), accumulated in Python floats
                 xd = x.detach()
@@ -162,6 +166,21 @@ class Quantizer:
                 self.noise += float(((xd - q.detach().to(xd.dtype)) ** 2).sum())
                 self.absmax = max(self.absmax, float(xd.abs().max()))
         return q
+
+    def export_quant(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Fake quantization as the single traceable op ``torch.fake_quantize_per_tensor_affine``, which ONNX
+        exporters turn into a QuantizeLinear/DequantizeLinear pair with this quantizer's scale and zero point.
+
+        Only what an 8-bit integer runtime represents: per-tensor, static (frozen) ranges, 8 bits."""
+        from ..errors import OutlierfreeError
+
+        if self.spec.bits != 8 or self.spec.dynamic or lo.numel() != 1:
+            raise OutlierfreeError(
+                f"quantizer {self.name!r} ({self.spec.describe()}) has no 8-bit per-tensor static integer form",
+                "export with --bits w8a8 and per-tensor, static ranges (the defaults)")
+        scale, zp, qmin, qmax = qparams(lo, hi, self.spec.bits, self.spec.symmetric)
+        # Python numbers: the exporter stores them as the QDQ pair's constant scale and zero point
+        return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), qmin, qmax)
 
     def sqnr_db(self) -> float | None:
         """``10 log10(sum x^2 / sum (x - q(x))^2)`` over the recorded tensors (``inf`` when lossless)."""

@@ -85,6 +85,7 @@ class QuantizedModel:
         self.only: set[str] | None = None  # ablation: quantize only these activation sites
         self.weights_on = config.weight is not None
         self.calibrated = False
+        self.export = False  # inside exporting(): quantizers emit traceable torch.fake_quantize_* ops
         self._late: list[str] = []  # sites first met after calibration, in the running forward
         self._stack = contextlib.ExitStack()
         self._attach()
@@ -166,6 +167,8 @@ class QuantizedModel:
         key = (id(w), func == "addmm")
         cached = self.weights.get(key)
         if cached is not None and cached[0] == w._version:
+            if self.export:  # the parameter itself through a traceable QDQ: the exporter keeps it as an initializer
+                return mark(cached[2].export_quant(w, cached[2].lo, cached[2].hi), pname)
             return cached[1]
         spec: QuantSpec = self.config.weight
         if w.dim() == 1 and spec.granularity != "per_tensor":
@@ -177,9 +180,11 @@ class QuantizedModel:
         with torch.no_grad():
             wq = qz(src)
             wq = mark(wq.t() if func == "addmm" else wq, pname)  # its lookups are on its grid already
-        if w.requires_grad and torch.is_grad_enabled():
+        if w.requires_grad and torch.is_grad_enabled() and not self.export:
             return mark(w + (wq - w).detach(), pname)  # straight-through to the float weight
         self.weights[key] = (w._version, wq, qz)
+        if self.export:
+            return mark(qz.export_quant(w, qz.lo, qz.hi), pname)
         return wq
 
     # ---- modes ----------------------------------------------------------------------------------------------
@@ -192,6 +197,25 @@ class QuantizedModel:
             yield
         finally:
             self.mode = prev
+
+    @contextlib.contextmanager
+    def exporting(self) -> Iterator[None]:
+        """Inside the block, every activation and weight quantizer computes its fake quantization with
+        ``torch.fake_quantize_per_tensor_affine`` (same scale, zero point and grid), which ONNX exporters turn into
+        QuantizeLinear/DequantizeLinear pairs. Needs a calibrated model whose weights were met in a quantized
+        forward (their quantizers are reused). Outside the block the numerics are untouched."""
+        if self.static and not self.calibrated:
+            raise OutlierfreeError("export needs a calibrated model", "call qm.calibrate(batches) first")
+        prev = self.export
+        self.export = True
+        for q in self.act.values():
+            q.export = True
+        try:
+            yield
+        finally:
+            self.export = prev
+            for q in self.act.values():
+                q.export = prev
 
     @contextlib.contextmanager
     def only_sites(self, names: Iterable[str], weights: bool = False) -> Iterator[None]:

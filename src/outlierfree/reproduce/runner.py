@@ -242,7 +242,7 @@ def _stage_seconds(events: list[dict[str, Any]], analysis: dict[str, Any],
     quant_s = sum(sum(v for v in q.get("seconds", {}).values() if isinstance(v, (int, float)))
                   for k, q in quant.items() if isinstance(q, dict) and "seconds" in q)
     return {"train": None if train_s is None else round(float(train_s), 1),
-            "analysis": (analysis.get("timing") or {}).get("seconds"), "quant": round(quant_s, 1)}
+            "analysis": (analysis.get("timing") or {}).get("seconds"), "quant": round(quant_s, 3)}
 
 
 def _has_model(run_dir: Path) -> bool:

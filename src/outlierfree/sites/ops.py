@@ -19,9 +19,10 @@ as tensor operations, named here by the path of the module whose forward runs th
    in eval mode, an embedding lookup in a quantized table...). :func:`grid_of` tells the simulator that such a tensor is already quantized, so no tensor is
    rounded twice: not the attention context copied by ``transpose().contiguous()`` before the output projection,
    not OPT's query scaled by ``head_dim ** -0.5``, not a key repeated for grouped-query attention.
-4. **attention computed by hand**: a ``softmax`` run outside every attention module that calls transformers'
-   attention interface is recorded (``uninstrumented``), so the report can name the modules whose attention
-   internals it could not see.
+4. **attention computed by hand**: a ``softmax`` (or a direct ``scaled_dot_product_attention``) run outside every
+   attention module that calls transformers' attention interface is recorded (``uninstrumented``), so the report
+   can name the modules whose attention internals it could not see (MPNet, DeBERTa-v2, BLOOM, Falcon in
+   transformers 5.24).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ PRESERVING = frozenset({
 })
 JOINS = frozenset({"cat", "concat", "concatenate", "stack"})  # on a grid when every input is
 SCALAR_OPS = frozenset({"mul", "__mul__", "__rmul__", "div", "__truediv__", "neg", "__neg__"})
+# attention computed by hand (MPNet, DeBERTa, BLOOM) or by a direct SDPA call (Falcon)
+ATTENTION_OPS = frozenset({"softmax", "_softmax", "scaled_dot_product_attention"})
 MATMUL_FUNCS = frozenset({"linear", "addmm", "matmul", "mm", "bmm", "baddbmm", "einsum", "__matmul__",
                           "__rmatmul__", "conv1d", "conv2d", "conv3d"})
 # tensor functions that only read metadata: never offered to weight_fn
@@ -173,7 +176,7 @@ class OpMode(TorchFunctionMode):
             args, kwargs = self._weights(name, args, kwargs)
         out = func(*args, **kwargs)
         self._propagate(name, args, out)
-        if name == "softmax" and self.stack.frames and not self.stack.in_attention():
+        if name in ATTENTION_OPS and self.stack.frames and not self.stack.in_attention():
             self.uninstrumented.add(self.stack.top())
         if self.add_fn is not None and name in ADD_NAMES:
             return self._residual(name, args, out)
