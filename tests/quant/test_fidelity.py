@@ -245,3 +245,13 @@ def test_attention_outside_the_interface_is_named_not_silently_float(name):
         sel = batch["attention_mask"].bool()
         assert _sqnr(ref[sel], y[sel]) >= 40
         assert all(-1e4 < float(q.lo) <= float(q.hi) < 1e4 for q in qm.act.values())
+
+
+def test_encoder_decoder_is_evaluated_on_its_logits_without_decoder_inputs():
+    from outlierfree.quant.evaluate import evaluate_quantized
+
+    m = archs.build("t5")
+    b = archs.batch("t5", m)
+    b = {k: v for k, v in b.items() if not k.startswith("decoder_")}  # what a user's text batch holds
+    r = evaluate_quantized(m, None, [b], [b], paper_w8a8(), progress=False)
+    assert r["task"] == "encoder" and 0.9 < r["quantized"]["cosine"] < 1.0 and r["quantized"]["output_sqnr_db"] > 10

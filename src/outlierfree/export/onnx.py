@@ -177,8 +177,10 @@ def fold_weight_qdq(path: Path) -> dict[str, int]:
     return {"weights": folded, "activation_qdq": pairs, "dropped_float_initializers": len(dead)}
 
 
-def export_onnx(qm: Any, batch: dict[str, torch.Tensor], out_dir: str | Path, task: str) -> dict[str, Any]:
-    """Write ``model_float.onnx`` and ``model_int8.onnx`` for a calibrated :class:`QuantizedModel` into ``out_dir``.
+def export_onnx(qm: Any, batch: dict[str, torch.Tensor], out_dir: str | Path, task: str,
+                with_float: bool = True) -> dict[str, Any]:
+    """Write ``model_int8.onnx`` (and ``model_float.onnx`` when ``with_float``) for a calibrated
+    :class:`QuantizedModel` into ``out_dir``.
 
     ``batch`` is one example batch (traced; its batch and sequence sizes stay dynamic). Returns what was done:
     files, sizes in bytes, QDQ counts.
@@ -186,11 +188,12 @@ def export_onnx(qm: Any, batch: dict[str, torch.Tensor], out_dir: str | Path, ta
     require_onnx()
     out = Path(out_dir)
     f_path, q_path = out / "model_float.onnx", out / "model_int8.onnx"
-    with qm.float_mode():
-        _export(qm.model, batch, task, f_path)
+    if with_float:
+        with qm.float_mode():
+            _export(qm.model, batch, task, f_path)
     with qm.exporting():
         _export(qm.model, batch, task, q_path)
     counts = fold_weight_qdq(q_path)
-    return {"float": f_path.name, "int8": q_path.name, "opset": OPSET, "exporter": "torch.onnx (TorchScript)",
-            "inputs": input_names(batch), **counts,
-            "bytes": {"float": f_path.stat().st_size, "int8": q_path.stat().st_size}}
+    return {"float": f_path.name if with_float else None, "int8": q_path.name, "opset": OPSET,
+            "exporter": "torch.onnx (TorchScript)", "inputs": input_names(batch), **counts,
+            "bytes": {"float": f_path.stat().st_size if with_float else None, "int8": q_path.stat().st_size}}

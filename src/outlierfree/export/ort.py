@@ -44,13 +44,16 @@ def session(path: str | Path, threads: int = 0, optimized: str | Path | None = N
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def kernel_report(path: str | Path, level: str = "all") -> dict[str, Any]:
-    """Op counts of the optimised graph ONNX Runtime runs: integer kernels, float compute ops, QDQ pairs left."""
+def kernel_report(path: str | Path, level: str = "all", optimized: str | Path | None = None) -> dict[str, Any]:
+    """Op counts of the optimised graph ONNX Runtime runs: integer kernels, float compute ops, QDQ pairs left.
+
+    ``optimized``: an optimised graph a session already wrote (else a session is made here to write one)."""
     import onnx
 
     with tempfile.TemporaryDirectory() as d:
-        opt = Path(d) / "optimized.onnx"
-        session(path, threads=1, optimized=opt, level=level)
+        opt = Path(optimized) if optimized is not None else Path(d) / "optimized.onnx"
+        if optimized is None:
+            session(path, threads=1, optimized=opt, level=level)
         ops = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
     return {"integer_ops": {k: v for k, v in sorted(ops.items()) if k in INTEGER_OPS},
             "float_compute_ops": {k: v for k, v in sorted(ops.items()) if k in FLOAT_COMPUTE_OPS},
@@ -65,13 +68,13 @@ def run(sess: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def evaluate_onnx(path: str | Path, batches: Iterable[dict[str, torch.Tensor]], task: str,
+def evaluate_onnx(path: Any, batches: Iterable[dict[str, torch.Tensor]], task: str,
                   refs: list[torch.Tensor] | None = None, threads: int = 0) -> dict[str, Any]:
     """Task metric of an ONNX model on ``batches`` (the simulator's :class:`~outlierfree.quant.evaluate.Scores`),
     compared with the float outputs ``refs`` when given (output SQNR, and cosine for encoders)."""
     from ..quant.evaluate import Scores
 
-    sess = session(path, threads=threads)
+    sess = path if not isinstance(path, (str, Path)) else session(path, threads=threads)  # a path or a session
     s = Scores(task)
     for i, b in enumerate(batches):
         s.add(run(sess, b), b, refs[i] if refs is not None else None)

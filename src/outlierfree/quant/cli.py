@@ -86,6 +86,9 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
                                            "data, else the offline corpus / Fashion-MNIST]")
 @click.option("--tokenizer", default=None, help="tokenizer directory [default: beside the model]")
 @click.option("--seed", type=int, default=0, show_default=True, help="seeds the calibration sample and MLM masks")
+@click.option("--backend", type=click.Choice(["simulator", "onnxruntime"]), default="simulator", show_default=True,
+              help="onnxruntime: also export the calibrated model to static QDQ INT8 ONNX and score it in ONNX "
+                   "Runtime on the same validation batches (needs outlierfree[deploy]; w8a8 per-tensor static only)")
 @click.option("--out", required=True, help="output directory (quant.json, quant.md, sites.png)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_estimator: str,
@@ -93,7 +96,7 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
                  dynamic: bool, momentum: float, percentile: float, fp32_head: bool, calib_batches: int,
                  eval_batches: int, batch_size: int, seq_len: int | None, diag_batches: int, ablation: bool,
                  data: str | None,
-                 tokenizer: str | None, seed: int, out: str, quiet: bool) -> None:
+                 tokenizer: str | None, seed: int, backend: str, out: str, quiet: bool) -> None:
     """Simulate full W/A quantization of MODEL (every weight and activation, including residual sums and
     LayerNorm inputs) and report float vs quantized metrics, per-site SQNR and which sites hurt most.
 
@@ -120,6 +123,15 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     require(diag_batches >= 0, f"--diag-batches {diag_batches} is negative", "pass 0 or more")
     out_path = Path(out)
     require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory path")
+    if backend == "onnxruntime":
+        from ..export.onnx import require_onnx
+
+        require_onnx()
+        for c in configs:
+            require(c.weight.bits == 8 and c.activation.bits == 8 and not c.activation.dynamic
+                    and c.activation.granularity == "per_tensor" and c.weight.granularity == "per_tensor",
+                    f"--backend onnxruntime cannot run {c.describe()} in integers",
+                    "use --bits w8a8 with per-tensor static ranges (the defaults)")
     t0 = time.perf_counter()
     from transformers.utils import logging as hf_logging
 
@@ -137,7 +149,8 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
         if not quiet:
             console.print(f"[bold]{cfg.describe()}[/bold]")
         r = evaluate_quantized(model, tok, batches.calib, batches.eval, cfg, task, diagnostics=diag_batches > 0,
-                               diag_batches=diag_batches, progress=not quiet, ablate=ablation and diag_batches > 0)
+                               diag_batches=diag_batches, progress=not quiet, ablate=ablation and diag_batches > 0,
+                               backend=None if backend == "simulator" else backend)
         if r.get("uninstrumented") and cfg is configs[0]:
             click.echo(f"notice: {len(r['uninstrumented'])} module(s) compute attention outside transformers' "
                        f"attention interface, so their scores, probabilities and context stay float: "
@@ -148,6 +161,11 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
                    f"{r['quantized'].get(metric):.4g}, output SQNR {r['quantized'].get('output_sqnr_db', 0):.1f} dB "
                    f"(calibrated on {r['calib_batches']} training batches, evaluated on {r['eval_batches']} "
                    f"validation batches of {batch_size})")
+        if "onnxruntime" in r:
+            ort_r = r["onnxruntime"]
+            ops = ", ".join(f"{o} x{n}" for o, n in ort_r["kernels"]["integer_ops"].items()) or "none"
+            click.echo(f"  ONNX Runtime INT8 {metric} {ort_r['int8'].get(metric):.4g} (simulated "
+                       f"{r['quantized'].get(metric):.4g}); integer kernels: {ops}")
     report = {"model": model_path, "model_class": type(model).__name__, "task": task, "data": batches.info,
               "command": "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
               "seconds_total": time.perf_counter() - t0, "runs": runs}

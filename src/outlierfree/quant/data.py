@@ -123,6 +123,11 @@ def make_batches(model: nn.Module, model_dir: str | Path | None, tokenizer: Any,
 
     calib = [batch(train[i * batch_size:(i + 1) * batch_size], i, "train") for i in range(calib_batches)]
     ev = [batch(val[i * batch_size:(i + 1) * batch_size], i, "val") for i in range(eval_batches)]
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    top = max(int(torch.cat([train, val]).max()), 0) if len(train) + len(val) else 0
+    require(vocab is None or top < vocab, f"the tokenizer produces token id {top} but the model's embedding table "
+            f"has {vocab} rows", "pass the tokenizer the model was trained with (--tokenizer DIR)")
     info = {"data": data or "wiki (offline corpus)", "seq_len": seq_len, "val_fraction": val_fraction,
             "batch_size": batch_size, "calib_split": "train", "eval_split": "validation",
             "mlm_probability": mlm_p if task == "mlm" else None, "seed": seed}

@@ -30,9 +30,15 @@ from .simulator import QuantizedModel, quantize
 def model_output(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """The tensor a task is scored on: logits, or the final hidden states (B, T, D) for encoders."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "input_ids" in inputs:
+        # encoder-decoder (T5, BART): the decoder reads the same tokens, as `analyze` does
+        inputs.setdefault("decoder_input_ids", inputs["input_ids"])
     out = model(**inputs)
     if task == "encoder":
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        for name in ("last_hidden_state", "logits"):  # a base model's states, or a seq2seq model's logits
+            if getattr(out, name, None) is not None:
+                return getattr(out, name)
+        return out[0]
     return out.logits
 
 
@@ -196,7 +202,7 @@ def ablation(qm: QuantizedModel, batches: list[dict[str, torch.Tensor]], task: s
 def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: list[dict[str, torch.Tensor]],
                        eval_batches: list[dict[str, torch.Tensor]], config: QuantConfig, task: str | None = None,
                        diagnostics: bool = False, diag_batches: int = 2, progress: bool = True,
-                       ablate: bool = False) -> dict[str, Any]:
+                       ablate: bool = False, backend: str | None = None) -> dict[str, Any]:
     """Calibrate ``config`` on ``calib_batches``, evaluate float and quantized on ``eval_batches``.
 
     The Python API used by ``outlierfree reproduce``. The model is left as it was (hooks removed).
@@ -204,7 +210,9 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
     Returns ``{"config": ..., "task": ..., "float": {...}, "quantized": {...}, "seconds": {...},
     "calib_batches": n, "eval_batches": n, "uninstrumented": [...]}`` plus, with ``diagnostics``, ``"sites"``
     (per-site range and SQNR), ``"aliases"`` and ``"weights"`` (quantized and float weights); with ``ablate`` also
-    ``"ablation"`` (leave-one-group-in on the first ``diag_batches`` evaluation batches).
+    ``"ablation"`` (leave-one-group-in on the first ``diag_batches`` evaluation batches); with
+    ``backend="onnxruntime"`` also ``"onnxruntime"``: the calibrated model exported to a static QDQ INT8 ONNX model
+    and scored in ONNX Runtime on the same evaluation batches (:func:`outlierfree.export.deploy.real_int8`).
     """
     task = task or task_of(model)
     qm = quantize(model, config, task)
@@ -222,6 +230,13 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
             out["sites"] = qm.sites_table()
             out["aliases"] = dict(qm.aliases)
             out["weights"] = qm.weight_table()
+        if backend == "onnxruntime":
+            from ..export.deploy import real_int8  # lazy: onnx and onnxruntime are an optional extra
+
+            real = real_int8(qm, eval_batches, task, (calib_batches or eval_batches)[0])
+            out["onnxruntime"] = {k: real[k] for k in ("int8", "float", "kernels", "agreement", "threads")}
+            out["onnxruntime"]["bytes"] = real["export"]["bytes"]  # INT8 and float ONNX files
+            out["seconds"]["onnxruntime"] = sum(real["seconds"].values())
         if ablate:
             t0 = time.perf_counter()
             if config.activation is not None or config.weight is not None:

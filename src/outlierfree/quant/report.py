@@ -46,6 +46,17 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['config']['describe']} | {_fmt(r['float'].get(metric))} | "
                      f"{_fmt(r['quantized'].get(metric))} | {_fmt(r['quantized'].get('output_sqnr_db'), 3)} | "
                      f"{r['calib_batches']} | {r['eval_batches']} |")
+    ort_runs = [r for r in report["runs"] if "onnxruntime" in r]
+    if ort_runs:  # --backend onnxruntime: the real INT8 model beside the simulation
+        lines += ["", f"Real INT8 in ONNX Runtime (static QDQ export of the same calibrated ranges, same batches):", "",
+                  f"| config | simulated {metric} | ONNX Runtime INT8 {metric} | ONNX Runtime float {metric} | "
+                  f"integer kernels | INT8 / float file size |", "|---|---|---|---|---|---|"]
+        for r in ort_runs:
+            o = r["onnxruntime"]
+            ops = ", ".join(f"{k} x{n}" for k, n in o["kernels"]["integer_ops"].items()) or "none"
+            lines.append(f"| {r['config']['describe']} | {_fmt(r['quantized'].get(metric))} | "
+                         f"{_fmt(o['int8'].get(metric))} | {_fmt(o['float'].get(metric))} | {ops} | "
+                         f"{o['bytes']['int8'] / 1e6:.2f} / {o['bytes']['float'] / 1e6:.2f} MB |")
     lines.append("")
     lines.append("Float and quantized are evaluated on the same validation batches; ranges are calibrated on the "
                  "training split. Output SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) of the model output against "

@@ -54,7 +54,7 @@ SITE_KINDS = (
 ATTENTION_POINTS = {"query": "query", "key": "key", "value": "value", "scores": "attn_scores",
                      "probs": "attn_probs", "context": "context", "gate": "gate"}
 NORM_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm", "LayerNorm2d")  # class-name fragments of normalisation modules
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)(?:\.|$)")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block|albert_layers)\.(\d+)(?:\.|$)")
 # precise names of the known families: module path suffix pattern -> kind of the Linear's output
 _FAMILY_RULES: dict[str, list[tuple[str, str]]] = {
     "bert": [(r"\.attention\.output\.dense$", "attn_output"), (r"\.layer\.\d+\.output\.dense$", "ffn_output"),

@@ -1,0 +1,123 @@
+"""``outlierfree export``: calibrate as ``quantize`` does, write the float and the static QDQ INT8 ONNX models."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import OutlierfreeError, require
+
+
+@click.command("export")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--bits", default="w8a8", show_default=True, help="only w8a8 has an integer runtime form")
+@click.option("--sites", default="paper", show_default=True, help="paper | full | linear (see docs/quantization.md)")
+@click.option("--estimator", default="running_minmax", show_default=True, help="activation range estimator")
+@click.option("--weight-estimator", default="current_minmax", show_default=True, help="weight range estimator")
+@click.option("--fp32-head", is_flag=True, help="keep the task head (LM head / classifier) in float")
+@click.option("--calib-batches", type=int, default=16, show_default=True, help="calibration batches (training split)")
+@click.option("--eval-batches", type=int, default=4, show_default=True,
+              help="validation batches scored in PyTorch float, the simulator and ONNX Runtime (0: no evaluation)")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seq-len", type=int, default=None, help="text sequence length [default: training's, else 128]")
+@click.option("--data", default=None, help="data source, as for `outlierfree quantize`")
+@click.option("--tokenizer", default=None, help="tokenizer directory [default: beside the model]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime threads (0: all cores)")
+@click.option("--out", required=True, help="new output directory (model_int8.onnx, model_float.onnx, export.json)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_estimator: str, fp32_head: bool,
+               calib_batches: int, eval_batches: int, batch_size: int, seq_len: int | None, data: str | None,
+               tokenizer: str | None, seed: int, threads: int, out: str, quiet: bool) -> None:
+    """Export MODEL as a real INT8 ONNX model: QuantizeLinear/DequantizeLinear at the simulator's sites with its
+    calibrated scales and zero points, int8 weights; plus the float ONNX model and export.json (how it was made,
+    simulated vs ONNX Runtime metrics, which ops run as integer kernels).
+
+    Example:
+
+        outlierfree export runs/bert/model --sites paper --out runs/bert/onnx
+    """
+    from ..models.io import atomic_dir, load_model, load_tokenizer
+    from ..quant.cli import build_configs
+    from ..quant.data import make_batches, task_of
+    from ..quant.evaluate import evaluate_pair, headline, model_output
+    from ..quant.simulator import check_finite_weights, quantize
+    from .deploy import real_int8, versions
+    from .onnx import require_onnx
+
+    out_path = Path(out)
+    require(not out_path.exists(), f"--out {out} already exists", "pass a new directory (nothing is overwritten)")
+    require(sites in ("paper", "full", "linear"), f"unknown --sites {sites!r}", "use paper, full or linear")
+    configs = build_configs(bits, sites, estimator, weight_estimator, "per_tensor", "per_tensor", False, True, False,
+                            0.9, 99.99, fp32_head)
+    require(len(configs) == 1, "export takes one --bits and one --sites", "pass e.g. --bits w8a8 --sites paper")
+    cfg = configs[0]
+    require(cfg.weight.bits == 8 and cfg.activation.bits == 8, f"--bits {bits} has no integer runtime form here",
+            "pass --bits w8a8")
+    require(calib_batches >= 1, "--calib-batches must be >= 1 (static ranges)", "pass --calib-batches 16")
+    require(eval_batches >= 0, "--eval-batches is negative", "pass 0 or more")
+    require_onnx()
+    t0 = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = load_model(model_path).eval()
+    check_finite_weights(model)
+    task = task_of(model)
+    tok = None
+    if getattr(model, "main_input_name", "input_ids") != "pixel_values":
+        tok = load_tokenizer(tokenizer or model_path)
+    batches = make_batches(model, model_path, tok, calib_batches, max(eval_batches, 1), batch_size, seq_len, seed,
+                           data)
+    ev = batches.eval[:eval_batches]
+    metric, _ = headline(task)
+    with quantize(model, cfg, task) as qm:
+        qm.calibrate(batches.calib, lambda m, b: model_output(m, b, task), progress=not quiet)
+        sim = evaluate_pair(qm, ev, task, progress=not quiet) if ev else None
+        with atomic_dir(out_path) as tmp:  # nothing half-written: a temporary directory, renamed when complete
+            real = real_int8(qm, ev, task, batches.calib[0], out_dir=tmp, threads=threads)
+            report = {
+                "model": model_path, "model_class": type(model).__name__, "task": task,
+                "command": "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                "config": cfg.to_dict(),
+                "ranges": {"source": f"calibrated on {len(batches.calib)} training batches of {batch_size} "
+                                     f"(as `outlierfree quantize`)", "activation_sites": len(qm.act),
+                           "aliases": len(qm.aliases), "quantized_weights": len(qm.weights)},
+                "data": batches.info, "commit": _commit(), "versions": versions(),
+                "metric": metric,
+                "pytorch_float": sim["float"] if sim else None, "simulated": sim["quantized"] if sim else None,
+                "onnxruntime_int8": real["int8"] if ev else None, "onnxruntime_float": real["float"] if ev else None,
+                **{k: real[k] for k in ("export", "kernels", "agreement", "threads")},
+                "seconds_total": time.perf_counter() - t0,
+            }
+            (tmp / "export.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+    k = real["kernels"]
+    if sim:
+        click.echo(f"{cfg.describe()}: {metric} float {sim['float'][metric]:.4g}, simulated "
+                   f"{sim['quantized'][metric]:.4g}, ONNX Runtime INT8 {real['int8'][metric]:.4g} "
+                   f"({len(ev)} validation batches of {batch_size})")
+    click.echo(f"integer kernels: {', '.join(f'{o} x{n}' for o, n in k['integer_ops'].items()) or 'none'}; "
+               f"float compute ops left: {', '.join(f'{o} x{n}' for o, n in k['float_compute_ops'].items()) or 'none'}")
+    b = real["export"]["bytes"]
+    click.echo(f"wrote {out_path}/model_int8.onnx ({b['int8'] / 1e6:.2f} MB), model_float.onnx "
+               f"({b['float'] / 1e6:.2f} MB), export.json")
+
+
+def _commit() -> str:
+    try:
+        from ..reproduce.runner import git_commit
+
+        return git_commit()
+    except Exception:  # the commit is informative only
+        return "unknown"
+
+
+def _json_safe(o: object) -> object:
+    from ..quant.report import _json_safe as safe
+
+    return safe(o)

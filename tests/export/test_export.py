@@ -1,0 +1,161 @@
+"""Real INT8 in ONNX Runtime agrees with the W8A8 simulator (per family and variant), and both see an outlier."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")  # the deploy extra (setup.sh installs it)
+pytest.importorskip("onnx")
+
+from outlierfree.cli import main  # noqa: E402
+from outlierfree.export.deploy import real_int8  # noqa: E402
+from outlierfree.export.onnx import fold_weight_qdq  # noqa: E402
+from outlierfree.models.build import build_model  # noqa: E402
+from outlierfree.quant.config import full_w8a8, linear_w8a8, paper_w8a8  # noqa: E402
+from outlierfree.quant.evaluate import evaluate_pair, headline, model_output  # noqa: E402
+from outlierfree.quant.simulator import quantize  # noqa: E402
+
+TASK = {"bert": "mlm", "opt": "clm", "vit": "image"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: torch's thread pool only adds overhead (2x the CPU time here on 2 shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def batches(family, n=3):
+    """n batches: text (4 x 32 tokens, one row padded, MLM labels on 30 %) or images (8 x 1 x 28 x 28)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        if family == "vit":
+            out.append(dict(pixel_values=torch.randn(8, 1, 28, 28, generator=g),  # (B, C, H, W)
+                            labels=torch.randint(0, 10, (8,), generator=g)))
+            continue
+        ids = torch.randint(5, 8000, (4, 32), generator=g)  # (B, T)
+        mask = torch.ones_like(ids)
+        mask[1, 25:] = 0  # padding, so the exported graph must take the mask from its input
+        b = dict(input_ids=ids, attention_mask=mask)
+        if family == "bert":
+            b["labels"] = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, -100)
+        out.append(b)
+    return out
+
+
+def simulate_and_run(model, family, cfg, data, with_float=False):
+    """Calibrate on the first two batches, evaluate the last two: simulated and ONNX Runtime INT8 results."""
+    task = TASK[family]
+    with quantize(model, cfg, task) as qm:
+        qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
+        sim = evaluate_pair(qm, data[1:], task, progress=False)
+        real = real_int8(qm, data[1:], task, data[0], threads=1, with_float=with_float)
+        counts = (len(qm.act), len(qm.weights))
+    return sim, real, counts
+
+
+def agree(family, sim, real):
+    metric, _ = headline(TASK[family])
+    s, o = sim["quantized"][metric], real["int8"][metric]
+    if metric == "perplexity":
+        assert abs(o - s) / s < 0.01, (s, o)
+    else:  # top-1: within one image of the evaluated batch
+        assert abs(o - s) * real["int8"]["images"] <= 1 + 1e-9, (s, o)
+
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+@pytest.mark.parametrize("variant", ["vanilla", "clipped", "gated"])
+def test_int8_runtime_matches_simulator(family, variant):
+    model = build_model(family, "tiny", variant, seed=0).eval()
+    sim, real, (n_act, n_w) = simulate_and_run(model, family, paper_w8a8(), batches(family))
+    agree(family, sim, real)
+    # one QDQ pair per simulator site and one int8 initializer per quantized weight: nothing more, nothing less
+    assert real["export"]["activation_qdq"] == n_act
+    assert real["export"]["weights"] == n_w
+    # the runtime really ran integer kernels, and the INT8 model is lossy while the float export is not
+    assert sum(real["kernels"]["integer_ops"].values()) >= 4
+    assert real["int8"]["output_sqnr_db"] < 60  # the INT8 model is lossy (the float export is checked below)
+    assert abs(real["int8"]["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0
+
+
+@pytest.mark.parametrize("family,cfg", [("bert", full_w8a8), ("opt", linear_w8a8), ("vit", full_w8a8)])
+def test_other_site_sets(family, cfg):
+    model = build_model(family, "tiny", "gated", seed=0).eval()
+    sim, real, (n_act, n_w) = simulate_and_run(model, family, cfg(), batches(family))
+    agree(family, sim, real)
+    # linear: q/k/v quantize the same tensor on the same grid, and the exporter merges such identical pairs
+    assert 0 < real["export"]["activation_qdq"] <= n_act and real["export"]["weights"] == n_w
+
+
+def test_planted_outlier_hurts_simulator_and_runtime_alike():
+    model = build_model("bert", "tiny", "vanilla", seed=0).eval()
+    data = batches("bert")
+    _, clean, _ = simulate_and_run(model, "bert", paper_w8a8(), data, with_float=True)
+    assert clean["float"]["output_sqnr_db"] > 100  # the float export computes what PyTorch does
+    ln = model.bert.encoder.layer[0].attention.output.LayerNorm
+
+    def plant(module, args):
+        x = args[0].clone()
+        x[:, 0, 5] += 2000.0  # one token, one channel: a BERT-style delimiter outlier in a residual sum
+        return (x,)
+
+    h = ln.register_forward_pre_hook(plant)
+    try:
+        sim, real, _ = simulate_and_run(model, "bert", paper_w8a8(), data)
+    finally:
+        h.remove()
+    agree("bert", sim, real)
+    # the outlier stretches the residual grid: both lose > 10 dB against the clean model, by the same amount
+    assert real["int8"]["output_sqnr_db"] < clean["int8"]["output_sqnr_db"] - 10
+    assert abs(real["int8"]["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0
+    assert sim["quantized"]["perplexity"] != pytest.approx(sim["float"]["perplexity"], rel=1e-3)
+
+
+def test_default_numerics_unchanged_by_export():
+    """Exporting leaves the simulator as it was: the same quantized outputs before and after."""
+    model = build_model("bert", "tiny", "vanilla", seed=0).eval()
+    data = batches("bert")
+    with quantize(model, paper_w8a8(), "mlm") as qm:
+        qm.calibrate(data[:2], progress=False)
+        with torch.no_grad():
+            before = model_output(model, data[2], "mlm")
+            real_int8(qm, data[2:], "mlm", data[0], threads=1)
+            after = model_output(model, data[2], "mlm")
+    assert torch.equal(before, after)
+
+
+def test_fold_weight_qdq_stores_int8(tmp_path):
+    import onnx
+
+    model = build_model("vit", "tiny", "vanilla", seed=0).eval()
+    data = batches("vit")
+    with quantize(model, paper_w8a8(), "image") as qm:
+        qm.calibrate(data[:1], progress=False)
+        real = real_int8(qm, data[1:2], "image", data[0], out_dir=tmp_path, threads=1)
+    m = onnx.load(str(tmp_path / "model_int8.onnx"))
+    int_inits = [i for i in m.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
+    assert len(int_inits) >= real["export"]["weights"]
+    assert fold_weight_qdq(tmp_path / "model_int8.onnx")["weights"] == 0  # idempotent: nothing left to fold
+
+
+def cli_run(args, capsys):
+    """``outlierfree ARGS`` in-process: (exit status, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_cli_refuses_existing_out(tmp_path, capsys):
+    code, err = cli_run(["export", "whatever", "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert err.startswith("error: --out") and "already exists" in err and err.count("\n") == 1
+
+
+def test_cli_rejects_bits_without_integer_form(tmp_path, capsys):
+    code, err = cli_run(["export", "whatever", "--bits", "w4a8", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "w8a8" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
