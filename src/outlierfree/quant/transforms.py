@@ -1,0 +1,266 @@
+"""Post-hoc transforms applied before calibration, exact in float: SmoothQuant.
+
+**SmoothQuant** (Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language
+Models", ICML 2023) migrates the per-channel scale of a linear's input activation into its weight:
+
+    Y = X W^T = (X diag(s)^-1) (W diag(s))^T,      s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)
+
+and folds ``diag(s)^-1`` into the operation that produced X, so nothing is added to the graph:
+
+- a **norm** whose output feeds only linears (pre-norm blocks: OPT's ``self_attn_layer_norm`` -> q/k/v and
+  ``final_layer_norm`` -> fc1, Llama's ``input_layernorm`` -> q/k/v and ``post_attention_layernorm`` -> gate/up,
+  ViT's ``layernorm_before`` / ``layernorm_after``): gain and bias divided by s (Gemma's ``x * (1 + w)``: ``1 + w``
+  divided by s);
+- the **value projection** in front of the attention's output projection (attention mixes tokens, never channels,
+  so V's output channels can be rescaled and undone in the output projection's input columns).
+
+Candidates are found from the model's own dataflow on a calibration batch (which linears read a norm's output
+tensor), and each fold is kept only if the model's output is unchanged (relative error under ``1e-5`` on that
+batch); a fold that would change it (a post-norm block such as BERT's, whose norm output also feeds the residual
+sum) is undone and reported as not applicable, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..errors import require
+from ..sites.core import _is_norm
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+EXACT_TOL = 1e-5
+_V_NAMES = ("v_proj", "value", "v_lin", "v")
+_O_NAMES = ("o_proj", "out_proj", "out_lin", "o", "output.dense", "dense")
+
+
+@dataclass
+class Fold:
+    """One migration: the producer (a norm or a value projection), the linears that read it, and what happened."""
+
+    producer: str
+    consumers: list[str]
+    applied: bool = False
+    why: str = ""
+    max_scale: float | None = None
+    min_scale: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the report."""
+        return {"producer": self.producer, "consumers": self.consumers, "applied": self.applied, "why": self.why,
+                "scale_range": [self.min_scale, self.max_scale]}
+
+
+@dataclass
+class SmoothQuantResult:
+    """What :func:`smoothquant` did to a model."""
+
+    alpha: float
+    folds: list[Fold] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the report."""
+        return {"transform": "smoothquant", "alpha": self.alpha, "applied": sum(f.applied for f in self.folds),
+                "folds": [f.to_dict() for f in self.folds]}
+
+
+def _output(y: Any) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        if getattr(y, name, None) is not None:
+            return getattr(y, name)
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "input_ids" in inputs:
+            inputs.setdefault("decoder_input_ids", inputs["input_ids"])
+        return model(**inputs)
+    return model(batch)
+
+
+def _dataflow(model: nn.Module, batches: list[Any], forward: ForwardFn
+              ) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """(norm path -> linears that read its output tensor, linear path -> per-channel max |input|)."""
+    modules = dict(model.named_modules())
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # held for the forward, so no id is reused
+    readers: dict[str, set[str]] = {}
+    absmax: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def norm_hook(path: str) -> Callable:
+        def hook(m: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                produced[id(out)] = (path, out)
+
+        return hook
+
+    def linear_hook(path: str) -> Callable:
+        def hook(m: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            src = produced.get(id(x))
+            if src is not None and src[1] is x:
+                readers.setdefault(src[0], set()).add(path)
+            amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # (in_features,)
+            absmax[path] = amax if path not in absmax else torch.maximum(absmax[path], amax)
+
+        return hook
+
+    for path, m in modules.items():
+        if _is_norm(m):
+            handles.append(m.register_forward_hook(norm_hook(path)))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_pre_hook(linear_hook(path)))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                produced.clear()
+                forward(model, b)
+        produced.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: sorted(v) for k, v in readers.items()}, absmax
+
+
+def _scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    w_absmax = torch.stack([w.detach().abs().amax(dim=0) for w in weights]).amax(dim=0).float()  # (in_features,)
+    s = act_absmax.clamp_min(1e-5) ** alpha / w_absmax.clamp_min(1e-5) ** (1 - alpha)
+    return s.clamp_min(1e-5)
+
+
+@torch.no_grad()
+def _fold_norm(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> Callable[[], None]:
+    """Divide the norm's output by s and multiply the linears' input columns by s; returns the undo."""
+    saved = [(p, p.detach().clone()) for p in [norm.weight, getattr(norm, "bias", None), *[l.weight for l in linears]]
+             if p is not None]
+    if "Gemma" in type(norm).__name__:  # x * (1 + w): scale 1 + w
+        norm.weight.copy_((1.0 + norm.weight.float()) / s - 1.0)
+    else:
+        norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight.dtype))  # (out, in) * (in,)
+
+    def undo() -> None:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
+
+    return undo
+
+
+@torch.no_grad()
+def _fold_value(v: nn.Linear, o: nn.Linear, s: torch.Tensor) -> Callable[[], None]:
+    saved = [(p, p.detach().clone()) for p in (v.weight, v.bias, o.weight) if p is not None]
+    v.weight.div_(s[:, None].to(v.weight.dtype))  # (out=channels, in)
+    if v.bias is not None:
+        v.bias.div_(s.to(v.bias.dtype))
+    o.weight.mul_(s.to(o.weight.dtype))
+
+    def undo() -> None:
+        with torch.no_grad():
+            for p, val in saved:
+                p.copy_(val)
+
+    return undo
+
+
+def _value_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(value projection, output projection) paths of each attention block whose sizes match (no GQA)."""
+    from ..models import hf_compat
+
+    modules = dict(model.named_modules())
+    pairs = []
+    for path, m in hf_compat.attention_modules(model):
+        v = next((f"{path}.{n}" for n in _V_NAMES if isinstance(modules.get(f"{path}.{n}"), nn.Linear)), None)
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        o = next((c for base in (path, parent) for n in _O_NAMES
+                  if isinstance(modules.get(c := f"{base}.{n}" if base else n), nn.Linear)), None)
+        if v and o and modules[v].out_features == modules[o].in_features:
+            pairs.append((v, o))
+    return pairs
+
+
+def smoothquant(model: nn.Module, batches: Iterable[Any], alpha: float = 0.5,
+                forward: ForwardFn = _default_forward) -> SmoothQuantResult:
+    """Apply SmoothQuant to ``model`` in place (see the module docstring); exact in float by construction and
+    checked fold by fold on the first batch.
+
+    Args:
+        batches: calibration batches (the training split): the per-channel input maxima come from them.
+        alpha: migration strength in [0, 1] (0: nothing moves to the weights; 1: all of the activation's range).
+    """
+    require(isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0, f"SmoothQuant alpha {alpha} is outside [0, 1]",
+            "pass e.g. smoothquant:0.5")
+    batches = list(batches)
+    require(len(batches) > 0, "SmoothQuant needs calibration batches", "pass --calib-batches >= 1")
+    was = model.training
+    model.eval()
+    try:
+        modules = dict(model.named_modules())
+        readers, absmax = _dataflow(model, batches, forward)
+        with torch.no_grad():
+            ref = _output(forward(model, batches[0])).float()
+
+        def exact() -> bool:
+            with torch.no_grad():
+                y = _output(forward(model, batches[0])).float()
+            return float((y - ref).norm() / ref.norm().clamp_min(1e-30)) < EXACT_TOL
+
+        res = SmoothQuantResult(float(alpha))
+        for norm_path, lins in readers.items():
+            fold = Fold(norm_path, lins)
+            res.folds.append(fold)
+            widths = {modules[p].in_features for p in lins}
+            if len(widths) != 1 or any(p not in absmax for p in lins):
+                fold.why = "readers of different widths"
+                continue
+            s = _scales(absmax[lins[0]], [modules[p].weight for p in lins], alpha)
+            fold.min_scale, fold.max_scale = float(s.min()), float(s.max())
+            undo = _fold_norm(modules[norm_path], [modules[p] for p in lins], s)
+            if exact():
+                fold.applied, fold.why = True, "folded into the norm's gain and bias"
+            else:
+                undo()
+                fold.why = ("not exact here: the norm's output is used elsewhere too (a post-norm block's residual "
+                            "sum), or a reader's weight is tied to another use")
+        for v, o in _value_pairs(model):
+            fold = Fold(v, [o])
+            res.folds.append(fold)
+            if o not in absmax:
+                fold.why = "the output projection did not run"
+                continue
+            s = _scales(absmax[o], [modules[o].weight], alpha)
+            fold.min_scale, fold.max_scale = float(s.min()), float(s.max())
+            undo = _fold_value(modules[v], modules[o], s)
+            if exact():
+                fold.applied, fold.why = True, "folded into the value projection"
+            else:
+                undo()
+                fold.why = "not exact here (a gate or a nonlinearity between V and the output projection)"
+        return res
+    finally:
+        model.train(was)
+
+
+def parse_transforms(text: str | None) -> list[tuple[str, float | None]]:
+    """``"smoothquant:0.5"`` -> ``[("smoothquant", 0.5)]``; a one-line error for anything unknown or out of range."""
+    out: list[tuple[str, float | None]] = []
+    for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
+        name, _, arg = item.partition(":")
+        require(name == "smoothquant", f"unknown transform {name!r}", "use smoothquant[:ALPHA], e.g. smoothquant:0.5")
+        try:
+            alpha = float(arg) if arg else 0.5
+        except ValueError:
+            alpha = float("nan")
+        require(0.0 <= alpha <= 1.0, f"SmoothQuant alpha {arg!r} is not a number in [0, 1]", "pass e.g. smoothquant:0.5")
+        out.append((name, alpha))
+    return out
