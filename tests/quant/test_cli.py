@@ -63,6 +63,9 @@ def test_quantize_writes_json_markdown_and_plot(tiny_bert):
     (["--estimator", "magic"], "unknown --estimator"),
     (["--sites", "everything"], "unknown --sites"),
     (["--calib-batches", "100000"], "training split has"),
+    (["--transform", "smoothquant:1.5"], "alpha"),
+    (["--transform", "rotate-everything"], "unknown transform"),
+    (["--keep-16bit", "999", "--diag-batches", "1"], "more than the"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_bert, flags, words):
     out = tiny_bert / "bad"
@@ -83,3 +86,17 @@ def test_nan_weights_and_missing_model_are_one_line(tiny_bert, tmp_path):
         assert rc == 2 and se.strip().count("\n") == 0 and "Traceback" not in se
         assert not (tmp_path / "o").exists()
     assert "NaN" in run("quantize", str(tmp_path / "nan"), "--out", str(tmp_path / "o"))[2]
+
+
+def test_transform_and_16bit_exceptions_end_to_end(tiny_bert):
+    out = tiny_bert / "sq"
+    rc, so, se = run("quantize", str(tiny_bert / "model"), "--data", str(tiny_bert / "text.txt"), "--calib-batches",
+                     "2", "--eval-batches", "1", "--batch-size", "4", "--seq-len", "32", "--diag-batches", "1",
+                     "--transform", "smoothquant:0.5", "--keep-16bit", "1", "--quiet", "--out", str(out))
+    assert rc == 0, se
+    rep = json.loads((out / "quant.json").read_text())
+    t = rep["transforms"][0]
+    assert t["transform"] == "smoothquant" and t["applied"] >= 2  # post-norm BERT: the value projections
+    k = rep["runs"][0]["keep_16bit"]
+    assert k["k"] == 1 and len(k["groups"]) == 1
+    assert 0 < k["values_16bit_share"] < 1 and "16-bit exceptions" in (out / "quant.md").read_text()

@@ -82,6 +82,12 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
 @click.option("--ablation", is_flag=True,
               help="also quantize one site group at a time and rank the groups by harm (one quantized pass per "
                    "group over --diag-batches batches: minutes on a 12-layer model)")
+@click.option("--transform", default=None,
+              help="post-hoc transforms applied before calibration, exact in float: smoothquant[:ALPHA] (default "
+                   "alpha 0.5)")
+@click.option("--keep-16bit", "keep_16bit", type=int, default=0, show_default=True,
+              help="keep the K site groups the ablation ranks worst in 16 bits and evaluate again (implies "
+                   "--ablation)")
 @click.option("--data", default=None, help="data source (as for `outlierfree train`) [default: the model's training "
                                            "data, else the offline corpus / Fashion-MNIST]")
 @click.option("--tokenizer", default=None, help="tokenizer directory [default: beside the model]")
@@ -95,6 +101,7 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
                  act_granularity: str, weight_granularity: str, act_symmetric: bool, weight_symmetric: bool,
                  dynamic: bool, momentum: float, percentile: float, fp32_head: bool, calib_batches: int,
                  eval_batches: int, batch_size: int, seq_len: int | None, diag_batches: int, ablation: bool,
+                 transform: str | None, keep_16bit: int,
                  data: str | None,
                  tokenizer: str | None, seed: int, backend: str, out: str, quiet: bool) -> None:
     """Simulate full W/A quantization of MODEL (every weight and activation, including residual sums and
@@ -121,6 +128,13 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     require(calib_batches >= 1 or dynamic, f"--calib-batches {calib_batches} is too few for static ranges",
             "pass --calib-batches >= 1, or --dynamic")
     require(diag_batches >= 0, f"--diag-batches {diag_batches} is negative", "pass 0 or more")
+    from .transforms import parse_transforms, smoothquant
+
+    transforms = parse_transforms(transform)
+    require(keep_16bit >= 0, f"--keep-16bit {keep_16bit} is negative", "pass 0 or more")
+    require(keep_16bit == 0 or diag_batches > 0, "--keep-16bit needs the ablation's diagnostics",
+            "pass --diag-batches >= 1")
+    ablation = ablation or keep_16bit > 0
     out_path = Path(out)
     require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory path")
     if backend == "onnxruntime":
@@ -144,13 +158,23 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
         tok = load_tokenizer(tokenizer or model_path)
     batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data)
     metric, _ = headline(task)
+    applied = []
+    for name, alpha in transforms:  # in place, before any calibration; each fold checked exact in float
+        from .evaluate import model_output
+
+        res = smoothquant(model, batches.calib, alpha, forward=lambda m, b: model_output(m, b, task))
+        applied.append(res.to_dict())
+        skipped = len(res.folds) - res.to_dict()["applied"]
+        click.echo(f"{name} (alpha {alpha}): {res.to_dict()['applied']} of {len(res.folds)} folds applied"
+                   + (f"; {skipped} would change the float output and were undone (quant.json says why)"
+                      if skipped else ""), err=True)
     runs = []
     for cfg in configs:
         if not quiet:
             console.print(f"[bold]{cfg.describe()}[/bold]")
         r = evaluate_quantized(model, tok, batches.calib, batches.eval, cfg, task, diagnostics=diag_batches > 0,
                                diag_batches=diag_batches, progress=not quiet, ablate=ablation and diag_batches > 0,
-                               backend=None if backend == "simulator" else backend)
+                               backend=None if backend == "simulator" else backend, keep_16bit=keep_16bit)
         if r.get("uninstrumented") and cfg is configs[0]:
             click.echo(f"notice: {len(r['uninstrumented'])} module(s) compute attention outside transformers' "
                        f"attention interface, so their scores, probabilities and context stay float: "
@@ -161,6 +185,11 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
                    f"{r['quantized'].get(metric):.4g}, output SQNR {r['quantized'].get('output_sqnr_db', 0):.1f} dB "
                    f"(calibrated on {r['calib_batches']} training batches, evaluated on {r['eval_batches']} "
                    f"validation batches of {batch_size})")
+        if "keep_16bit" in r:
+            k16 = r["keep_16bit"]
+            click.echo(f"  with the {k16['k']} worst site group(s) in 16 bits ({', '.join(k16['groups'])}): "
+                       f"{metric} {k16['quantized'].get(metric):.4g}; {100 * k16['values_16bit_share']:.1f} % of "
+                       f"the activation values are no longer 8-bit")
         if "onnxruntime" in r:
             ort_r = r["onnxruntime"]
             ops = ", ".join(f"{o} x{n}" for o, n in ort_r["kernels"]["integer_ops"].items()) or "none"
@@ -168,6 +197,6 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
                        f"{r['quantized'].get(metric):.4g}); integer kernels: {ops}")
     report = {"model": model_path, "model_class": type(model).__name__, "task": task, "data": batches.info,
               "command": "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-              "seconds_total": time.perf_counter() - t0, "runs": runs}
+              "seconds_total": time.perf_counter() - t0, "runs": runs, "transforms": applied}
     write_report(report, out_path)
     click.echo(f"wrote {out_path / 'quant.json'}, {out_path / 'quant.md'}, {out_path / 'sites.png'}")

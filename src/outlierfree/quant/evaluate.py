@@ -199,10 +199,58 @@ def ablation(qm: QuantizedModel, batches: list[dict[str, torch.Tensor]], task: s
     return rows
 
 
+def keep_worst_16bit(qm: QuantizedModel, rows: list[dict[str, Any]], k: int,
+                     batches: list[dict[str, torch.Tensor]], task: str, progress: bool = True) -> dict[str, Any]:
+    """Mixed precision from the diagnostics: the ``k`` site groups the ablation ranks worst (by harm to the metric,
+    ties by output SQNR) go to 16 bits on their calibrated ranges, then the model is evaluated again.
+
+    Returns the groups, the metrics, and the cost: the share of the activation sites, and of the activation values
+    of one evaluation batch, that are no longer 8-bit.
+    """
+    from dataclasses import replace
+
+    from ..errors import require
+
+    groups = [r for r in rows if r["sites"]]  # "weights only" has no activation sites to widen
+    require(k <= len(groups), f"--keep-16bit {k} is more than the {len(groups)} site groups",
+            f"pass --keep-16bit <= {len(groups)}")
+    chosen = groups[:k]
+    names = {n for r in chosen for n in r["sites"]}
+    saved = {n: qm.act[n].spec for n in names}
+    sizes: dict[str, int] = {}
+    from .quantizer import Quantizer
+
+    call = Quantizer.__call__
+
+    def counted(self: Quantizer, x: torch.Tensor, calibrate: bool = False) -> torch.Tensor:
+        sizes[self.name] = sizes.get(self.name, 0) + x.numel()
+        return call(self, x, calibrate)
+
+    try:
+        for n in names:
+            qm.act[n].spec = replace(qm.act[n].spec, bits=16)
+        res = evaluate_pair(qm, batches, task, progress=progress, label="evaluating with 16-bit exceptions")
+        Quantizer.__call__ = counted  # count the values each site quantizes on one batch: the integer share
+        was = qm.model.training
+        qm.model.eval()
+        with torch.no_grad():
+            model_output(qm.model, batches[0], task)
+        qm.model.train(was)
+    finally:
+        Quantizer.__call__ = call
+        for n, spec in saved.items():
+            qm.act[n].spec = spec
+    total = sum(sizes.values())
+    values_16 = sum(sizes.get(n, 0) for n in names)
+    return {"k": k, "groups": [r["group"] for r in chosen], "sites": sorted(names), **res,
+            "sites_16bit_share": len(names) / max(len(qm.act), 1),
+            "values_16bit_share": values_16 / total if total else None}
+
+
 def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: list[dict[str, torch.Tensor]],
                        eval_batches: list[dict[str, torch.Tensor]], config: QuantConfig, task: str | None = None,
                        diagnostics: bool = False, diag_batches: int = 2, progress: bool = True,
-                       ablate: bool = False, backend: str | None = None) -> dict[str, Any]:
+                       ablate: bool = False, backend: str | None = None, keep_16bit: int = 0) -> dict[str, Any]:
     """Calibrate ``config`` on ``calib_batches``, evaluate float and quantized on ``eval_batches``.
 
     The Python API used by ``outlierfree reproduce``. The model is left as it was (hooks removed).
@@ -243,6 +291,8 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
                 out["ablation"] = ablation(qm, eval_batches[:max(1, diag_batches)], task, progress=progress)
                 out["ablation_batches"] = min(len(eval_batches), max(1, diag_batches))
             out["seconds"]["ablation"] = time.perf_counter() - t0
+            if keep_16bit > 0 and out.get("ablation"):
+                out["keep_16bit"] = keep_worst_16bit(qm, out["ablation"], keep_16bit, eval_batches, task, progress)
         return out
     finally:
         qm.remove()

@@ -62,6 +62,18 @@ def markdown(report: dict[str, Any]) -> str:
                  "training split. Output SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) of the model output against "
                  "float. Site sets: `paper` = the reference code's quantizers (docs/quantization.md), `full` = every "
                  "activation and weight, `linear` = linear inputs and weights only.")
+    for t in report.get("transforms") or []:
+        lines += ["", f"**Transform** {t['transform']} (alpha {t['alpha']}), applied before calibration: "
+                      f"{t['applied']} of {len(t['folds'])} folds (each checked to leave the float output unchanged; "
+                      f"the float column above is after the transform)."]
+    for r in report["runs"]:
+        if r.get("keep_16bit"):
+            k = r["keep_16bit"]
+            lines += ["", f"**16-bit exceptions** ({r['config']['describe']}): the {k['k']} worst group(s) of the "
+                          f"ablation ({', '.join(k['groups'])}) in 16 bits give {metric} "
+                          f"{_fmt(k['quantized'].get(metric))}; {100 * k['sites_16bit_share']:.1f} % of the "
+                          f"activation sites and {100 * (k['values_16bit_share'] or 0):.1f} % of the activation "
+                          f"values are then not 8-bit."]
     for r in report["runs"]:
         if r.get("uninstrumented"):
             lines += ["", f"**Not instrumented** ({r['config']['describe']}): these modules compute a softmax "
