@@ -92,14 +92,10 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
                      "quantized": k16["quantized"], "harm": _harm({"float": runs[0]["float"],
                                                                    "quantized": k16["quantized"]}, metric, higher),
                      "config": runs[0]["config"], "keep_16bit": k16})
-    runs.append(run("stacked: SmoothQuant + per-channel weights" + (f" + {keep_16bit} groups in 16 bits"
-                                                                      if keep_16bit else ""),
-                    smoothed, paper.replace(weight=w_pc), diagnostics=keep_16bit > 0, ablate=keep_16bit > 0,
-                    diag_batches=1, keep_16bit=keep_16bit))
-    if keep_16bit and runs[-1].get("keep_16bit"):
-        last = runs[-1]
-        last["quantized"] = last["keep_16bit"]["quantized"]
-        last["harm"] = _harm(last, metric, higher)
+    # the stack keeps the same site groups in 16 bits as the plain model's ablation chose (same site names)
+    runs.append(run("stacked: SmoothQuant + per-channel weights" + (f" + {k16['k']} groups in 16 bits"
+                                                                      if k16 else ""),
+                    smoothed, paper.replace(weight=w_pc), sixteen_bit_sites=(k16 or {}).get("sites")))
     echo("[4/4] verdict")
     family = hf_compat.family_of(getattr(model, "config", None))
     verdict = _verdict(runs, analysis, metric, higher, family)

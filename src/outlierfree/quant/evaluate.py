@@ -250,7 +250,8 @@ def keep_worst_16bit(qm: QuantizedModel, rows: list[dict[str, Any]], k: int,
 def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: list[dict[str, torch.Tensor]],
                        eval_batches: list[dict[str, torch.Tensor]], config: QuantConfig, task: str | None = None,
                        diagnostics: bool = False, diag_batches: int = 2, progress: bool = True,
-                       ablate: bool = False, backend: str | None = None, keep_16bit: int = 0) -> dict[str, Any]:
+                       ablate: bool = False, backend: str | None = None, keep_16bit: int = 0,
+                       sixteen_bit_sites: Iterable[str] | None = None) -> dict[str, Any]:
     """Calibrate ``config`` on ``calib_batches``, evaluate float and quantized on ``eval_batches``.
 
     The Python API used by ``outlierfree reproduce``. The model is left as it was (hooks removed).
@@ -269,6 +270,12 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
         n_cal = qm.calibrate(calib_batches, lambda m, b: model_output(m, b, task), progress=progress) \
             if not (config.activation is None or config.activation.dynamic) else 0
         t_cal = time.perf_counter() - t0
+        if sixteen_bit_sites:  # 16-bit exceptions chosen elsewhere (e.g. by an earlier ablation), on their ranges
+            from dataclasses import replace
+
+            for n in sixteen_bit_sites:
+                if n in qm.act:
+                    qm.act[n].spec = replace(qm.act[n].spec, bits=16)
         res = evaluate_pair(qm, eval_batches, task, progress=progress, record=diagnostics)
         out: dict[str, Any] = {"config": config.to_dict(), "task": task, **res,
                                "calib_batches": n_cal, "eval_batches": len(eval_batches),
