@@ -157,7 +157,9 @@ def _markdown(r: dict[str, Any]) -> str:
     m = r["metric"]
     lines = [f"# outlierfree doctor: {r['model']}", "", f"**{r['verdict']['summary']}**", "",
              f"task {r['task']}, metric {m} ({'higher' if r['higher_is_better'] else 'lower'} is better), float "
-             f"{r['float'].get(m):.4g}; data {r['data']}", "",
+             f"{r['float'].get(m):.4g}; data: {r['data'].get('data')}, calibrated on the training split, evaluated "
+             f"on the validation split (W8A8: the paper's site set, per-tensor, static 8 bits unless a row says "
+             f"otherwise)", "",
              "| configuration | quantized " + m + " | loss vs float |", "|---|---|---|"]
     for c in r["configs"]:
         lines.append(f"| {c['label']} | {c['quantized'].get(m):.4g} | "
@@ -165,7 +167,9 @@ def _markdown(r: dict[str, Any]) -> str:
     v = r["verdict"]
     lines += ["", f"- keep in 16 bits (the ablation's worst groups): {', '.join(v['keep_in_16bit'] or []) or '-'}",
               f"- training-time fix: {v['training_fix'] or 'not needed or not a family outlierfree trains'}",
-              f"- outlier dimensions: {r['outliers'].get('outlier_dims')}",
+              "- outlier dimensions (recurring across sites): " + (", ".join(
+                  f"dim {d['dim']} ({d['sites']} sites, layers {d['layers'][0]}-{d['layers'][-1]}, max {d['max']:.3g})"
+                  for d in ((r["outliers"].get("outlier_dims") or {}).get("recurring") or [])[:6]) or "none"),
               f"- SmoothQuant: {r['smoothquant']['applied']} of {len(r['smoothquant']['folds'])} folds applied "
               f"(the others would change the float output)", "", f"Took {r['seconds']} s."]
     return "\n".join(lines) + "\n"
