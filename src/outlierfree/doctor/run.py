@@ -8,6 +8,7 @@ per-tensor static 8 bits):
 
 - per-channel weights; per-token dynamic activations (the granularities the simulator has);
 - SmoothQuant (:mod:`outlierfree.quant.transforms`, exact in float, alpha 0.5);
+- rotation of the residual stream (pre-norm RMSNorm decoders; elsewhere reported as not applicable);
 - 16-bit exceptions: the K site groups the ablation ranks worst kept in 16 bits;
 - the stack of SmoothQuant, per-channel weights and the 16-bit exceptions.
 
@@ -49,7 +50,8 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     from ..models.io import load_model, load_tokenizer
     from ..quant.data import make_batches, task_of
     from ..quant.evaluate import evaluate_quantized, headline, model_output
-    from ..quant.transforms import smoothquant
+    from ..errors import OutlierfreeError
+    from ..quant.transforms import rotate, smoothquant
 
     require(calib_batches >= 1 and eval_batches >= 1, "doctor needs calibration and evaluation batches",
             "pass --calib-batches >= 1 and --eval-batches >= 1")
@@ -86,6 +88,13 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     smoothed = copy.deepcopy(model)
     sq = smoothquant(smoothed, batches.calib, 0.5, forward=lambda m, b: model_output(m, b, task))
     runs.append(run(f"SmoothQuant 0.5 ({sq.to_dict()['applied']} folds)", smoothed, paper))
+    rotated, not_applicable = copy.deepcopy(model), {}
+    try:
+        rot = rotate(rotated, batches.calib[0], forward=lambda m, b: model_output(m, b, task))
+        runs.append(run(f"rotation ({rot.kind})", rotated, paper))
+    except OutlierfreeError as e:  # the architecture's norms break the invariance: say so, measure nothing
+        not_applicable["rotation"] = e.problem
+        echo(f"    rotation: not applicable ({e.problem})")
     k16 = runs[0].get("keep_16bit")
     if k16:
         runs.append({"label": f"{k16['k']} worst site groups in 16 bits", "float": runs[0]["float"],
@@ -105,6 +114,7 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
                            "top_activations": (analysis.get("top_activations") or [])[:5],
                            "noop": analysis.get("noop")},
               "ablation": (runs[0].get("ablation") or [])[:10], "smoothquant": sq.to_dict(),
+              "not_applicable": not_applicable,
               "configs": [{k: v for k, v in r.items() if k in ("label", "quantized", "harm", "config")} for r in runs],
               "verdict": verdict, "seconds": round(time.perf_counter() - t0, 1)}
     _write(report, Path(out))
@@ -171,7 +181,9 @@ def _markdown(r: dict[str, Any]) -> str:
                   f"dim {d['dim']} ({d['sites']} sites, layers {d['layers'][0]}-{d['layers'][-1]}, max {d['max']:.3g})"
                   for d in ((r["outliers"].get("outlier_dims") or {}).get("recurring") or [])[:6]) or "none"),
               f"- SmoothQuant: {r['smoothquant']['applied']} of {len(r['smoothquant']['folds'])} folds applied "
-              f"(the others would change the float output)", "", f"Took {r['seconds']} s."]
+              f"(the others would change the float output)",
+              *[f"- {k}: not applicable ({v})" for k, v in (r.get("not_applicable") or {}).items()],
+              "", f"Took {r['seconds']} s."]
     return "\n".join(lines) + "\n"
 
 

@@ -83,8 +83,9 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
               help="also quantize one site group at a time and rank the groups by harm (one quantized pass per "
                    "group over --diag-batches batches: minutes on a 12-layer model)")
 @click.option("--transform", default=None,
-              help="post-hoc transforms applied before calibration, exact in float: smoothquant[:ALPHA] (default "
-                   "alpha 0.5)")
+              help="post-hoc transforms applied before calibration, exact in float, in the given order: "
+                   "smoothquant[:ALPHA] (default alpha 0.5), rotate[:SEED] (pre-norm RMSNorm decoders), e.g. "
+                   "rotate,smoothquant:0.5")
 @click.option("--keep-16bit", "keep_16bit", type=int, default=0, show_default=True,
               help="keep the K site groups the ablation ranks worst in 16 bits and evaluate again (implies "
                    "--ablation)")
@@ -159,9 +160,16 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data)
     metric, _ = headline(task)
     applied = []
-    for name, alpha in transforms:  # in place, before any calibration; each fold checked exact in float
+    for name, alpha in transforms:  # in place, before any calibration; each checked exact in float
         from .evaluate import model_output
+        from .transforms import rotate
 
+        if name == "rotate":
+            rot = rotate(model, batches.calib[0], seed=int(alpha), forward=lambda m, b: model_output(m, b, task))
+            applied.append(rot.to_dict())
+            click.echo(f"rotate: the residual stream of {rot.layers} layers rotated by a random {rot.kind} "
+                       f"matrix ({rot.dim} x {rot.dim}), float output unchanged", err=True)
+            continue
         res = smoothquant(model, batches.calib, alpha, forward=lambda m, b: model_output(m, b, task))
         applied.append(res.to_dict())
         skipped = len(res.folds) - res.to_dict()["applied"]

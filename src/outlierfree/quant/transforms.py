@@ -1,4 +1,4 @@
-"""Post-hoc transforms applied before calibration, exact in float: SmoothQuant.
+"""Post-hoc transforms applied before calibration, exact in float: SmoothQuant and rotation of the residual stream.
 
 **SmoothQuant** (Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language
 Models", ICML 2023) migrates the per-channel scale of a linear's input activation into its weight:
@@ -252,11 +252,18 @@ def smoothquant(model: nn.Module, batches: Iterable[Any], alpha: float = 0.5,
 
 
 def parse_transforms(text: str | None) -> list[tuple[str, float | None]]:
-    """``"smoothquant:0.5"`` -> ``[("smoothquant", 0.5)]``; a one-line error for anything unknown or out of range."""
+    """``"rotate,smoothquant:0.5"`` -> ``[("rotate", 0.0), ("smoothquant", 0.5)]`` (applied in that order; rotate's
+    argument is the seed of its random signs); a one-line error for anything unknown or out of range."""
     out: list[tuple[str, float | None]] = []
     for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
         name, _, arg = item.partition(":")
-        require(name == "smoothquant", f"unknown transform {name!r}", "use smoothquant[:ALPHA], e.g. smoothquant:0.5")
+        require(name in ("smoothquant", "rotate"), f"unknown transform {name!r}",
+                "use smoothquant[:ALPHA] and/or rotate[:SEED], e.g. rotate,smoothquant:0.5")
+        if name == "rotate":
+            require(arg == "" or arg.isdigit(), f"rotate's seed {arg!r} is not a non-negative integer",
+                    "pass e.g. rotate:0")
+            out.append((name, float(arg or 0)))
+            continue
         try:
             alpha = float(arg) if arg else 0.5
         except ValueError:
@@ -264,3 +271,131 @@ def parse_transforms(text: str | None) -> list[tuple[str, float | None]]:
         require(0.0 <= alpha <= 1.0, f"SmoothQuant alpha {arg!r} is not a number in [0, 1]", "pass e.g. smoothquant:0.5")
         out.append((name, alpha))
     return out
+
+
+# ---- rotation of the residual stream ------------------------------------------------------------------------------
+@dataclass
+class RotationResult:
+    """What :func:`rotate` did."""
+
+    kind: str  # "hadamard" (d a power of two: random signs times a Sylvester Hadamard) or "orthogonal" (random QR)
+    dim: int
+    layers: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the report."""
+        return {"transform": "rotate", "rotation": self.kind, "dim": self.dim, "layers": self.layers,
+                "seed": self.seed, "applied": self.layers}
+
+
+def random_rotation(d: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """An orthogonal (d, d) float64 matrix: ``H diag(signs) / sqrt(d)`` (QuaRot's randomised Hadamard) when ``d`` is a
+    power of two, else a random orthogonal matrix from the QR decomposition of a Gaussian matrix."""
+    g = torch.Generator().manual_seed(seed)
+    if d & (d - 1) == 0:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < d:  # Sylvester: [[H, H], [H, -H]]
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        signs = torch.randint(0, 2, (d,), generator=g).double() * 2 - 1  # (d,)
+        return h * signs / d ** 0.5, "hadamard"
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)), "orthogonal"  # sign fix: a uniformly random rotation
+
+
+_BLOCK = {"attn": ("q_proj", "k_proj", "v_proj"), "out": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),
+          "mlp_out": ("down_proj",)}
+
+
+def rotate(model: nn.Module, batch: Any, seed: int = 0, forward: ForwardFn = _default_forward) -> RotationResult:
+    """Rotate the residual stream of a pre-norm decoder with RMSNorm (Llama, Qwen2, Mistral) by a random orthogonal
+    Q, fused into the weights as QuaRot (Ashkboos et al. 2024) and SpinQuant do: each norm's gain is folded into the
+    linears that read it (the norm becomes scale-only, and ``RMSNorm(x Q) = RMSNorm(x) Q``), the embeddings and
+    every linear that writes to the residual stream are multiplied by Q on their output side, every linear that
+    reads it by Q on its input side. The float output is unchanged (checked on ``batch``; refused otherwise).
+
+    Refused with a one-line error where the norm placement breaks the invariance: post-norm encoders (BERT),
+    LayerNorm with mean subtraction and bias (OPT, ViT: they need SliceGPT's centring first), and sandwich norms
+    applied to a block's output before the residual add (Gemma-2/3).
+    """
+    from ..errors import OutlierfreeError
+
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not hasattr(base, "embed_tokens") or not hasattr(base, "norm"):
+        raise OutlierfreeError(f"rotation does not apply to {type(model).__name__}: it needs a pre-norm decoder "
+                               f"with RMSNorm (model.layers, embed_tokens, norm)",
+                               "use --transform smoothquant for this architecture")
+    for i, layer in enumerate(layers):
+        names = set(dict(layer.named_children()))
+        extra = names - {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+        extra_norms = [n for n in extra if _is_norm(getattr(layer, n))]
+        if extra_norms:
+            raise OutlierfreeError(f"rotation does not apply to {type(model).__name__}: layer {i} has norms on the "
+                                   f"block outputs ({', '.join(sorted(extra_norms))}), which break its invariance",
+                                   "use --transform smoothquant for this architecture")
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(layer, n, None)
+            if norm is None or getattr(norm, "bias", None) is not None or "Gemma" in type(norm).__name__ or \
+                    isinstance(norm, nn.LayerNorm):
+                raise OutlierfreeError(f"rotation does not apply to {type(model).__name__}: its {n} is not a "
+                                       f"scale-only RMSNorm", "use --transform smoothquant for this architecture")
+    head = getattr(model, "lm_head", None)
+    emb = base.embed_tokens
+    d = emb.weight.shape[1]
+    q64, kind = random_rotation(d, seed)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        ref = _output(forward(model, batch)).double()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        with torch.no_grad():
+            if head is not None and head.weight is emb.weight:  # untie: the head takes the final norm's gain
+                head.weight = nn.Parameter(head.weight.detach().clone())
+                model.config.tie_word_embeddings = False
+
+            def fold_gain(norm: nn.Module, readers: list[nn.Linear]) -> None:
+                g = norm.weight.detach().double()
+                for lin in readers:
+                    lin.weight.copy_((lin.weight.double() * g).to(lin.weight.dtype))  # (out, in) * (in,)
+                norm.weight.fill_(1.0)
+
+            def read(lin: nn.Linear) -> None:  # y = (x Q) W'^T = x W^T  =>  W' = W Q
+                lin.weight.copy_((lin.weight.double() @ q64).to(lin.weight.dtype))
+
+            def write(lin: nn.Linear) -> None:  # out Q = x (Q^T W)^T  =>  W' = Q^T W, b' = b Q
+                lin.weight.copy_((q64.T @ lin.weight.double()).to(lin.weight.dtype))
+                if lin.bias is not None:
+                    lin.bias.copy_((lin.bias.double() @ q64).to(lin.bias.dtype))
+
+            for layer in layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                fold_gain(layer.input_layernorm, [getattr(attn, n) for n in _BLOCK["attn"]])
+                fold_gain(layer.post_attention_layernorm, [getattr(mlp, n) for n in _BLOCK["mlp_in"]])
+                for n in _BLOCK["attn"]:
+                    read(getattr(attn, n))
+                for n in _BLOCK["mlp_in"]:
+                    read(getattr(mlp, n))
+                write(attn.o_proj)
+                write(mlp.down_proj)
+            if head is not None:
+                fold_gain(base.norm, [head])
+                read(head)
+            emb.weight.copy_((emb.weight.double() @ q64).to(emb.weight.dtype))  # (V, d) rows are written vectors
+            y = _output(forward(model, batch)).double()
+        err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+        if err > 1e-4:
+            raise OutlierfreeError(f"the rotation changed {type(model).__name__}'s float output (relative error "
+                                   f"{err:.2g}), so it does not apply to this architecture",
+                                   "use --transform smoothquant for this architecture")
+    except BaseException:
+        with torch.no_grad():  # put every weight back
+            named = dict(model.named_parameters())
+            for n, v in params.items():
+                if n in named and named[n].shape == v.shape:
+                    named[n].copy_(v)
+        raise
+    finally:
+        model.train(was)
+    return RotationResult(kind, d, len(layers), seed)
