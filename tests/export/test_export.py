@@ -1,6 +1,7 @@
 """Real INT8 in ONNX Runtime agrees with the W8A8 simulator (per family and variant), and both see an outlier."""
 
 import json
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ pytest.importorskip("onnx")
 from outlierfree.cli import main  # noqa: E402
 from outlierfree.export.deploy import real_int8  # noqa: E402
 from outlierfree.export.onnx import fold_weight_qdq  # noqa: E402
+from outlierfree.export.ort import site_agreement  # noqa: E402
 from outlierfree.models.build import build_model  # noqa: E402
 from outlierfree.quant.config import full_w8a8, linear_w8a8, paper_w8a8  # noqa: E402
 from outlierfree.quant.evaluate import evaluate_pair, headline, model_output  # noqa: E402
@@ -47,13 +49,16 @@ def batches(family, n=3):
     return out
 
 
-def simulate_and_run(model, family, cfg, data, with_float=False):
-    """Calibrate on the first two batches, evaluate the last two: simulated and ONNX Runtime INT8 results."""
+def simulate_and_run(model, family, cfg, data, with_float=False, sites=False):
+    """Calibrate on the first two batches, evaluate the last two: simulated and ONNX Runtime INT8 results (with
+    ``sites``, ``real["sites"]`` is the per-site comparison on the last batch)."""
     task = TASK[family]
-    with quantize(model, cfg, task) as qm:
+    with quantize(model, cfg, task) as qm, tempfile.TemporaryDirectory() as d:
         qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
         sim = evaluate_pair(qm, data[1:], task, progress=False)
-        real = real_int8(qm, data[1:], task, data[0], threads=1, with_float=with_float)
+        real = real_int8(qm, data[1:], task, data[0], out_dir=d, threads=1, with_float=with_float)
+        if sites:
+            real["sites"] = site_agreement(qm, f"{d}/model_int8.onnx", data[-1])
         counts = (len(qm.act), len(qm.weights))
     return sim, real, counts
 
@@ -71,11 +76,17 @@ def agree(family, sim, real):
 @pytest.mark.parametrize("variant", ["vanilla", "clipped", "gated"])
 def test_int8_runtime_matches_simulator(family, variant):
     model = build_model(family, "tiny", variant, seed=0).eval()
-    sim, real, (n_act, n_w) = simulate_and_run(model, family, paper_w8a8(), batches(family))
+    sim, real, (n_act, n_w) = simulate_and_run(model, family, paper_w8a8(), batches(family), sites=True)
     agree(family, sim, real)
+    # per site: the runtime's dequantized tensor is within one quantization step of the simulator's (a rounding
+    # tie decided the other way by x / scale against x * (1 / scale) is exactly one step)
+    st = real["sites"]
+    assert st["compared"] >= n_act - 2 and st["within_one_step"] == st["compared"], st
     # one QDQ pair per simulator site and one int8 initializer per quantized weight: nothing more, nothing less
     assert real["export"]["activation_qdq"] == n_act
     assert real["export"]["weights"] == n_w
+    if family != "vit":  # the word table is looked up in int8 (Gather before DequantizeLinear)
+        assert real["export"]["integer_lookups"] >= 1
     # the runtime really ran integer kernels, and the INT8 model is lossy while the float export is not
     assert sum(real["kernels"]["integer_ops"].values()) >= 4
     assert real["int8"]["output_sqnr_db"] < 60  # the INT8 model is lossy (the float export is checked below)
@@ -159,3 +170,40 @@ def test_cli_rejects_bits_without_integer_form(tmp_path, capsys):
     code, err = cli_run(["export", "whatever", "--bits", "w4a8", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "w8a8" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_gated_bert(tmp_path_factory):
+    """A saved tiny gated BERT with its own word-piece tokenizer and a small text file (as tests/quant/test_cli)."""
+    from outlierfree.data.text import train_tokenizer
+    from outlierfree.models.io import save_model
+
+    root = tmp_path_factory.mktemp("export")
+    words = "the cat sat on a mat while a dog ran in the park and birds sang in the tall green trees".split()
+    g = torch.Generator().manual_seed(0)
+    paras = [" ".join(words[j] for j in torch.randint(len(words), (40,), generator=g).tolist()).capitalize() + "."
+             for _ in range(500)]
+    (root / "text.txt").write_text("\n\n".join(paras))
+    tok = train_tokenizer(paras, "wordpiece", 300)
+    save_model(build_model("bert", "tiny", "gated", seed=0, vocab_size=len(tok)), root / "model", tok)
+    return root
+
+
+def test_cli_export_and_quantize_backend(tiny_gated_bert, capsys):
+    root = tiny_gated_bert
+    common = ["--data", str(root / "text.txt"), "--calib-batches", "2", "--eval-batches", "2", "--batch-size", "4",
+              "--seq-len", "32", "--quiet"]
+    main(["export", str(root / "model"), *common, "--threads", "1", "--out", str(root / "onnx")])
+    assert "ONNX Runtime INT8" in capsys.readouterr().out
+    rep = json.loads((root / "onnx" / "export.json").read_text())
+    assert sorted(p.name for p in (root / "onnx").iterdir()) == ["export.json", "model_float.onnx",
+                                                                   "model_int8.onnx"]
+    s, o = rep["simulated"]["perplexity"], rep["onnxruntime_int8"]["perplexity"]
+    assert abs(o - s) / s < 0.01 and rep["kernels"]["integer_ops"] and rep["versions"]["onnxruntime"]
+    assert rep["export"]["bytes"]["int8"] < rep["export"]["bytes"]["float"]
+    main(["quantize", str(root / "model"), *common, "--diag-batches", "0", "--backend", "onnxruntime",
+          "--out", str(root / "quant")])
+    run = json.loads((root / "quant" / "quant.json").read_text())["runs"][0]
+    assert abs(run["onnxruntime"]["int8"]["perplexity"] - run["quantized"]["perplexity"]) \
+        < 0.01 * run["quantized"]["perplexity"]
+    assert "Real INT8 in ONNX Runtime" in (root / "quant" / "quant.md").read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import OutlierfreeError, require
+from ..errors import require
 
 
 @click.command("export")
@@ -49,6 +49,7 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
     from ..quant.simulator import check_finite_weights, quantize
     from .deploy import real_int8, versions
     from .onnx import require_onnx
+    from .ort import site_agreement
 
     out_path = Path(out)
     require(not out_path.exists(), f"--out {out} already exists", "pass a new directory (nothing is overwritten)")
@@ -81,6 +82,8 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
         sim = evaluate_pair(qm, ev, task, progress=not quiet) if ev else None
         with atomic_dir(out_path) as tmp:  # nothing half-written: a temporary directory, renamed when complete
             real = real_int8(qm, ev, task, batches.calib[0], out_dir=tmp, threads=threads)
+            # per-site parity on one batch: each site's tensor in the runtime against the simulator's, in steps
+            sites_cmp = site_agreement(qm, tmp / real["export"]["int8"], ev[0]) if ev else None
             report = {
                 "model": model_path, "model_class": type(model).__name__, "task": task,
                 "command": "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -92,11 +95,17 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
                 "metric": metric,
                 "pytorch_float": sim["float"] if sim else None, "simulated": sim["quantized"] if sim else None,
                 "onnxruntime_int8": real["int8"] if ev else None, "onnxruntime_float": real["float"] if ev else None,
-                **{k: real[k] for k in ("export", "kernels", "agreement", "threads")},
+                **{k: real[k] for k in ("export", "kernels", "agreement", "threads")}, "site_agreement": sites_cmp,
                 "seconds_total": time.perf_counter() - t0,
             }
             (tmp / "export.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
     k = real["kernels"]
+    if sites_cmp:
+        click.echo(f"per site: {sites_cmp['within_one_step']} of {sites_cmp['compared']} compared sites within one "
+                   f"quantization step of the simulator (worst {sites_cmp['max_steps']:.2f} steps; "
+                   f"{sites_cmp['not_compared']} not comparable"
+                   + (f"; from {sites_cmp['first_beyond_one_step']} on, differences of one step upstream are "
+                      f"amplified by coarser grids" if sites_cmp["first_beyond_one_step"] else "") + ")")
     if sim:
         click.echo(f"{cfg.describe()}: {metric} float {sim['float'][metric]:.4g}, simulated "
                    f"{sim['quantized'][metric]:.4g}, ONNX Runtime INT8 {real['int8'][metric]:.4g} "

@@ -33,7 +33,8 @@ def session(path: str | Path, threads: int = 0, optimized: str | Path | None = N
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    so.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
     so.intra_op_num_threads = threads
@@ -84,3 +85,65 @@ def evaluate_onnx(path: Any, batches: Iterable[dict[str, torch.Tensor]], task: s
 def default_threads() -> int:
     """All cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def site_agreement(qm: Any, path: str | Path, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-site parity: each activation site's dequantized tensor in ONNX Runtime against the simulator's, in units
+    of the site's quantization step.
+
+    The INT8 graph's activation DequantizeLinear outputs are made graph outputs and run without graph optimisation
+    (so no fusion removes them); each is matched to the simulator site with the same scale and zero point (and shape).
+    Sites whose grid another site shares, or whose exported layout differs, are counted as not compared. Returns
+    ``{"compared": n, "not_compared": n, "max_steps": worst |difference| / scale, "within_one_step": n,
+    "first_beyond_one_step": the first site in forward order past one step (None: none), "sites": {site: steps}}``.
+    """
+    import numpy as np
+    import onnx
+
+    from ..quant.quantizer import qparams
+    from ..quant.evaluate import model_output
+    from .onnx import _const_values
+
+    m = onnx.load(str(path))
+    g = m.graph
+    vals = _const_values(g)
+    inits = {i.name for i in g.initializer}
+    by_grid: dict[tuple, list[str]] = {}
+    for n in g.node:  # activation pairs: QuantizeLinear of a computed tensor -> DequantizeLinear
+        if n.op_type == "DequantizeLinear" and n.input[0] not in inits and n.input[1] in vals:
+            key = (float(np.float32(vals[n.input[1]])), int(vals[n.input[2]]) if len(n.input) > 2 else 0)
+            by_grid.setdefault(key, []).append(n.output[0])
+    wanted = sorted({o for outs in by_grid.values() for o in outs})
+    g.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in wanted)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "taps.onnx"
+        onnx.save(m, str(p))
+        sess = session(p, threads=1, level="disable")
+        names = [i.name for i in sess.get_inputs()]
+        outs = dict(zip([o.name for o in sess.get_outputs()],
+                        sess.run(None, {n: batch[n].numpy() for n in names})))
+    seen: dict[str, torch.Tensor] = {}
+    for name, q in qm.act.items():
+        q.tap = (lambda name: lambda t: seen.setdefault(name, t.detach().float().clone()))(name)
+    try:
+        with torch.no_grad():
+            model_output(qm.model, batch, qm.task)
+    finally:
+        for q in qm.act.values():
+            q.tap = None
+    steps, skipped = {}, 0
+    for name, t in seen.items():
+        q = qm.act[name]
+        scale, zp, _, _ = qparams(q.lo.float(), q.hi.float(), q.spec.bits, q.spec.symmetric)
+        cands = [o for o in by_grid.get((float(np.float32(float(scale))), int(zp)), [])
+                 if tuple(outs[o].shape) == tuple(t.shape)]
+        if len(cands) != 1:
+            skipped += 1
+            continue
+        steps[name] = float(np.abs(outs[cands[0]] - t.numpy()).max() / float(scale))
+    # sites in forward order: where a model has outliers, one tie rounded the other way on a coarse grid (a
+    # residual sum stretched by an outlier) is many steps of the next, finer grid, so name where it starts
+    first = next((n for n, v in steps.items() if v > 1.0 + 1e-3), None)
+    return {"compared": len(steps), "not_compared": skipped, "max_steps": max(steps.values(), default=0.0),
+            "within_one_step": sum(v <= 1.0 + 1e-3 for v in steps.values()), "first_beyond_one_step": first,
+            "sites": steps}

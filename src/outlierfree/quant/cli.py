@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ..errors import OutlierfreeError, require
-from .config import ESTIMATORS, GRANULARITIES, SITE_PRESETS, QuantConfig, QuantSpec, parse_bits
+from .config import ESTIMATORS, SITE_PRESETS, QuantConfig, QuantSpec, parse_bits
 
 
 def _split(text: str) -> list[str]:

@@ -108,6 +108,7 @@ class Quantizer:
         self.noise = 0.0  # sum of (x - q(x))^2 while recording
         self.absmax = 0.0
         self.export = False  # True while exporting: quantize with the traceable torch op (see export_quant)
+        self.tap = None  # optional callable(q): sees every quantized output (per-site parity checks)
 
     # ---- range ----------------------------------------------------------------------------------------------
     def observe(self, x: torch.Tensor) -> None:
@@ -165,6 +166,8 @@ class Quantizer:
                                      else (xd * xd).sum())
                 self.noise += float(((xd - q.detach().to(xd.dtype)) ** 2).sum())
                 self.absmax = max(self.absmax, float(xd.abs().max()))
+        if self.tap is not None:
+            self.tap(q)
         return q
 
     def export_quant(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['calib_batches']} | {r['eval_batches']} |")
     ort_runs = [r for r in report["runs"] if "onnxruntime" in r]
     if ort_runs:  # --backend onnxruntime: the real INT8 model beside the simulation
-        lines += ["", f"Real INT8 in ONNX Runtime (static QDQ export of the same calibrated ranges, same batches):", "",
+        lines += ["", "Real INT8 in ONNX Runtime (static QDQ export of the same calibrated ranges, same batches):", "",
                   f"| config | simulated {metric} | ONNX Runtime INT8 {metric} | ONNX Runtime float {metric} | "
                   f"integer kernels | INT8 / float file size |", "|---|---|---|---|---|---|"]
         for r in ort_runs:

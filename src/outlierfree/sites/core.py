@@ -219,7 +219,7 @@ def parse_kinds(text: str | tuple[str, ...] | list[str], flag: str = "--sites") 
 
 @contextlib.contextmanager
 def observe(model: nn.Module, fn: SiteFn, sites: list[Site] | None = None, *, residual: bool = False,
-            weight_fn: "ops.WeightFn | None" = None, grids: bool = False) -> Iterator[list[Site]]:
+            weight_fn: Callable[[str, str, str, torch.Tensor], "torch.Tensor | None"] | None = None, grids: bool = False) -> Iterator[list[Site]]:
     """Call ``fn(site, tensor)`` for every site during forward passes inside the ``with`` block.
 
     If ``fn`` returns a tensor, it replaces the activation (inputs and outputs of modules, attention internals and

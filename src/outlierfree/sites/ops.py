@@ -210,10 +210,12 @@ class OpMode(TorchFunctionMode):
         a, b = args[0], args[1]
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
-        # a hidden state of the model's width: (B, T, D) or (N, D); masks and biases of scores are 4-D
-        if not 2 <= out.dim() <= 3 or (self.widths and out.shape[-1] not in self.widths):
+        # a hidden state of the model's width: (B, T, D) or (N, D); masks and biases of scores are 4-D. Sizes are
+        # compared as ints: under the ONNX exporter's tracing they are tensors, which a set lookup would never match
+        width = int(out.shape[-1])
+        if not 2 <= out.dim() <= 3 or (self.widths and width not in self.widths):
             return False
-        return a.dim() >= 2 and b.dim() >= 2 and a.shape[-1] == b.shape[-1] == out.shape[-1]
+        return a.dim() >= 2 and b.dim() >= 2 and int(a.shape[-1]) == int(b.shape[-1]) == width
 
     def _residual(self, name: str, args: tuple, out: object) -> object:
         frames = self.stack.frames
