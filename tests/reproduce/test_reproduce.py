@@ -1,5 +1,6 @@
 """reproduce: the quick preset end to end on a reduced size, resume, report from the runs' JSON, bad input."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -43,7 +44,12 @@ def test_quick_preset_end_to_end(quick_run):
         assert how["spec"]["train"]["steps"] == STEPS and how["commit"]
         assert "CPU cores" in how["machine"] and "torch" in how["machine"]
         assert how["quant"]["w8a8"]["activation"]["bits"] == 8 and "estimator" in how["quant"]["w8a8"]["activation"]
+        assert how["quant"]["w8a8"]["sites"] == "paper"  # the reference's site set
+        if importlib.util.find_spec("onnxruntime") is not None:  # real INT8 beside the simulation (setup.sh installs it)
+            tol = 0.01 * abs(r["w8a8"]) if r["metric"] == "perplexity" else 100.0 / 16 + 1e-9  # 1 %, or 1 of 16 images
+            assert r["w8a8_ort"] is not None and abs(r["w8a8_ort"] - r["w8a8"]) <= tol, r["name"]
     md = (out / "report.md").read_text()
+    assert "W8A8 real (ORT)" in md and "W8A8 (paper set)" in md
     for needle in ("| bert | vanilla |", "| opt | clipped |", "| vit | clipped |", "735", "per_layer_inf_norm.png"):
         assert needle in md
     assert (out / "per_layer_inf_norm.png").stat().st_size > 1000

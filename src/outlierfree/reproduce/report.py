@@ -16,9 +16,9 @@ from typing import Any, Callable
 from .presets import METRIC, PAPER
 from .runner import machine, write_json
 
-COLUMNS = ("fp", "max_inf_norm", "avg_kurtosis", "w8a8", "w8a8_linear")
+COLUMNS = ("fp", "max_inf_norm", "avg_kurtosis", "w8a8", "w8a8_ort", "w8a8_linear")
 HEADERS = {"fp": "FP", "max_inf_norm": "max inf-norm", "avg_kurtosis": "avg kurtosis", "w8a8": "W8A8 (paper set)",
-           "w8a8_linear": "W8A8 (linear only)"}
+           "w8a8_ort": "W8A8 real (ORT)", "w8a8_linear": "W8A8 (linear only)"}
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -93,20 +93,22 @@ def markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dic
              "- FP: perplexity (BERT: masked positions only; OPT: next token) or top-1 % (ViT). W8A8 (paper set): "
              "the tensors the paper's reference code quantizes (docs/quantization.md), weights per-tensor symmetric "
              "min-max, activations per-tensor asymmetric, static, running min-max over the calibration batches. "
-             "W8A8 (linear only): only linear layers' inputs and weights, as common libraries do.",
+             "W8A8 real (ORT): the same calibrated model exported to static QDQ ONNX and run in integers by ONNX "
+             "Runtime on the same batches (n/a without the deploy extra). W8A8 (linear only): only linear layers' "
+             "inputs and weights, as common libraries do.",
              *_stale_note(meta),
              "- max inf-norm, avg kurtosis: over the LayerNorm inputs (residual sums) of the validation batches, "
              "as defined in docs/metrics.md. Mean ± standard deviation over seeds.", "",
-             "| family | variant | seeds | FP | max inf-norm | avg kurtosis | W8A8 (paper set) | W8A8 (linear only) | "
-             "W8A8 degradation | paper FP / inf-norm / kurtosis / W8A8 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| family | variant | seeds | FP | max inf-norm | avg kurtosis | W8A8 (paper set) | W8A8 real (ORT) | "
+             "W8A8 (linear only) | W8A8 degradation | paper FP / inf-norm / kurtosis / W8A8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["paper"]
         paper = " / ".join(str(p.get(k, "–")) for k in ("fp", "max_inf_norm", "avg_kurtosis", "w8a8")) if p else "–"
         unit = " %" if r["metric"] == "top1" else ""
         lines.append(f"| {r['family']} | {r['variant']} | {len(r['seeds'])} | {_fmt(r['fp'])}{unit} {r['metric']} | "
                      f"{_fmt(r['max_inf_norm'])} | {_fmt(r['avg_kurtosis'])} | {_fmt(r['w8a8'])} | "
-                     f"{_fmt(r['w8a8_linear'])} | {_fmt(r['w8a8_degradation'], 3)} | {paper} |")
+                     f"{_fmt(r['w8a8_ort'])} | {_fmt(r['w8a8_linear'])} | {_fmt(r['w8a8_degradation'], 3)} | {paper} |")
     if meta.get("missing"):
         lines += ["", "Not in this table (unfinished when the report was written): " +
                   "; ".join(f"{k} ({v})" for k, v in meta["missing"].items()) + "."]
