@@ -217,27 +217,18 @@ def keep_worst_16bit(qm: QuantizedModel, rows: list[dict[str, Any]], k: int,
     chosen = groups[:k]
     names = {n for r in chosen for n in r["sites"]}
     saved = {n: qm.act[n].spec for n in names}
-    sizes: dict[str, int] = {}
-    from .quantizer import Quantizer
-
-    call = Quantizer.__call__
-
-    def counted(self: Quantizer, x: torch.Tensor, calibrate: bool = False) -> torch.Tensor:
-        sizes[self.name] = sizes.get(self.name, 0) + x.numel()
-        return call(self, x, calibrate)
-
     try:
         for n in names:
             qm.act[n].spec = replace(qm.act[n].spec, bits=16)
         res = evaluate_pair(qm, batches, task, progress=progress, label="evaluating with 16-bit exceptions")
-        Quantizer.__call__ = counted  # count the values each site quantizes on one batch: the integer share
+        before = {n: q.values for n, q in qm.act.items()}
         was = qm.model.training
         qm.model.eval()
-        with torch.no_grad():
+        with torch.no_grad():  # one batch: how many values each site quantizes (the integer share)
             model_output(qm.model, batches[0], task)
         qm.model.train(was)
+        sizes = {n: q.values - before[n] for n, q in qm.act.items()}
     finally:
-        Quantizer.__call__ = call
         for n, spec in saved.items():
             qm.act[n].spec = spec
     total = sum(sizes.values())

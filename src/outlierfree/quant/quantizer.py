@@ -103,6 +103,7 @@ class Quantizer:
         self.hi: torch.Tensor | None = None
         self.frozen = False
         self.calls = 0
+        self.values = 0  # elements quantized so far (the integer share of a mixed-precision model)
         self.record = False
         self.signal = 0.0  # sum of x^2 while recording
         self.noise = 0.0  # sum of (x - q(x))^2 while recording
@@ -150,6 +151,7 @@ class Quantizer:
     def __call__(self, x: torch.Tensor, calibrate: bool = False) -> torch.Tensor:
         """Fake-quantized ``x`` (and a range update first when ``calibrate`` and the spec is static)."""
         self.calls += 1
+        self.values += x.numel()
         dtype, x = x.dtype, _wide(x)  # scale and zero point in float32 even for fp16 / bf16 tensors
         if calibrate and not self.spec.dynamic:
             self.observe(x)
