@@ -24,16 +24,12 @@ import torch.nn.functional as F
 from .config import QuantConfig
 from .data import task_of
 from .progress import track
-from .simulator import QuantizedModel, quantize
+from .simulator import QuantizedModel, default_forward, quantize
 
 
 def model_output(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """The tensor a task is scored on: logits, or the final hidden states (B, T, D) for encoders."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "input_ids" in inputs:
-        # encoder-decoder (T5, BART): the decoder reads the same tokens, as `analyze` does
-        inputs.setdefault("decoder_input_ids", inputs["input_ids"])
-    out = model(**inputs)
+    out = default_forward(model, batch)
     if task == "encoder":
         for name in ("last_hidden_state", "logits"):  # a base model's states, or a seq2seq model's logits
             if getattr(out, name, None) is not None:

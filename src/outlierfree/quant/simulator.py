@@ -40,10 +40,14 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)`` for dict batches (labels dropped: losses are computed by the evaluator)."""
-    if isinstance(batch, dict):
-        return model(**{k: v for k, v in batch.items() if k != "labels"})
-    return model(batch)
+    """``model(**batch)`` for dict batches (labels dropped: losses are computed by the evaluator); an
+    encoder-decoder (T5, BART) gets the input tokens as its decoder's tokens too, as ``analyze`` does."""
+    if not isinstance(batch, dict):
+        return model(batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "input_ids" in inputs:
+        inputs.setdefault("decoder_input_ids", inputs["input_ids"])
+    return model(**inputs)
 
 
 def check_finite_weights(model: nn.Module) -> None:

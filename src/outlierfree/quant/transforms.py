@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from ..errors import require
 from ..sites.core import _is_norm
+from .simulator import default_forward as _default_forward
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 EXACT_TOL = 1e-5
@@ -72,15 +73,6 @@ def _output(y: Any) -> torch.Tensor:
         if getattr(y, name, None) is not None:
             return getattr(y, name)
     return y[0] if isinstance(y, (tuple, list)) else y
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "input_ids" in inputs:
-            inputs.setdefault("decoder_input_ids", inputs["input_ids"])
-        return model(**inputs)
-    return model(batch)
 
 
 def _dataflow(model: nn.Module, batches: list[Any], forward: ForwardFn
