@@ -203,8 +203,6 @@ def keep_worst_16bit(qm: QuantizedModel, rows: list[dict[str, Any]], k: int,
     Returns the groups, the metrics, and the cost: the share of the activation sites, and of the activation values
     of one evaluation batch, that are no longer 8-bit.
     """
-    from dataclasses import replace
-
     from ..errors import require
 
     groups = [r for r in rows if r["sites"]]  # "weights only" has no activation sites to widen
@@ -212,10 +210,8 @@ def keep_worst_16bit(qm: QuantizedModel, rows: list[dict[str, Any]], k: int,
             f"pass --keep-16bit <= {len(groups)}")
     chosen = groups[:k]
     names = {n for r in chosen for n in r["sites"]}
-    saved = {n: qm.act[n].spec for n in names}
+    saved = qm.set_bits(names, 16)
     try:
-        for n in names:
-            qm.act[n].spec = replace(qm.act[n].spec, bits=16)
         res = evaluate_pair(qm, batches, task, progress=progress, label="evaluating with 16-bit exceptions")
         before = {n: q.values for n, q in qm.act.items()}
         was = qm.model.training
@@ -225,8 +221,7 @@ def keep_worst_16bit(qm: QuantizedModel, rows: list[dict[str, Any]], k: int,
         qm.model.train(was)
         sizes = {n: q.values - before[n] for n, q in qm.act.items()}
     finally:
-        for n, spec in saved.items():
-            qm.act[n].spec = spec
+        qm.restore_specs(saved)
     total = sum(sizes.values())
     values_16 = sum(sizes.get(n, 0) for n in names)
     return {"k": k, "groups": [r["group"] for r in chosen], "sites": sorted(names), **res,
@@ -258,11 +253,7 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
             if not (config.activation is None or config.activation.dynamic) else 0
         t_cal = time.perf_counter() - t0
         if sixteen_bit_sites:  # 16-bit exceptions chosen elsewhere (e.g. by an earlier ablation), on their ranges
-            from dataclasses import replace
-
-            for n in sixteen_bit_sites:
-                if n in qm.act:
-                    qm.act[n].spec = replace(qm.act[n].spec, bits=16)
+            qm.set_bits(sixteen_bit_sites, 16)
         res = evaluate_pair(qm, eval_batches, task, progress=progress, record=diagnostics)
         out: dict[str, Any] = {"config": config.to_dict(), "task": task, **res,
                                "calib_batches": n_cal, "eval_batches": len(eval_batches),

@@ -24,6 +24,7 @@ every input dtype.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -176,7 +177,7 @@ class QuantizedModel:
             return cached[1]
         spec: QuantSpec = self.config.weight
         if w.dim() == 1 and spec.granularity != "per_tensor":
-            spec = QuantSpec(**{**spec.__dict__, "granularity": "per_tensor"})  # a norm gain is one "channel"
+            spec = replace(spec, granularity="per_tensor")  # a norm gain is one "channel"
         qz = Quantizer(spec, pname)
         src = w.detach().t() if func == "addmm" else w.detach()  # Conv1D: (in, out), channels on dim 1
         qz.observe(src)
@@ -190,6 +191,19 @@ class QuantizedModel:
         if self.export:
             return mark(qz.export_quant(w, qz.lo, qz.hi), pname)
         return wq
+
+    def set_bits(self, names: Iterable[str], bits: int) -> dict[str, QuantSpec]:
+        """Quantize the given (calibrated) activation sites with ``bits`` on their frozen ranges from now on, e.g.
+        16-bit exceptions; returns their previous specs (pass them to :meth:`restore_specs` to undo)."""
+        saved = {n: self.act[n].spec for n in names if n in self.act}
+        for n, spec in saved.items():
+            self.act[n].spec = replace(spec, bits=bits)
+        return saved
+
+    def restore_specs(self, saved: dict[str, QuantSpec]) -> None:
+        """Undo :meth:`set_bits`."""
+        for n, spec in saved.items():
+            self.act[n].spec = spec
 
     # ---- modes ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager

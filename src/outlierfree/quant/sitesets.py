@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..models import hf_compat
 from ..sites import SITE_KINDS, Site, in_head
+from ..sites.core import _is_norm
 from ..sites.ops import MATMUL_FUNCS
 
 SITE_SETS = ("paper", "full", "linear")
@@ -37,12 +38,6 @@ PAPER_KINDS = frozenset({"residual", "ln_input", "ln_output", "linear_input", "l
 PAPER_FLOAT_KINDS = frozenset(SITE_KINDS) - PAPER_KINDS  # embedding, gate, ffn_up
 LINEAR_KINDS = frozenset({"linear_input", "head_input"})
 _CONV = frozenset({"conv1d", "conv2d", "conv3d"})
-
-
-def _is_norm_module(m: nn.Module) -> bool:
-    from ..sites.core import _is_norm
-
-    return _is_norm(m)
 
 
 class SiteSet:
@@ -103,7 +98,7 @@ class SiteSet:
             if self.name == "full" or self.kinds is not None:
                 return None
             return "gate (the reference keeps the gate in float)"
-        norm = owner is not None and _is_norm_module(owner)
+        norm = owner is not None and _is_norm(owner)
         if self.name == "linear":
             if func in MATMUL_FUNCS and func not in _CONV and not norm and w.dim() >= 2:
                 return None

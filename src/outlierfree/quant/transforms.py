@@ -127,19 +127,9 @@ def _scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float)
     return s.clamp_min(1e-5)
 
 
-@torch.no_grad()
-def _fold_norm(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> Callable[[], None]:
-    """Divide the norm's output by s and multiply the linears' input columns by s; returns the undo."""
-    saved = [(p, p.detach().clone()) for p in [norm.weight, getattr(norm, "bias", None), *[l.weight for l in linears]]
-             if p is not None]
-    if "Gemma" in type(norm).__name__:  # x * (1 + w): scale 1 + w
-        norm.weight.copy_((1.0 + norm.weight.float()) / s - 1.0)
-    else:
-        norm.weight.div_(s.to(norm.weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s.to(norm.bias.dtype))
-    for lin in linears:
-        lin.weight.mul_(s.to(lin.weight.dtype))  # (out, in) * (in,)
+def _snapshot(params: Iterable[torch.Tensor | None]) -> Callable[[], None]:
+    """Copies of ``params`` (None skipped), and the function that puts them back."""
+    saved = [(p, p.detach().clone()) for p in params if p is not None]
 
     def undo() -> None:
         with torch.no_grad():
@@ -150,18 +140,27 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> Ca
 
 
 @torch.no_grad()
+def _fold_norm(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> Callable[[], None]:
+    """Divide the norm's output by s and multiply the linears' input columns by s; returns the undo."""
+    undo = _snapshot([norm.weight, getattr(norm, "bias", None), *[lin.weight for lin in linears]])
+    if "Gemma" in type(norm).__name__:  # x * (1 + w): scale 1 + w
+        norm.weight.copy_((1.0 + norm.weight.float()) / s - 1.0)
+    else:
+        norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight.dtype))  # (out, in) * (in,)
+    return undo
+
+
+@torch.no_grad()
 def _fold_value(v: nn.Linear, o: nn.Linear, s: torch.Tensor) -> Callable[[], None]:
-    saved = [(p, p.detach().clone()) for p in (v.weight, v.bias, o.weight) if p is not None]
+    undo = _snapshot([v.weight, v.bias, o.weight])
     v.weight.div_(s[:, None].to(v.weight.dtype))  # (out=channels, in)
     if v.bias is not None:
         v.bias.div_(s.to(v.bias.dtype))
     o.weight.mul_(s.to(o.weight.dtype))
-
-    def undo() -> None:
-        with torch.no_grad():
-            for p, val in saved:
-                p.copy_(val)
-
     return undo
 
 
@@ -340,10 +339,12 @@ def rotate(model: nn.Module, batch: Any, seed: int = 0, forward: ForwardFn = _de
     model.eval()
     with torch.no_grad():
         ref = _output(forward(model, batch)).double()
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    undo = _snapshot(list(model.parameters()))
+    tied = head is not None and head.weight is emb.weight
+    tie_flag = getattr(model.config, "tie_word_embeddings", None)
     try:
         with torch.no_grad():
-            if head is not None and head.weight is emb.weight:  # untie: the head takes the final norm's gain
+            if tied:  # untie: the head takes the final norm's gain
                 head.weight = nn.Parameter(head.weight.detach().clone())
                 model.config.tie_word_embeddings = False
 
@@ -382,11 +383,10 @@ def rotate(model: nn.Module, batch: Any, seed: int = 0, forward: ForwardFn = _de
                                    f"{err:.2g}), so it does not apply to this architecture",
                                    "use --transform smoothquant for this architecture")
     except BaseException:
-        with torch.no_grad():  # put every weight back
-            named = dict(model.named_parameters())
-            for n, v in params.items():
-                if n in named and named[n].shape == v.shape:
-                    named[n].copy_(v)
+        undo()  # every weight back, and the head tied again as it was
+        if tied:
+            head.weight = emb.weight
+            model.config.tie_word_embeddings = tie_flag
         raise
     finally:
         model.train(was)
