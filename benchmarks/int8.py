@@ -33,6 +33,23 @@ def minilm_path() -> str:
     return g.get_model_path()
 
 
+def cpu_features() -> str:
+    """The integer-dot-product features ONNX Runtime's int8 kernels use (VNNI, AMX), from /proc/cpuinfo."""
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "CPU features unknown"
+    have = [f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return "CPU " + "+".join(have) if have else "CPU without AVX2"
+
+
+def commit() -> str:
+    """The repository's commit (with ``+dirty`` for uncommitted changes), or ``unknown``."""
+    from outlierfree.reproduce.runner import git_commit
+
+    return git_commit()
+
+
 def timed(fn, iters: int) -> float:
     """Median seconds of one call over ``iters`` calls."""
     ts = []
@@ -132,8 +149,9 @@ def main() -> None:
               "accuracy": accuracy, "kernels": real["kernels"], "export": real["export"], "file_bytes": files,
               "size_ratio_float_over_int8": files["float"] / files["int8"], "rows": rows,
               "rounds": args.rounds, "iters": args.iters, "versions": versions(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} "
-                         f"at the end", "command": "python " + " ".join(sys.argv)}
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_features()}, load average "
+                         f"{os.getloadavg()[0]:.2f} at the end", "commit": commit(),
+              "command": "python " + " ".join(sys.argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"int8_{name}_{args.sites}"
@@ -152,7 +170,7 @@ def main() -> None:
                   f"{r['sequences_per_s']:.1f} | {r['speedup_vs_ort_float']:.2f}x | "
                   f"{r['speedup_vs_pytorch_float']:.2f}x |")
     md += ["", f"`{result['command']}`; median of {args.rounds} interleaved rounds x {args.iters} runs; "
-               f"{result['machine']}; {result['versions']}"]
+               f"{result['machine']}; commit {result['commit']}; {result['versions']}"]
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

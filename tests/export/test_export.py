@@ -207,3 +207,28 @@ def test_cli_export_and_quantize_backend(tiny_gated_bert, capsys):
     assert abs(run["onnxruntime"]["int8"]["perplexity"] - run["quantized"]["perplexity"]) \
         < 0.01 * run["quantized"]["perplexity"]
     assert "Real INT8 in ONNX Runtime" in (root / "quant" / "quant.md").read_text()
+
+
+def test_mask_rewrite_exact_with_fully_padded_row(tmp_path):
+    """Both masked fills become mask-sized arithmetic (2 per layer), and the float ONNX model still equals PyTorch
+    on a batch with a partly padded row and a row that is all padding (its softmax rows are fully masked)."""
+    import onnx
+
+    from outlierfree.export.ort import run, session
+
+    model = build_model("bert", "tiny", "clipped", seed=0).eval()
+    data = batches("bert")
+    data[2]["attention_mask"][2, :] = 0  # a sequence of padding only
+    with quantize(model, paper_w8a8(), "mlm") as qm:
+        qm.calibrate(data[:2], progress=False)
+        real = real_int8(qm, data[2:], "mlm", data[0], out_dir=tmp_path, threads=1, with_float=True)
+        with torch.no_grad(), qm.float_mode():
+            ref = model_output(model, data[2], "mlm").float()
+    layers = model.config.num_hidden_layers
+    assert real["export"]["additive_masks"] == 2 * layers
+    g = onnx.load(str(tmp_path / "model_float.onnx")).graph
+    consumers = {i: n.op_type for n in g.node for i in n.input}
+    assert sum(consumers.get(n.output[0]) in ("Add", "Mul") for n in g.node if n.op_type == "Where") >= 2 * layers
+    got = run(session(tmp_path / "model_float.onnx", threads=1), data[2])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
