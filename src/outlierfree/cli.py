@@ -28,6 +28,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "doctor": "outlierfree.doctor.run:doctor_cmd",
     "export": "outlierfree.export.cli:export_cmd",
     "reproduce": "outlierfree.reproduce.cli:reproduce_cmd",
+    "release": "outlierfree.reproduce.cli:release_cmd",
 }
 
 

@@ -29,13 +29,16 @@ def _csv(text: str | None, what: str, valid: tuple[str, ...] | None = None,
 
 def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = None, seeds: Any = None,
                   max_steps: int | None = None, progress: bool = True, command: str | None = None,
-                  echo: Callable[[str], None] = print, report_only: bool = False) -> dict[str, Path]:
+                  echo: Callable[[str], None] = print, report_only: bool = False,
+                  released: bool | None = None) -> dict[str, Path]:
     """Expand the preset, run every run (skip / resume), and write the report. Returns the report's paths.
 
     With ``report_only``, train nothing: write the report from the runs that have finished and list the others
-    with where they stand (for a preset split across processes or sittings)."""
+    with where they stand (for a preset split across processes or sittings). ``released`` (default: the preset's
+    choice, on for ``quick``): also analyse and quantize the released checkpoints, and open the report with them."""
     from . import report
-    from .runner import collect, git_commit, run_all
+    from .release import available
+    from .runner import collect, evaluate_releases, git_commit, run_all
 
     p = get_preset(preset)
     if max_steps is not None:
@@ -55,10 +58,17 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
         out_path.mkdir(parents=True, exist_ok=True)
         echo(f"reproduce preset {p.name}: {len(specs)} runs ({p.description}) -> {out_path}")
         results = run_all(specs, out_path, p.name, progress=progress, echo=echo)
+    rel_results = None
+    if p.released if released is None else released:
+        releases = available()
+        if releases:
+            rel_results = evaluate_releases(releases, out_path, progress=progress, echo=echo)
+        else:
+            echo("no released checkpoints in this installation (outlierfree/released/): the report has none")
     meta = {"preset": p.name, "command": command or f"outlierfree reproduce --preset {p.name} --out {out}",
             "commit": git_commit(), "wall_s": time.perf_counter() - t0, "max_steps": max_steps,
             "runs": [s.name for s in specs if s.name not in missing], "missing": missing}
-    files = report.write(results, out_path, meta)
+    files = report.write(results, out_path, meta, released=rel_results)
     echo(f"wrote {files['markdown']} and {files['json']}")
     return files
 
@@ -72,11 +82,14 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
 @click.option("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 [default: the preset's]")
 @click.option("--max-steps", type=int, default=None, help="cap every run's training steps (e.g. to try `paper`)")
 @click.option("--quiet", is_flag=True, help="no progress bars, only the run lines")
+@click.option("--released/--no-released", default=None,
+              help="also analyse and quantize the released checkpoints (outlierfree/released/) and open the report "
+                   "with them [default: on for the quick preset]")
 @click.option("--report-only", is_flag=True,
               help="train nothing: write the report from the selected runs that have finished, and list where "
                    "the others stand (safe beside processes training into the same --out)")
 def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: str | None, seeds: str | None,
-                  max_steps: int | None, quiet: bool, report_only: bool) -> None:
+                  max_steps: int | None, quiet: bool, released: bool | None, report_only: bool) -> None:
     """Train vanilla, clipped and gated models, measure their outliers, quantize them (paper's W8A8 and
     linear-only), and write the paper's table (report.md, results.json, plots) into --out.
 
@@ -99,4 +112,22 @@ def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: 
             raise OutlierfreeError(f"--seeds {seeds!r} is not a list of integers", "pass e.g. --seeds 0,1") from None
     command = "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_reproduce(preset, out or f"runs/reproduce-{preset}", fams, vars_, seed_list, max_steps, not quiet, command,
-                  click.echo, report_only)
+                  click.echo, report_only, released)
+
+
+@click.command("release")
+@click.argument("run_dir")
+@click.option("--out", required=True, help="the release directory to write (must not exist), e.g. "
+                                            "src/outlierfree/released/bert-mini-vanilla")
+@click.option("--dtype", default="float16", show_default=True, help="float16|float32 weights")
+@click.option("--note", default=None, help="a line for the card, e.g. where and how it was trained")
+def release_cmd(run_dir: str, out: str, dtype: str, note: str | None) -> None:
+    """Pack a finished reproduce run as a released checkpoint: weights (float16, re-measured and refused if that
+    moves its numbers), tokenizer, train_config.json, spec.json, training log with the outlier track, its
+    result.json and a card (README.md). Written to a temporary directory, then renamed.
+
+        outlierfree release runs/gpu/runs/bert-vanilla-s0 --out src/outlierfree/released/bert-mini-vanilla
+    """
+    from .release import make_release
+
+    make_release(run_dir, out, dtype, note, click.echo)

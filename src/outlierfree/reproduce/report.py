@@ -81,9 +81,11 @@ def _fmt(s: dict[str, Any], digits: int = 4) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dict[str, Any],
-             plots: list[str]) -> str:
-    """report.md: how it was made, the table (ours, then the paper's), the acceptance checks, the plots."""
-    lines = [f"# outlierfree reproduce: preset `{meta['preset']}`", "",
+             plots: list[str], released: list[str] | None = None) -> str:
+    """report.md: the released checkpoints' section when given, then how this preset's runs were made, their table
+    (ours, then the paper's), the acceptance checks, the plots."""
+    lines = [f"# outlierfree reproduce: preset `{meta['preset']}`", "", *(released or []),
+             *(["## This invocation's runs", ""] if released else []),
              f"- command: `{meta['command']}`", f"- commit: `{meta['commit']}`",
              f"- machine of this report: {meta['machine']}", *_where_runs_ran(meta),
              f"- wall time of this invocation: {meta['wall_s']:.0f} s "
@@ -199,10 +201,78 @@ def _where_runs_ran(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
-    """Write report.md, results.json and the plots into ``out``; returns their paths."""
+def headline(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> str:
+    """One sentence saying what the released checkpoints show, computed from their numbers (never assumed): for
+    each family, vanilla's W8A8 degradation and max inf-norm against each fix's, and whether the paper's effect (a
+    degradation at least 5x smaller than vanilla's) holds."""
+    parts = []
+    by = {(r["family"], r["variant"]): r for r in rows}
+    for c in checks:
+        v, r = by[(c["family"], "vanilla")], by[(c["family"], c["variant"])]
+        dv, dr = c["vanilla_degradation"], c["degradation"]
+        if dv is None or dr is None:
+            continue
+        unit = " points of top-1" if v["metric"] == "top1" else " perplexity"
+        times = f"{dv / dr:.0f}x less" if dr > 0 else "nothing"
+        parts.append(f"per-tensor W8A8 costs {c['family']} vanilla {dv:+.3g}{unit} (max inf-norm "
+                     f"{_fmt(v['max_inf_norm'], 3)}) and {c['variant']} {dr:+.3g} ({times}; max inf-norm "
+                     f"{_fmt(r['max_inf_norm'], 3)}), so {c['variant']} "
+                     f"{'removes' if c['degradation_one_fifth'] else 'does not remove'} the outliers that break 8 bits")
+    return ("On the released checkpoints, " + "; ".join(parts) + ".") if parts else \
+        "The released checkpoints hold no vanilla and fix pair to compare."
+
+
+def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str], dict[str, Any]]:
+    """The report's opening section on the released checkpoints (markdown lines) and its JSON: the table, the
+    checks against vanilla, the plots (per-layer inf-norm, outlier growth while they trained, vanilla's no-op head
+    next to the same head in the others)."""
+    rows, checks = table(results), criteria(table(results))
+    plots = []
+    if plot_per_layer(results, out / "released_per_layer_inf_norm.png"):
+        plots.append("released_per_layer_inf_norm.png")
+    if plot_growth(results, out / "released_outlier_growth.png"):
+        plots.append("released_outlier_growth.png")
+    plots += _noop_plots(results, out, prefix="released-analysis")
+    lines = ["## The paper's effect on released checkpoints", "", headline(rows, checks), "",
+             "| checkpoint | FP | W8A8 (paper set) | W8A8 real (ORT) | W8A8 degradation | max inf-norm | avg kurtosis | "
+             "no-op heads | trained |", "|---|---|---|---|---|---|---|---|---|"]
+    sign = {"perplexity": 1, "top1": -1}
+    for r in sorted(results, key=lambda r: (r["family"], r["variant"] != "vanilla", r["variant"], r["seed"])):
+        rel = r.get("released", {})
+        deg = None if None in (r.get("w8a8"), r.get("fp")) else sign[r["metric"]] * (r["w8a8"] - r["fp"])
+        t = rel.get("train_seconds")
+        trained = f"{rel.get('preset')} preset, {t / 3600:.1f} h, commit {rel.get('trained_commit')}" if t else \
+            f"{rel.get('preset')} preset, commit {rel.get('trained_commit')}"
+        lines.append(f"| {rel.get('name', r['name'])} | {_fmt({'mean': r.get('fp')})} {r['metric']} | "
+                     f"{_fmt({'mean': r.get('w8a8')})} | {_fmt({'mean': r.get('w8a8_ort')})} | "
+                     f"{_fmt({'mean': deg}, 3)} | {_fmt({'mean': r.get('max_inf_norm')}, 3)} | "
+                     f"{_fmt({'mean': r.get('avg_kurtosis')}, 3)} | {r.get('noop_heads')} | {trained} |")
+    machines = sorted({r.get("released", {}).get("trained_machine") or "not recorded" for r in results})
+    lines += ["", "How: each checkpoint (package `outlierfree/released/`, float16 weights; its `README.md` is the "
+              "card) analysed and quantized just now, by this command, exactly as its own reproduce run was: its "
+              "validation split, the paper's W8A8 site set calibrated on its training split, ONNX Runtime's "
+              "integers on the same batches. Trained on: " + "; ".join(machines) + ".", ""]
+    if checks:
+        lines += ["| family | fix | max inf-norm ratio (vanilla / fix) | W8A8 degradation (vanilla -> fix) | "
+                  "<= 1/5 of vanilla's |", "|---|---|---|---|---|"]
+        for c in checks:
+            dv = "n/a" if c["vanilla_degradation"] is None else f"{c['vanilla_degradation']:.3g}"
+            dr = "n/a" if c["degradation"] is None else f"{c['degradation']:.3g}"
+            lines.append(f"| {c['family']} | {c['variant']} | {c['inf_norm_ratio']:.2f} | {dv} -> {dr} | "
+                         f"{'yes' if c['degradation_one_fifth'] else 'no'} |")
+        lines.append("")
+    lines += [f"![{p}]({p})" for p in plots] + [""]
+    return lines, {"table": rows, "criteria": checks, "headline": headline(rows, checks), "plots": plots,
+                   "runs": results}
+
+
+def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any],
+          released: list[dict[str, Any]] | None = None) -> dict[str, Path]:
+    """Write report.md, results.json and the plots into ``out``; returns their paths. ``released``: the released
+    checkpoints' results (:func:`outlierfree.reproduce.runner.evaluate_releases`), shown first."""
     rows = table(results)
     checks = criteria(rows)
+    rel_lines, rel_json = released_section(released, out) if released else (None, None)
     plots = []
     if plot_per_layer(results, out / "per_layer_inf_norm.png"):
         plots.append("per_layer_inf_norm.png")
@@ -216,15 +286,16 @@ def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> dic
             "runs_s": sum(float(r.get("seconds") or 0) for r in results),
             "old_site_set": sorted(r["name"] for r in results
                                    if (r.get("how", {}).get("quant", {}).get("w8a8") or {}).get("sites") != "paper")}
-    write_json(out / "results.json", {"meta": meta, "table": rows, "criteria": checks, "runs": results})
+    write_json(out / "results.json", {"meta": meta, "released": rel_json, "table": rows, "criteria": checks,
+                                      "runs": results})
     md = out / "report.md"
     tmp = md.with_name(f".report.md.tmp-{os.getpid()}")  # per process: several may report into one --out at once
-    tmp.write_text(markdown(rows, checks, meta, plots))
+    tmp.write_text(markdown(rows, checks, meta, plots, rel_lines))
     tmp.replace(md)
     return {"markdown": md, "json": out / "results.json"}
 
 
-def _noop_plots(results: list[dict[str, Any]], out: Path) -> list[str]:
+def _noop_plots(results: list[dict[str, Any]], out: Path, prefix: str = "analysis") -> list[str]:
     """Per family (first seed): the analysis report's side-by-side plots, including the attention map of
     vanilla's strongest no-op head next to the same layer and head in the other variants."""
     import json
@@ -243,14 +314,15 @@ def _noop_plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         for r in runs:
             if r["seed"] != seed:
                 continue
-            p = Path(r["how"]["model_dir"]).parent.parent / "analysis.json"
+            how = r["how"]
+            p = Path(how["run_dir"] if how.get("run_dir") else Path(how["model_dir"]).parent.parent) / "analysis.json"
             if p.exists():
                 rep = json.loads(p.read_text())
                 rep["name"] = r["variant"]
                 reports.append(rep)
         if reports:
-            d = out / f"analysis-{fam}"
+            d = out / f"{prefix}-{fam}"
             write_report(reports, d, None, f"outlierfree reproduce ({fam}, seed {seed})")
             for png in sorted(d.glob("*.png")):
-                made.append(f"analysis-{fam}/{png.name}")
+                made.append(f"{prefix}-{fam}/{png.name}")
     return made

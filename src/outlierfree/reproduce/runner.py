@@ -205,10 +205,11 @@ def _track_events(train_dir: Path, events: tuple[str, ...]) -> list[dict[str, An
 
 
 def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str, Any], quant: dict[str, Any],
-              seconds: float, commit: str, preset: str) -> dict[str, Any]:
-    """The run's result.json: every number the report shows, with how it was obtained."""
+              seconds: float, commit: str, preset: str, train_dir: Path | None = None) -> dict[str, Any]:
+    """The run's result.json: every number the report shows, with how it was obtained. ``train_dir``: where the
+    training log is (default ``run_dir/train``; a release keeps it beside its weights)."""
     metric = METRIC[spec.family]
-    events = _track_events(run_dir / "train", ("outliers", "eval", "train", "resume"))  # the training log, read once
+    events = _track_events(train_dir or run_dir / "train", ("outliers", "eval", "train", "resume"))  # read once
     pct = 100.0 if metric == "top1" else 1.0  # top-1 in percent, as the paper reports it
 
     def value(d: dict[str, Any]) -> float | None:
@@ -231,6 +232,7 @@ def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str,
         "per_layer_inf_norm": _per_layer(analysis),
         "track": [e for e in events if e["event"] in ("outliers", "eval")],
         "how": {"spec": spec.to_dict(), "commit": commit, "machine": machine(), "model_dir": str(model_dir),
+                "run_dir": str(run_dir),
                 "analysis": {"data": analysis.get("data"), "sequences": analysis.get("sequences"), "seed": 0},
                 "quant": {"w8a8": quant["w8a8"]["config"], "w8a8_linear": quant["w8a8_linear"]["config"],
                           "data": quant.get("data"), "calib_batches": quant["w8a8"].get("calib_batches"),
@@ -257,7 +259,8 @@ def _stage_seconds(events: list[dict[str, Any]], analysis: dict[str, Any],
     quant_s = sum(sum(v for v in q.get("seconds", {}).values() if isinstance(v, (int, float)))
                   for k, q in quant.items() if isinstance(q, dict) and "seconds" in q)
     return {"train": None if train_s is None else round(float(train_s), 1),
-            "analysis": (analysis.get("timing") or {}).get("seconds"), "quant": round(quant_s, 3)}
+            # not rounded: a fast quant stage must not record 0 (the report rounds when it prints)
+            "analysis": (analysis.get("timing") or {}).get("seconds"), "quant": float(quant_s)}
 
 
 def _has_model(run_dir: Path) -> bool:
@@ -334,6 +337,47 @@ def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
         results.append(res)
         echo(f"[{i}/{len(specs)}] {spec.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "
              f"max inf-norm {_g(res['max_inf_norm'])} ({_fmt_s(dt)})")
+    return results
+
+
+def evaluate_releases(releases: list[Path], out: Path, progress: bool = True,
+                      echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Analyse and quantize each released checkpoint as its own run specifies (into ``out/released/<name>``, cached
+    until the release changes); returns their result dicts, with ``released`` (the release's name and how it was
+    trained: commit, machine, training time) added."""
+    results = []
+    for i, rel in enumerate(releases, 1):
+        from .release import release_spec  # lazy: release imports this module
+
+        spec = release_spec(rel)
+        run_dir = out / "released" / rel.name
+        info = read_json(rel / "release.json")
+        if run_dir.exists() and (not (run_dir / "release.json").exists() or read_json(run_dir / "release.json") != info):
+            for f in ("analysis.json", "quant.json", "result.json"):  # a newer release: measure it again
+                (run_dir / f).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "release.json", info)
+        if (run_dir / "result.json").exists():
+            results.append(read_json(run_dir / "result.json"))
+            echo(f"[released {i}/{len(releases)}] {rel.name}: measured earlier, skipped")
+            continue
+        echo(f"[released {i}/{len(releases)}] {rel.name}: analysing outliers and quantizing (W8A8 paper set, "
+             f"simulated and in ONNX Runtime's integers)")
+        t0 = time.perf_counter()
+        analysis = analysis_stage(spec, rel, run_dir, progress)
+        quant = quant_stage(spec, rel, run_dir, progress)
+        res = summarise(spec, rel, run_dir, analysis, quant, time.perf_counter() - t0, git_commit(),
+                        "released", train_dir=rel)
+        trained = read_json(rel / "result.json")
+        res["released"] = {"name": rel.name, "preset": trained.get("preset"), "dtype": info.get("dtype"),
+                           "trained_commit": trained.get("how", {}).get("commit"),
+                           "trained_machine": trained.get("how", {}).get("machine"),
+                           "train_seconds": (trained.get("stage_seconds") or {}).get("train"),
+                           "retrain": info.get("retrain")}
+        write_json(run_dir / "result.json", res)
+        results.append(res)
+        echo(f"[released {i}/{len(releases)}] {rel.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "
+             f"max inf-norm {_g(res['max_inf_norm'])} ({_fmt_s(time.perf_counter() - t0)})")
     return results
 
 

