@@ -54,6 +54,7 @@ class Preset:
     analysis: dict[str, Any] = field(default_factory=lambda: {"batches": 4, "batch_size": 16})
     quant: dict[str, Any] = field(default_factory=lambda: {"calib_batches": 4, "eval_batches": 4, "batch_size": 16})
     launcher: str = "python"  # "accelerate" for the paper preset: documented, not run here
+    released: bool = False  # also analyse and quantize the released checkpoints and open the report with them
 
     def runs(self, families: tuple[str, ...] | None = None, variants: tuple[str, ...] | None = None,
              seeds: tuple[int, ...] | None = None, max_steps: int | None = None) -> list[RunSpec]:
@@ -124,6 +125,7 @@ PRESETS: dict[str, Preset] = {
         attention=_attention(bert_gamma=-0.5 / 64, opt_alpha=0.5, opt_t=64, vit_gamma=-0.5 / 17),
         analysis={"batches": 2, "batch_size": 8},
         quant={"calib_batches": 2, "eval_batches": 2, "batch_size": 8},
+        released=True,  # the tiny runs show the pipeline works; the released checkpoints show the effect
     ),
     "cpu": Preset(
         name="cpu",
