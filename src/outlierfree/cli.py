@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from .attention.config import ALPHA_T, GATE_PER, GATE_TYPES, IMPLS, VARIANTS, AttentionConfig
+from .attention.config import ALPHA_T, GATE_PER, GATE_TYPES, IMPLS, SOFTPLUS_SCALES, VARIANTS, AttentionConfig
 from .errors import OutlierfreeError
 
 # name -> "module:attribute" of a click command
@@ -71,6 +71,15 @@ def attention_options(f: Callable) -> Callable:
         click.option("--gate-init", type=float, default=None, help="initial gate probability in (0, 1) [default: 0.25]"),
         click.option("--gate-finetune", is_flag=True, default=False,
                      help="zero-init gate weights and rescale by 1/p: a patched pretrained model is unchanged"),
+        click.option("--eta", type=float, default=None, help="ncs: a probability of 1 maps to eta (>= 1) "
+                                                              "[default: 1.03]"),
+        click.option("--beta", type=float, default=None, help="ncs: a uniform row sums to beta (0..eta) [default: 1]"),
+        click.option("--sink-init", type=float, default=None, help="sink: initial per-head sink logit [default: 0]"),
+        click.option("--softpick-eps", type=float, default=None, help="softpick: denominator epsilon [default: 1e-6]"),
+        click.option("--softplus-scale", default=None, help=f"softplus: {'|'.join(SOFTPLUS_SCALES)} (lambda = log n / "
+                                                             f"log d_head, or 1) [default: entropy]"),
+        click.option("--softplus-power", type=float, default=None,
+                     help="softplus: re-weighting power p >= 1 [default: off]"),
         click.option("--attention-impl", default=None, help=f"{'|'.join(IMPLS)} [default: auto]"),
     ]
     for opt in reversed(opts):
@@ -79,27 +88,34 @@ def attention_options(f: Callable) -> Callable:
 
 
 ATTENTION_FLAG_NAMES = ("attention", "gamma", "zeta", "alpha", "alpha_t", "max_len", "gate_type", "gate_per",
-                        "gate_init", "gate_finetune", "attention_impl")
+                        "gate_init", "gate_finetune", "eta", "beta", "sink_init", "softpick_eps", "softplus_scale",
+                        "softplus_power", "attention_impl")
+# which variant each variant-specific flag belongs to (the AttentionConfig field names)
+FLAG_VARIANTS = {**{k: ("clipped",) for k in ("gamma", "zeta", "alpha", "alpha_t", "max_len")},
+                 **{k: ("gated",) for k in ("gate_type", "gate_per", "gate_init", "gate_finetune")},
+                 "eta": ("ncs",), "beta": ("ncs",), "sink_init": ("sink",), "softpick_eps": ("softpick",),
+                 "softplus_scale": ("softplus",), "softplus_power": ("softplus",)}
+# --attention clipped without --gamma / --alpha: gamma = -1 / T with T the keys of each row, the strongest clip that
+# still trains narrow models (the paper's gamma = -0.025 clips every near-uniform row of T > 41 keys to zero)
+CLIPPED_CLI_DEFAULT = {"alpha": 1.0, "alpha_t": "row"}
 
 
 def attention_from_flags(kwargs: dict[str, Any]) -> AttentionConfig:
     """Pop the attention flags out of a command's kwargs and validate them into an :class:`AttentionConfig`."""
     flags = {k: kwargs.pop(k, None) for k in ATTENTION_FLAG_NAMES}
-    fields = dict(variant=flags["attention"] or "vanilla", gamma=flags["gamma"], zeta=flags["zeta"],
-                  alpha=flags["alpha"], alpha_t=flags["alpha_t"], max_len=flags["max_len"],
-                  gate_type=flags["gate_type"], gate_per=flags["gate_per"], gate_init=flags["gate_init"],
-                  gate_finetune=flags["gate_finetune"] or None, impl=flags["attention_impl"])
+    fields = {k: flags[k] for k in ATTENTION_FLAG_NAMES if k not in ("attention", "attention_impl")}
+    fields.update(variant=flags["attention"] or "vanilla", impl=flags["attention_impl"],
+                  gate_finetune=flags["gate_finetune"] or None)
     variant = fields["variant"]
-    given = {k for k, v in fields.items() if v is not None and k != "variant"}
-    clipped_only = {"gamma", "zeta", "alpha", "alpha_t", "max_len"}
-    gated_only = {"gate_type", "gate_per", "gate_init", "gate_finetune"}
+    given = {k for k, v in fields.items() if v is not None and k not in ("variant", "impl")}
     if variant in VARIANTS:
-        foreign = {"vanilla": clipped_only | gated_only, "clipped": gated_only, "gated": clipped_only}[variant]
-        stray = sorted(given & foreign)
+        stray = sorted(k for k in given if variant not in FLAG_VARIANTS[k])
         if stray:
             flag = "--" + stray[0].replace("_", "-")
             raise OutlierfreeError(f"{flag} does not apply to --attention {variant}",
-                                   "drop it, or pick the variant it belongs to (clipped or gated)")
+                                   f"drop it, or pick the variant it belongs to ({FLAG_VARIANTS[stray[0]][0]})")
+        if variant == "clipped" and not given & {"gamma", "alpha"}:
+            fields.update({k: v for k, v in CLIPPED_CLI_DEFAULT.items() if fields.get(k) is None})
     return AttentionConfig(**{k: v for k, v in fields.items() if v is not None})
 
 
@@ -134,11 +150,23 @@ def models_cmd() -> None:
     for col in ("variant", "flags (default)"):
         v.add_column(col)
     v.add_row("vanilla", "softmax; same outputs as stock transformers")
-    v.add_row("clipped", f"--gamma ({d.gamma}) --zeta ({d.zeta}) or --alpha with --alpha-t fixed|row "
-                         f"(gamma = -alpha/T; fixed T = --max-len, default the model's max length)")
+    v.add_row("clipped", f"--gamma or --alpha with --alpha-t fixed|row (default: --alpha 1 --alpha-t row, gamma = "
+                         f"-1/T_row; Python's AttentionConfig default gamma = {d.gamma}), --zeta ({d.zeta}); "
+                         f"gamma = -alpha/T, fixed T = --max-len (default the model's max length)")
     v.add_row("gated", f"--gate-type {'|'.join(GATE_TYPES)} ({d.gate_type}), --gate-per {'|'.join(GATE_PER)} "
                        f"({d.gate_per}), --gate-init ({d.gate_init}), --gate-finetune")
-    v.add_row("(all)", f"--attention-impl {'|'.join(IMPLS)} ({d.impl})")
+    v.add_row("ncs", f"normalised clipped softmax (Liao & Monz 2024): --eta ({d.eta}) --beta ({d.beta}); per-row "
+                     f"stretch, any length, causal too")
+    v.add_row("softmax1", "softmax with an extra logit 0 in the denominator (no flags)")
+    v.add_row("sink", f"softmax with a learned logit per head in the denominator (gpt-oss): --sink-init ({d.sink_init})")
+    v.add_row("softpick", f"relu(exp(x) - 1) / sum |exp(x) - 1| (2025): --softpick-eps ({d.softpick_eps:g})")
+    v.add_row("sigmoid", "sigmoid(x - log n), n = keys the row sees (Apple 2024; no flags; eager only)")
+    v.add_row("softplus", f"softplus(lambda x) / l1, lambda = log n / log d_head (2025): --softplus-scale "
+                          f"{'|'.join(SOFTPLUS_SCALES)} ({d.softplus_scale}), --softplus-power (off)")
+    v.add_row("(all)", f"--attention-impl {'|'.join(IMPLS)} ({d.impl}); eager for all; sdpa: vanilla, gated; "
+                       f"blocked: clipped, ncs")
+    v.add_row("(train)", "--gamma-ramp-steps N (clipped, ncs: gamma from 0 to its target over N steps); OSP: "
+                         "--optimizer adamw|muon (adamw), --norm layernorm|single-scale (layernorm), --embed-proj")
     console.print(v)
 
 
@@ -148,7 +176,7 @@ def models_cmd() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @attention_options
 def demo_cmd(family: str, size: str, seed: int, **kw: Any) -> None:
-    """Build a small model with a variant (default: clipped softmax BERT), run it, and say what happened."""
+    """Build a small model with a variant (default: clipped softmax BERT, gamma = -1/T), run it, say what happened."""
     import time
 
     import torch
@@ -192,9 +220,27 @@ def _disk_full(e: BaseException) -> bool:
     return False
 
 
+def _one_line_warnings() -> None:
+    """Print outlierfree's own warnings (a config that kills attention at initialisation) as one line."""
+    import warnings
+
+    from .models.build import DeadAttentionWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+        if issubclass(category, DeadAttentionWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns user errors into one line and exit status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _one_line_warnings()
     try:
         rv = cli.main(args=argv, prog_name="outlierfree", standalone_mode=False)
     except OutlierfreeError as e:

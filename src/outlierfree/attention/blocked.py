@@ -57,6 +57,7 @@ import torch
 
 from .config import AttentionConfig
 from .interface import AUTO_CLIPPED, CLIPPED_KERNELS
+from .normalisers import clip_params, needs_rows, ramp_of
 
 # Largest key block streamed in one piece. Up to this many keys a query block's scores are computed once (one
 # pass in the forward and one in the backward); beyond it the two-pass streaming form runs.
@@ -205,14 +206,20 @@ def visible_rows(keep: torch.Tensor | None, causal: bool, Tq: int, Tk: int,
     return torch.cat(out, dim=2).clamp_min(1).to(torch.float32)
 
 
+def clip_rows(cfg: AttentionConfig, keep: torch.Tensor | None, causal: bool, Tq: int, Tk: int,
+              device: torch.device | None = None, ramp: float = 1.0) -> tuple[torch.Tensor | float, float]:
+    """(gamma, zeta) of a clipped-softmax or NCS config: gamma a number or per query row, like the eager path's
+    ``normalisers.clip_params(cfg, visible_keys(keep_mask(...)))`` with the causal mask given as a flag instead of a
+    T x T tensor; ``ramp`` scales gamma (training's gamma ramp)."""
+    n = visible_rows(keep, causal, Tq, Tk, device) if needs_rows(cfg) else float(Tk)
+    return clip_params(cfg, n, ramp)
+
+
 def gamma_rows(cfg: AttentionConfig, keep: torch.Tensor | None, causal: bool, Tq: int, Tk: int,
                device: torch.device | None = None) -> torch.Tensor | float:
-    """Gamma of a config: a number, or per query row (alpha with ``alpha_t='row'``), like ``softmax.gamma_for``
-    with the causal mask given as a flag instead of a T x T tensor."""
-    g = cfg.fixed_gamma()
-    if g is not None:
-        return g
-    return -cfg.alpha / visible_rows(keep, causal, Tq, Tk, device)
+    """Gamma of a config: a number, or per query row (alpha with ``alpha_t='row'``, NCS), like
+    ``softmax.gamma_for`` with the causal mask given as a flag instead of a T x T tensor."""
+    return clip_rows(cfg, keep, causal, Tq, Tk, device)[0]
 
 
 # ---- the autograd function ---------------------------------------------------------------------------------------
@@ -479,22 +486,23 @@ def _flex_failed(e: Exception) -> None:
 def blocked_kernel(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    keep: torch.Tensor | None, scaling: float, dropout: float, cfg: AttentionConfig,
                    causal: bool = False) -> torch.Tensor:
-    """``CLIPPED_KERNELS["blocked"]``: context (B, H, Tq, D) of a clipped-softmax layer without a T x T tensor.
+    """``CLIPPED_KERNELS["blocked"]``: context (B, H, Tq, D) of a clipped-softmax or NCS layer without a T x T
+    tensor (NCS is clipped softmax with zeta = eta and a per-row gamma, see attention/normalisers.py).
 
     On CUDA with Triton (and no dropout) it runs :func:`flex_clipped_attention`; everywhere else the PyTorch
     :func:`blocked_clipped_attention`. ``cfg.block_size`` is the query block; ``cfg.extra["key_block"]`` may set
     the key block (default: one pass up to ``MAX_KEY_BLOCK`` keys).
     """
     Tq, Tk = query.shape[-2], key.shape[-2]
-    gamma = gamma_rows(cfg, keep, causal, Tq, Tk, query.device)
+    gamma, zeta = clip_rows(cfg, keep, causal, Tq, Tk, query.device, ramp_of(module))
     if dropout == 0.0 and flex_available(query.device) and not _FLEX_FAILED:
         try:
-            return flex_clipped_attention(query, key, value, gamma, cfg.zeta, keep, causal, scaling)
+            return flex_clipped_attention(query, key, value, gamma, zeta, keep, causal, scaling)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - untested hardware path: fall back to the PyTorch kernel, once
             _flex_failed(e)
-    return blocked_clipped_attention(query, key, value, gamma, cfg.zeta, keep, causal, scaling,
+    return blocked_clipped_attention(query, key, value, gamma, zeta, keep, causal, scaling,
                                      q_block=cfg.block_size, k_block=cfg.extra.get("key_block"),
                                      dropout_p=dropout)
 

@@ -7,6 +7,8 @@ inside the stock modeling code. Per-module state lives on the attention module i
 
     module.outlierfree        AttentionConfig of this layer (absent: vanilla)
     module.outlierfree_gate   AttentionGate (gated variant only)
+    module.outlierfree_sink   AttentionSink (sink variant only): the learned per-head sink logits
+    module.outlierfree_ramp   gamma ramp factor in [0, 1] set by training (clipped / NCS; absent: 1)
     module._outlierfree_x     the layer input x, stashed by a forward pre-hook, read once by the gate
     module.outlierfree_probe  optional callable ``probe(module, name, tensor) -> tensor`` used by analysis and the
                               quantization simulator to observe or replace q/k/v/scores/probs/context
@@ -19,8 +21,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .config import AttentionConfig
-from .softmax import clipped_softmax, gamma_for, keep_mask
+from .config import CLIP_VARIANTS, SOFTMAX_VARIANTS, AttentionConfig
+from .normalisers import normalise
+from .softmax import keep_mask
 
 VANILLA = AttentionConfig()
 
@@ -57,10 +60,7 @@ def eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         scores = probe(module, "scores", scores)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
-    if cfg.variant == "clipped":
-        probs = clipped_softmax(scores, gamma_for(cfg, keep, key.shape[-2]), cfg.zeta, keep)
-    else:
-        probs = clipped_softmax(scores, 0.0, 1.0, keep)
+    probs = normalise(module, scores, keep, cfg, query.shape[-1])  # every variant: attention/normalisers.py
     if probe is not None:
         probs = probe(module, "probs", probs)
     if dropout > 0.0 and module.training:
@@ -103,7 +103,9 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     probs = None
     want_probs = probe is not None or bool(kwargs.get("output_attentions")) or _attentions_requested()
     impl = cfg.impl
-    if cfg.variant == "clipped" and not want_probs:
+    # three routes: clipped / NCS may take a registered kernel (blocked), softmax variants take SDPA, the rest (and
+    # anything that must show its probabilities) the eager path
+    if cfg.variant in CLIP_VARIANTS and not want_probs:
         if impl == "auto":
             impl = AUTO_CLIPPED[0](query, key)
         if impl in CLIPPED_KERNELS and softcap is None and kwargs.get("position_bias") is None:
@@ -114,7 +116,8 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                              dropout if module.training else 0.0, cfg, **({"causal": True} if flag else {}))
         else:
             impl = "eager"
-    elif cfg.variant != "clipped" and impl in ("auto", "sdpa", "blocked") and not want_probs and softcap is None \
+    elif cfg.variant in SOFTMAX_VARIANTS and impl in ("auto", "sdpa", "blocked") and not want_probs \
+            and softcap is None \
             and kwargs.get("position_bias") is None:
         impl = "sdpa"
     else:

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..attention.config import AttentionConfig
 from ..attention.gates import AttentionGate
+from ..attention.normalisers import RAMP_ATTR, AttentionSink
 from ..errors import OutlierfreeError, require
 from . import hf_compat
 from .sizes import SIZES
@@ -82,9 +83,14 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
     modules = hf_compat.attention_modules(model)
     require(len(modules) > 0, f"found no attention modules in {type(model).__name__}",
             "pass a transformers model whose attention uses the attention interface")
+    warn_if_dead(cfg, hf_compat.max_length(config))
     for _, module in modules:
         unpatch_module(module)
         module.outlierfree = cfg
+        if cfg.variant == "sink":
+            ref = next(module.parameters())
+            module.outlierfree_sink = AttentionSink(hf_compat.attention_dims(module).n_heads, cfg.sink_init).to(
+                device=ref.device, dtype=ref.dtype)
         if cfg.variant == "gated":
             dims = hf_compat.attention_dims(module)
             ref = next(module.parameters())
@@ -96,15 +102,33 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
     return model
 
 
+class DeadAttentionWarning(UserWarning):
+    """A clipped-softmax or NCS config that clips every near-uniform attention row to zero at initialisation."""
+
+
+def warn_if_dead(cfg: AttentionConfig, T: int | None) -> None:
+    """One-line warning when ``cfg`` zeroes every attention row of ``T`` keys at initialisation (see
+    :meth:`AttentionConfig.dead_at_init`), naming the fix. Training silences it when its gamma ramp is on."""
+    import warnings
+
+    why = cfg.dead_at_init(int(T)) if T else None
+    if why is None:
+        return
+    fix = "pass beta = 1" if cfg.variant == "ncs" else \
+        f"pass --alpha 1 --alpha-t row (alpha <= 1, i.e. gamma >= -1/T = {-1 / T:.4g}) or train with " \
+        f"--gamma-ramp-steps N (gamma grows from 0)"
+    warnings.warn(f"{why}, so attention gets no gradient; {fix}", DeadAttentionWarning, stacklevel=3)
+
+
 def unpatch_module(module: nn.Module) -> None:
     """Remove a previous variant from one attention module (gate, hook, config)."""
     hook = getattr(module, "_outlierfree_hook", None)
     if hook is not None:
         hook.remove()
-    for name in ("outlierfree_gate",):
+    for name in ("outlierfree_gate", "outlierfree_sink"):
         if name in module._modules:
             del module._modules[name]
-    for name in ("outlierfree", "_outlierfree_hook", "_outlierfree_x"):
+    for name in ("outlierfree", "_outlierfree_hook", "_outlierfree_x", RAMP_ATTR):
         if name in module.__dict__:
             delattr(module, name)
 

@@ -223,3 +223,16 @@ def head_paths(model: nn.Module) -> list[str]:
     if prefix and prefix in children:
         return [n for n in children if n != prefix]
     return [n for n in children if n in _HEAD_CHILDREN and n != "activation"]
+
+
+# ---- the OSP recipe (models/recipe.py) ---------------------------------------------------------------------------
+def input_embedding(model: nn.Module) -> nn.Module:
+    """The module that embeds the inputs (BERT ``word_embeddings``, OPT ``embed_tokens``, ViT ``patch_embeddings``):
+    the embedding projection is applied to its output."""
+    return model.get_input_embeddings()
+
+
+def layer_norms(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, child name, module) of every ``nn.LayerNorm`` of the stock BERT / OPT / ViT modeling code."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is nn.LayerNorm]

@@ -132,14 +132,26 @@ def load_model(path: str | os.PathLike, model_class: Any = None, dtype: torch.dt
                 # the config parsed above is passed on: a GGUF file is not parsed for it a second time
                 model, info = cls.from_pretrained(d, config=config, output_loading_info=True, gguf_file=gguf,
                                                   **kwargs)
-                missing = [k for k in info.get("missing_keys", []) if "outlierfree_gate" not in k]
+                missing = [k for k in info.get("missing_keys", []) if not _is_extra(k)]
                 if missing and variant is not None:
                     raise OutlierfreeError(f"checkpoint {str(path)!r} lacks weights {sorted(missing)[:3]}",
                                            "re-save the model with outlierfree; the file is incomplete")
             else:
                 model, notice = _load_complete(cls, d, config, kwargs, str(path), allow_fallback)
+        recipe = getattr(config, "outlierfree_recipe", None)
+        if recipe:  # OSP architecture changes (single-scale norms, embedding projection): re-applied, then loaded
+            from .recipe import apply_recipe
+
+            apply_recipe(model, recipe)
         if variant is not None:
-            patch_model(model, variant)
+            import warnings
+
+            from .build import DeadAttentionWarning
+
+            with warnings.catch_warnings():  # a trained model: its initialisation is history
+                warnings.simplefilter("ignore", DeadAttentionWarning)
+                patch_model(model, variant)
+        if variant is not None or recipe:
             _load_gates(model, d)
     except OutlierfreeError:
         raise
@@ -236,7 +248,7 @@ def _missing(model: nn.Module, info: dict[str, Any]) -> list[str]:
         tied = {}
     volatile = {f"{mn}.{bn}" if mn else bn for mn, m in model.named_modules()
                 for bn in m._non_persistent_buffers_set}
-    missing = {k for k in info.get("missing_keys") or [] if "outlierfree_gate" not in k and k not in tied
+    missing = {k for k in info.get("missing_keys") or [] if not _is_extra(k) and k not in tied
                and k not in volatile}
     order = {k: i for i, k in enumerate(model.state_dict(keep_vars=True))}
     return sorted(missing, key=lambda k: (order.get(k, len(order)), k))
@@ -264,8 +276,23 @@ def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + f", ... {len(keys)} tensors"
 
 
+# modules outlierfree adds to a stock model (gates, sink logits, the embedding projection): not in the stock class,
+# so transformers skips them on load and _load_gates reads them
+_EXTRA_MARKERS = ("outlierfree_gate.", "outlierfree_sink.", "outlierfree_embed_proj.")
+
+
+def _is_extra(key: str) -> bool:
+    return any(m in key for m in _EXTRA_MARKERS)
+
+
+def _extra_key(key: str, layer_index: Any) -> tuple:
+    """(layer index, marker + parameter name): how an added parameter is matched between model and file."""
+    marker = next(m for m in _EXTRA_MARKERS if m in key)
+    return layer_index(key), marker + key.split(marker, 1)[1]
+
+
 def _load_gates(model: nn.Module, d: Path) -> None:
-    """Load the gate parameters of a gated checkpoint into a freshly patched ``model``.
+    """Load the parameters outlierfree adds (gates, sink logits, embedding projection) into a patched ``model``.
 
     ``save_pretrained`` may rename module paths on the way out (transformers 5 writes ViT in its legacy layout), so
     gates are matched by (layer index, parameter name) rather than by full key.
@@ -274,8 +301,7 @@ def _load_gates(model: nn.Module, d: Path) -> None:
 
     from ..sites.core import layer_index
 
-    ours = {(layer_index(n), n.split("outlierfree_gate.", 1)[1]): p
-            for n, p in model.named_parameters() if "outlierfree_gate." in n}
+    ours = {_extra_key(n, layer_index): p for n, p in model.named_parameters() if _is_extra(n)}
     if not ours:
         return
     index = d / "model.safetensors.index.json"
@@ -285,8 +311,8 @@ def _load_gates(model: nn.Module, d: Path) -> None:
     for f in files:
         with safe_open(str(d / f), framework="pt") as sf:
             for k in sf.keys():
-                if "outlierfree_gate." in k:
-                    found[(layer_index(k), k.split("outlierfree_gate.", 1)[1])] = sf.get_tensor(k)
+                if _is_extra(k):
+                    found[_extra_key(k, layer_index)] = sf.get_tensor(k)
     if set(found) != set(ours):
         raise OutlierfreeError(f"the gate weights in {str(d)!r} do not match the gated config "
                                f"({len(found)} tensors for {len(ours)} parameters)", "re-save the model with outlierfree")

@@ -59,6 +59,14 @@ def _h(text: str, name: str | None = None) -> str:
 @click.option("--adam-beta2", type=float, default=None, help=_h("", "adam_beta2"))
 @click.option("--adam-eps", type=float, default=None, help=_h("", "adam_eps"))
 @click.option("--grad-clip", type=float, default=None, help=_h("max gradient norm, 0 = off", "grad_clip"))
+@click.option("--gamma-ramp-steps", type=int, default=None,
+              help="clipped/ncs: gamma grows linearly from 0 to its target over these steps [default: 0 = off]")
+@click.option("--optimizer", default=None, help="adamw, or muon (OSP: Muon on the hidden matrices, AdamW on the rest) "
+                                                "[default: adamw]")
+@click.option("--norm", default=None, help="layernorm, or single-scale (OSP: one learned scalar gain per norm) "
+                                           "[default: layernorm]")
+@click.option("--embed-proj/--no-embed-proj", default=None,
+              help="OSP: a learned projection after the input embedding [default: off]")
 @click.option("--precision", default=None, help=_h(f"{'|'.join(PRECISIONS)} (auto: bf16/fp16 on GPU, fp32 on CPU)",
                                                    "precision"))
 @click.option("--seed", type=int, default=None, help=_h("seed for weights, data order, masking, dropout", "seed"))

@@ -76,6 +76,10 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-6
     grad_clip: float = 1.0
+    gamma_ramp_steps: int = 0
+    optimizer: str = "adamw"
+    norm: str = "layernorm"
+    embed_proj: bool = False
     precision: str = "auto"
     seed: int = 0
     out: str = "runs/train"
@@ -173,6 +177,23 @@ class TrainConfig:
         if c.val_fraction is None:
             c.val_fraction = 0.02 if c.task != "image" else 0.1
         require(0 <= c.val_fraction < 1, f"--val-fraction must be in [0, 1), got {c.val_fraction}", "pass e.g. 0.02")
+        from ..models.recipe import NORMS
+        from .optim import OPTIMIZERS
+
+        require(c.optimizer in OPTIMIZERS, f"unknown optimizer {c.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+        require(c.norm in NORMS, f"unknown norm {c.norm!r}", f"use one of {', '.join(NORMS)}")
+        require(isinstance(c.embed_proj, bool), f"--embed-proj must be true or false, got {c.embed_proj!r}",
+                "pass --embed-proj or leave it out")
+        r = c.gamma_ramp_steps
+        require(isinstance(r, int) and not isinstance(r, bool) and r >= 0, f"--gamma-ramp-steps must be an "
+                f"integer >= 0, got {r!r}", "pass e.g. --gamma-ramp-steps 1000 (0 = off)")
+        if r:
+            variant = c.attention.get("variant")
+            require(variant in ("clipped", "ncs"), f"--gamma-ramp-steps does not apply to --attention {variant}",
+                    "drop it, or use --attention clipped or ncs")
+            # the last step must train at the full gamma: the saved model runs with it
+            require(r < c.steps, f"--gamma-ramp-steps {r} is not below --steps {c.steps}, so the model would be "
+                    f"saved with a gamma it never trained at", f"pass at most --gamma-ramp-steps {c.steps - 1}")
         for name in ("hidden_dropout", "attention_dropout"):
             v = getattr(c, name)
             if v is not None:

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import OutlierfreeError, require
+from ..attention.normalisers import set_gamma_ramp
 from .config import TrainConfig, config_difference
 
 CHECKPOINT = "checkpoint"
@@ -268,7 +269,19 @@ def build(cfg: TrainConfig, data: Any) -> nn.Module:
         require(n_pos is None or cfg.seq_len <= n_pos, f"--seq-len {cfg.seq_len} exceeds the {n_pos} positions of "
                 f"{cfg.family}/{cfg.size}", f"lower --seq-len or pass --set max_position_embeddings={cfg.seq_len}")
     try:
-        return build_model(cfg.family, cfg.size, cfg.attention, seed=cfg.seed, **over)
+        import warnings
+
+        from ..attention.config import AttentionConfig
+        from ..models.build import DeadAttentionWarning, warn_if_dead
+        from ..models.recipe import apply_recipe
+
+        with warnings.catch_warnings():  # judged below at the training length, not the model's maximum
+            warnings.simplefilter("ignore", DeadAttentionWarning)
+            model = build_model(cfg.family, cfg.size, cfg.attention, seed=cfg.seed, **over)
+        if not cfg.gamma_ramp_steps:  # the ramp starts from gamma = 0, which never clips a row away
+            warn_if_dead(AttentionConfig.from_dict(cfg.attention),
+                         max_length(model.config) if cfg.task == "image" else cfg.seq_len)
+        return apply_recipe(model, {"norm": cfg.norm, "embed_proj": cfg.embed_proj})
     except OutlierfreeError:
         raise
     except (TypeError, ValueError) as e:
@@ -382,8 +395,9 @@ def train(cfg: TrainConfig) -> Path:
     batches = Batches(cfg, data)
     model = build(cfg, data)
     task_model = TaskModel(model, cfg.task)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.decay_norm), lr=cfg.lr,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    from .optim import build_optimizer
+
+    optimizer = build_optimizer(model, cfg, parameter_groups(model, cfg.weight_decay, cfg.decay_norm))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     task_model, optimizer, scheduler = accelerator.prepare(task_model, optimizer, scheduler)
     if main:  # only now: bad data or settings must not leave a run directory behind
@@ -433,6 +447,8 @@ def train(cfg: TrainConfig) -> Path:
     task_model.train()
     with progress:
         for step in range(start, cfg.steps):
+            if cfg.gamma_ramp_steps:  # clipped / NCS gamma grows linearly from 0 to its target
+                set_gamma_ramp(model, step / cfg.gamma_ramp_steps)
             batch, terms = batches.train_batch(step)
             mine = split_rows(batch, world, rank)
             loss_sum = torch.zeros((), device=accelerator.device)
