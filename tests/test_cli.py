@@ -21,7 +21,7 @@ def test_models_lists_families_sizes_and_variants():
 def test_demo_runs_clipped_bert():
     r = run("demo", "--seed", "1")
     assert r.returncode == 0, r.stderr
-    assert "clipped(gamma=-0.025, zeta=1)" in r.stdout and "loss" in r.stdout
+    assert "clipped(alpha=1/T[row], zeta=1)" in r.stdout and "loss" in r.stdout
 
 
 @pytest.mark.parametrize("args,needle", [

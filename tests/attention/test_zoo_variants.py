@@ -1,0 +1,233 @@
+"""The attention zoo (attention/normalisers.py): each normaliser's formula, its softmax limit, float64 gradients,
+the blocked kernel for NCS, the gamma ramp, the dead-at-initialisation warning, and save/load in BERT, OPT, ViT."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from outlierfree import load_model, save_model
+from outlierfree.attention import AttentionConfig
+from outlierfree.attention.blocked import blocked_clipped_attention, blocked_kernel
+from outlierfree.attention.normalisers import (clip_params, normalise, set_gamma_ramp, sigmoid_attention,
+                                                softmax_with_sink, softplus_attention, softpick)
+from outlierfree.attention.softmax import clipped_softmax, keep_mask
+from outlierfree.errors import OutlierfreeError
+from outlierfree.models.build import DeadAttentionWarning, build_model
+
+ZOO = ("ncs", "softmax1", "sink", "softpick", "sigmoid", "softplus")
+
+
+def _scores(seed=0, shape=(2, 3, 5, 7), dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=dtype) * 2).requires_grad_(True)
+
+
+def _pad_mask(B=2, Tq=5, Tk=7):
+    keep = torch.ones(B, 1, Tq, Tk, dtype=torch.bool)
+    keep[1, ..., 4:] = False  # the second sequence has 4 real keys
+    return keep
+
+
+class _Module(torch.nn.Module):
+    """Stands in for an attention module: the normalisers read the sink and the ramp from it."""
+
+
+# ---- formulas and their softmax limits ---------------------------------------------------------------------
+def test_ncs_is_the_authors_formula_and_softmax_at_eta_beta_one():
+    x, keep = _scores().detach(), _pad_mask()
+    cfg = AttentionConfig("ncs", eta=1.03, beta=1.0)
+    p = normalise(_Module(), x, keep, cfg, 4)
+    # BaohaoLiao/improved_transformer_v3 bert_attention.normalized_clipped_softmax, written out
+    n = keep.sum(-1, keepdim=True).double()  # (B, 1, Tq, 1)
+    factor, shift = (n * 1.03 - 1.0) / (n - 1), (1.0 - 1.03) / (n - 1)
+    sm = F.softmax(x.masked_fill(~keep, -1e30), -1)
+    ref = ((sm * factor + shift) * keep).clamp(0, 1)
+    torch.testing.assert_close(p, ref)
+    # a uniform row (equal scores) of any length keeps summing to beta
+    u = normalise(_Module(), torch.zeros(1, 1, 3, 11, dtype=torch.float64), None, cfg.replace(beta=0.7), 4)
+    torch.testing.assert_close(u.sum(-1), torch.full((1, 1, 3), 0.7, dtype=torch.float64))
+    # eta = beta = 1 is softmax
+    plain = normalise(_Module(), x, keep, cfg.replace(eta=1.0, beta=1.0), 4)
+    torch.testing.assert_close(plain, clipped_softmax(x, 0.0, 1.0, keep))
+    # a causal row with one key gets probability 1 (gamma = 0 there, not a division by zero)
+    causal = keep_mask(None, 5, 5, causal=True)
+    pc = normalise(_Module(), x[..., :5], causal, cfg, 4)
+    assert torch.all(pc[..., 0, 0] == 1) and torch.isfinite(pc).all()
+
+
+def test_softmax1_and_sink_are_softmax_with_an_extra_logit():
+    x, keep = _scores().detach(), _pad_mask()
+    # softmax1 = softmax over [x, 0] without the last column
+    ext = torch.cat([x.masked_fill(~keep, -math.inf), torch.zeros(*x.shape[:-1], 1, dtype=x.dtype)], -1)
+    torch.testing.assert_close(softmax_with_sink(x, 0.0, keep), F.softmax(ext, -1)[..., :-1])
+    # a per-head sink logit b: softmax over [x, b]; b -> -inf is softmax
+    b = torch.tensor([-1.0, 0.5, 3.0], dtype=torch.float64).view(1, 3, 1, 1)
+    ext_b = torch.cat([x.masked_fill(~keep, -math.inf), b.expand(*x.shape[:-1], 1)], -1)
+    torch.testing.assert_close(softmax_with_sink(x, b, keep), F.softmax(ext_b, -1)[..., :-1])
+    torch.testing.assert_close(softmax_with_sink(x, -math.inf, keep), clipped_softmax(x, 0.0, 1.0, keep))
+    # large scores do not overflow (the max is subtracted)
+    assert torch.isfinite(softmax_with_sink(x.float() * 1000, 0.0, keep)).all()
+
+
+def test_softpick_formula_masks_and_stability():
+    x, keep = _scores().detach(), _pad_mask()
+    e = torch.exp(x) - 1
+    ref = (F.relu(e) * keep) / ((e.abs() * keep).sum(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(softpick(x, keep, 1e-6), ref)
+    assert torch.all(softpick(x, keep)[~keep.expand_as(x)] == 0)
+    big = softpick(torch.tensor([[500.0, 499.0, -3.0]]), None)  # exp(500) overflows float32; the stable form not
+    assert torch.isfinite(big).all() and big[0, 2] == 0 and big.sum() <= 1
+    assert torch.all(softpick(torch.tensor([[-1.0, -2.0]])) == 0)  # all scores <= 0: the head does nothing
+
+
+def test_sigmoid_bias_is_minus_log_of_the_visible_keys():
+    x, keep = _scores().detach(), _pad_mask()
+    n = keep.sum(-1, keepdim=True).double()
+    torch.testing.assert_close(sigmoid_attention(x, n, keep), torch.sigmoid(x - torch.log(n)) * keep)
+    p = normalise(_Module(), x, keep, AttentionConfig("sigmoid"), 4)
+    torch.testing.assert_close(p, torch.sigmoid(x - torch.log(n)) * keep)
+
+
+def test_softplus_scale_l1_and_reweighting():
+    x, keep = _scores().detach(), _pad_mask()
+    n = keep.sum(-1, keepdim=True).double()
+    lam = torch.log(n) / math.log(16)
+    a = F.softplus(lam * x) * keep
+    ref = a / a.sum(-1, keepdim=True)
+    torch.testing.assert_close(normalise(_Module(), x, keep, AttentionConfig("softplus"), 16), ref)
+    torch.testing.assert_close(softplus_attention(x, n, 16, "none", None, keep),
+                               (F.softplus(x) * keep) / (F.softplus(x) * keep).sum(-1, keepdim=True))
+    r = F.relu(n * ref - 1) ** 2
+    torch.testing.assert_close(softplus_attention(x, n, 16, "entropy", 2.0, keep), r / r.sum(-1, keepdim=True))
+    torch.testing.assert_close(ref.sum(-1), torch.ones_like(ref.sum(-1)))
+
+
+# ---- gradients ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ZOO)
+def test_gradcheck_float64(variant):
+    keep = _pad_mask(2, 4, 5)
+    x = _scores(1, (2, 3, 4, 5))
+    cfg = AttentionConfig(variant, **({"softplus_power": 2.0} if variant == "softplus" else {}))
+    m = _Module()
+    if variant == "sink":
+        from outlierfree.attention.normalisers import AttentionSink
+
+        m.outlierfree_sink = AttentionSink(3, 0.3).double()
+        assert torch.autograd.gradcheck(lambda s, b: softmax_with_sink(s, b.view(1, 3, 1, 1), keep),
+                                        (x, torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64, requires_grad=True)))
+    if variant == "ncs":  # keep clear of the clip's kinks, where the derivative jumps
+        cfg = cfg.replace(eta=1.5, beta=0.9)
+    assert torch.autograd.gradcheck(lambda s: normalise(m, s, keep, cfg, 8), (x,))
+
+
+# ---- NCS in the blocked linear-memory kernel ---------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_ncs_blocked_kernel_matches_eager(causal):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 9, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    keep[1, ..., 6:] = False
+    cfg = AttentionConfig("ncs", eta=1.2, beta=0.8)
+    full = keep_mask(None, 9, 9, causal=True) & keep if causal else keep
+    probs = normalise(_Module(), (q @ k.transpose(-1, -2)) * 0.5, full, cfg, 4)
+    ref = probs @ v
+    out = blocked_kernel(_Module(), q, k, v, keep, 0.5, 0.0, cfg.replace(block_size=4), causal=causal)
+    torch.testing.assert_close(out, ref)
+    go = torch.randn_like(ref)
+    gr = torch.autograd.grad(ref, (q, k, v), go)
+    gb = torch.autograd.grad(out, (q, k, v), go)
+    for a, b in zip(gb, gr):
+        torch.testing.assert_close(a, b)
+
+
+# ---- gamma ramp --------------------------------------------------------------------------------------------
+def test_gamma_ramp_scales_gamma_and_zero_is_softmax():
+    cfg = AttentionConfig("clipped", gamma=-0.2)
+    assert clip_params(cfg, 8.0, 0.25) == (-0.05, 1.0)
+    model = build_model("bert", "tiny", cfg, seed=0).eval()
+    ref = build_model("bert", "tiny", "vanilla", seed=0).eval()
+    ids = torch.randint(5, 100, (2, 16))
+    set_gamma_ramp(model, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+        set_gamma_ramp(model, 1.0)
+        assert not torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+# ---- defaults that train -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [17, 64, 128])
+def test_dead_at_init_boundary(T):
+    # near-uniform rows die exactly when -gamma >= zeta / (T - 1)
+    edge = -1.0 / (T - 1)
+    assert AttentionConfig("clipped", gamma=edge).dead_at_init(T) is not None
+    assert AttentionConfig("clipped", gamma=edge * 0.99).dead_at_init(T) is None
+    assert AttentionConfig("clipped", alpha=1.0, alpha_t="row").dead_at_init(T) is None
+    assert AttentionConfig("ncs").dead_at_init(T) is None and AttentionConfig("ncs", beta=0).dead_at_init(T)
+    # and the probabilities agree: a uniform row of T keys at the edge is all zeros
+    p = clipped_softmax(torch.zeros(1, T, dtype=torch.float64), edge, 1.0)
+    assert torch.all(p == 0)
+
+
+def test_dead_config_warns_and_the_default_does_not():
+    with pytest.warns(DeadAttentionWarning, match="alpha 1"):
+        build_model("bert", "tiny", AttentionConfig("clipped", gamma=-0.025))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeadAttentionWarning)
+        build_model("bert", "tiny", AttentionConfig("clipped", alpha=1.0, alpha_t="row"))
+        build_model("bert", "tiny", "ncs")
+
+
+# ---- validation ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,needle", [
+    ({"variant": "ncs", "eta": 0.9}, "eta must be >= 1"),
+    ({"variant": "ncs", "beta": 1.5}, "beta must be in"),
+    ({"variant": "ncs", "beta": -0.1}, "beta must be in"),
+    ({"variant": "sink", "sink_init": float("nan")}, "sink init"),
+    ({"variant": "softpick", "softpick_eps": 0.0}, "softpick eps"),
+    ({"variant": "softplus", "softplus_scale": "cube"}, "unknown softplus scale"),
+    ({"variant": "softplus", "softplus_power": 0.5}, "power must be >= 1"),
+    ({"variant": "sigmoid", "impl": "sdpa"}, "cannot run on the fused SDPA"),
+    ({"variant": "softpick", "impl": "blocked"}, "blocked kernel does not compute"),
+])
+def test_bad_parameters_name_the_fix(kw, needle):
+    with pytest.raises(OutlierfreeError, match=needle) as e:
+        AttentionConfig(**kw)
+    assert "\n" not in str(e.value)
+
+
+# ---- inside the models -----------------------------------------------------------------------------------------
+def _inputs(family, model):
+    torch.manual_seed(0)
+    if family == "vit":
+        c = model.config
+        return {"pixel_values": torch.randn(2, c.num_channels, c.image_size, c.image_size)}
+    ids = torch.randint(5, 200, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+@pytest.mark.parametrize("variant", ZOO)
+def test_variant_runs_and_round_trips_through_save_and_load(family, variant, tmp_path):
+    model = build_model(family, "tiny", variant, seed=0).eval()
+    if variant == "sink":
+        with torch.no_grad():  # trained-looking sinks, so the round trip must really load them
+            for n, p in model.named_parameters():
+                if "outlierfree_sink" in n:
+                    p.copy_(torch.linspace(-1, 2, p.numel()))
+    batch = _inputs(family, model)
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    logits = out.logits
+    assert torch.isfinite(logits).all() and len(out.attentions) == model.config.num_hidden_layers
+    probs = out.attentions[0]
+    assert (probs >= 0).all() and (probs <= 1).all()
+    save_model(model, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert AttentionConfig.from_dict(back.config.outlierfree) == AttentionConfig.from_dict(model.config.outlierfree)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, logits)
