@@ -108,15 +108,89 @@ def test_rotation_is_exact_and_spreads_a_massive_channel(name):
     assert sqnr(model) > before + 3  # measured on llama: 16.6 -> 23.3 dB
 
 
-@pytest.mark.parametrize("name", ["gemma3", "opt", "bert"])
-def test_rotation_refuses_models_whose_norms_break_invariance(name):
-    from outlierfree.quant.transforms import rotate
+@pytest.mark.parametrize("name", ["gemma3", "opt", "bert", "vit"])
+def test_residual_rotation_refuses_models_whose_norms_break_invariance(name):
+    from outlierfree.quant.transforms import rotate_residual
 
     model = archs.build(name)
     b = archs.batch(name, model)
     with torch.no_grad():
         ref = _out(model(**b))
     with pytest.raises(OutlierfreeError, match="rotation does not apply"):
-        rotate(model, b)
+        rotate_residual(model, b)
     with torch.no_grad():
         assert torch.equal(_out(model(**b)), ref)  # untouched
+
+
+@pytest.mark.parametrize("name", sorted(archs._FACTORIES))
+def test_rotate_is_exact_on_every_family(name):
+    """`--transform rotate` applies every rotation that is exact for the architecture, and leaves the float output
+    unchanged on a batch it was not checked on."""
+    from outlierfree.quant.transforms import rotate
+
+    model = archs.build(name)
+    batches = [archs.batch(name, model, seed=s) for s in (0, 1)]
+    with torch.no_grad():
+        ref = _out(model(**batches[1]))
+    if name in ("gpt2", "gemma3"):
+        # GPT-2: a fused QKV projection and no RMSNorm; Gemma-3: sandwich norms, RoPE and grouped-query values
+        with pytest.raises(OutlierfreeError, match="no rotation is exact"):
+            rotate(model, batches[0], seed=1)
+        with torch.no_grad():
+            assert torch.equal(_out(model(**batches[1])), ref)  # every attempt undone
+        return
+    res = rotate(model, batches[0], seed=1)
+    with torch.no_grad():
+        y = _out(model(**batches[1]))
+    assert float((y - ref).norm() / ref.norm()) < 1e-5, (name, res.to_dict())
+    assert res.layers + res.heads_qk + res.heads_vo > 0
+    if name in ("llama", "qwen2"):  # pre-norm RMSNorm decoders: the residual stream rotates
+        assert res.layers == archs.LAYERS and not res.residual_why_not
+    if name in ("bert", "vit", "opt"):  # norms that break the residual rotation: heads only
+        assert res.layers == 0 and res.residual_why_not
+    if name in ("bert", "vit", "opt", "roberta", "electra"):  # MHA, no RoPE: both head rotations are exact
+        assert res.heads_qk == res.heads_vo == archs.LAYERS, res.to_dict()
+    if name in ("llama", "qwen2"):  # RoPE: rotating queries and keys would change the scores
+        assert res.heads_qk == 0
+
+
+def test_rotate_refuses_a_model_where_nothing_rotates(monkeypatch):
+    from outlierfree.models import hf_compat
+    from outlierfree.quant.transforms import rotate
+
+    model = archs.build("bert")
+    b = archs.batch("bert", model)
+    with torch.no_grad():
+        ref = _out(model(**b))
+    monkeypatch.setattr(hf_compat, "attention_modules", lambda m: [])  # no attention found: no head to rotate
+    with pytest.raises(OutlierfreeError, match="no rotation is exact"):
+        rotate(model, b)
+    with torch.no_grad():
+        assert torch.equal(_out(model(**b)), ref)
+
+
+def test_head_rotation_spreads_a_value_outlier():
+    """BERT is post-norm, so only per-head rotations are exact there; they do reach the value site: a value channel
+    100x larger than the rest (per-tensor 8 bits of that site lose the others) is spread over its head."""
+    from outlierfree.quant.transforms import rotate
+
+    model = archs.build("bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.value.weight[3] *= 100.0
+    batches = [archs.batch("bert", model, seed=s) for s in (0, 1, 2)]
+    mask = batches[2]["attention_mask"].bool()
+    site = "bert.encoder.layer.0.attention.self.value:output"
+
+    def sqnr(m):
+        with quantize(m, paper_w8a8()) as qm:
+            qm.calibrate(batches[:2], progress=False)
+            with torch.no_grad(), qm.only_sites([site]):
+                y = _out(m(**batches[2]))[mask]
+                with qm.float_mode():
+                    r = _out(m(**batches[2]))[mask]
+        return float(10 * torch.log10(r.pow(2).sum() / (r - y).pow(2).sum()))
+
+    before = sqnr(model)
+    rotate(model, batches[0])
+    after = sqnr(model)
+    assert after > before + 3, (before, after)

@@ -8,7 +8,7 @@ per-tensor static 8 bits):
 
 - per-channel weights; per-token dynamic activations (the granularities the simulator has);
 - SmoothQuant (:mod:`outlierfree.quant.transforms`, exact in float, alpha 0.5);
-- rotation of the residual stream (pre-norm RMSNorm decoders; elsewhere reported as not applicable);
+- rotation: of the residual stream (pre-norm RMSNorm decoders) and per head wherever exact (:func:`rotate`);
 - 16-bit exceptions: the K site groups the ablation ranks worst kept in 16 bits;
 - the stack of SmoothQuant, per-channel weights and the 16-bit exceptions.
 
@@ -91,7 +91,8 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     rotated, not_applicable = copy.deepcopy(model), {}
     try:
         rot = rotate(rotated, batches.calib[0], forward=lambda m, b: model_output(m, b, task))
-        runs.append(run(f"rotation ({rot.kind})", rotated, paper))
+        runs.append(run("rotation (" + (f"residual {rot.kind} + " if rot.layers else "") +
+                        f"heads: Q/K {rot.heads_qk}, V/O {rot.heads_vo})", rotated, paper))
     except OutlierfreeError as e:  # the architecture's norms break the invariance: say so, measure nothing
         not_applicable["rotation"] = e.problem
         echo(f"    rotation: not applicable ({e.problem})")

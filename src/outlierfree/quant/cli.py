@@ -84,7 +84,8 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
                    "group over --diag-batches batches: minutes on a 12-layer model)")
 @click.option("--transform", default=None,
               help="post-hoc transforms applied before calibration, exact in float, in the given order: "
-                   "smoothquant[:ALPHA] (default alpha 0.5), rotate[:SEED] (pre-norm RMSNorm decoders), e.g. "
+                   "smoothquant[:ALPHA] (default alpha 0.5), rotate[:SEED] (the residual stream of pre-norm RMSNorm "
+                   "decoders, and per head wherever exact), e.g. "
                    "rotate,smoothquant:0.5")
 @click.option("--keep-16bit", "keep_16bit", type=int, default=0, show_default=True,
               help="keep the K site groups the ablation ranks worst in 16 bits and evaluate again (implies "
@@ -167,8 +168,7 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
         if name == "rotate":
             rot = rotate(model, batches.calib[0], seed=int(alpha), forward=lambda m, b: model_output(m, b, task))
             applied.append(rot.to_dict())
-            click.echo(f"rotate: the residual stream of {rot.layers} layers rotated by a random {rot.kind} "
-                       f"matrix ({rot.dim} x {rot.dim}), float output unchanged", err=True)
+            click.echo(f"rotate (seed {rot.seed}): {rot.describe()}; float output unchanged", err=True)
             continue
         res = smoothquant(model, batches.calib, alpha, forward=lambda m, b: model_output(m, b, task))
         applied.append(res.to_dict())

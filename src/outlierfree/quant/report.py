@@ -64,8 +64,8 @@ def markdown(report: dict[str, Any]) -> str:
                  "activation and weight, `linear` = linear inputs and weights only.")
     for t in report.get("transforms") or []:
         if t["transform"] == "rotate":
-            lines += ["", f"**Transform** rotate: the residual stream of {t['layers']} layers rotated by a random "
-                          f"{t['rotation']} matrix (seed {t['seed']}), fused into the weights; float output unchanged."]
+            lines += ["", f"**Transform** rotate (seed {t['seed']}): {t.get('description')}; fused into the weights, "
+                          f"float output unchanged."]
             continue
         lines += ["", f"**Transform** {t['transform']} (alpha {t['alpha']}), applied before calibration: "
                       f"{t['applied']} of {len(t['folds'])} folds (each checked to leave the float output unchanged; "

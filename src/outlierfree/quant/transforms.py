@@ -264,20 +264,37 @@ def parse_transforms(text: str | None) -> list[tuple[str, float | None]]:
     return out
 
 
-# ---- rotation of the residual stream ------------------------------------------------------------------------------
+# ---- rotations -----------------------------------------------------------------------------------------------------
 @dataclass
 class RotationResult:
-    """What :func:`rotate` did."""
+    """What :func:`rotate` did: the residual stream (pre-norm RMSNorm decoders) and/or the per-head rotations."""
 
     kind: str  # "hadamard" (d a power of two: random signs times a Sylvester Hadamard) or "orthogonal" (random QR)
-    dim: int
-    layers: int
+    dim: int  # residual width rotated (0: the residual stream was not rotated)
+    layers: int  # layers whose residual stream was rotated
     seed: int
+    heads_qk: int = 0  # attention modules whose queries and keys were rotated per head
+    heads_vo: int = 0  # attention modules whose values (and the output projection's input) were rotated per head
+    residual_why_not: str = ""  # why the residual stream was not rotated, when it was not
+
+    def describe(self) -> str:
+        """One line for the CLI and the reports."""
+        parts = []
+        if self.layers:
+            parts.append(f"the residual stream of {self.layers} layers rotated by a random {self.kind} "
+                         f"({self.dim} wide)")
+        else:
+            parts.append(f"residual stream not rotated ({self.residual_why_not})")
+        parts.append(f"per-head rotations of queries/keys in {self.heads_qk} and of values/output-projection "
+                     f"inputs in {self.heads_vo} attention modules")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for the report."""
         return {"transform": "rotate", "rotation": self.kind, "dim": self.dim, "layers": self.layers,
-                "seed": self.seed, "applied": self.layers}
+                "seed": self.seed, "heads_qk": self.heads_qk, "heads_vo": self.heads_vo,
+                "residual_why_not": self.residual_why_not, "applied": self.layers + self.heads_qk + self.heads_vo,
+                "description": self.describe()}
 
 
 def random_rotation(d: int, seed: int = 0) -> tuple[torch.Tensor, str]:
@@ -294,11 +311,112 @@ def random_rotation(d: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     return q * torch.sign(torch.diagonal(r)), "orthogonal"  # sign fix: a uniformly random rotation
 
 
+def _relative_error(model: nn.Module, batch: Any, forward: ForwardFn, ref: torch.Tensor) -> float:
+    with torch.no_grad():
+        y = _output(forward(model, batch)).double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def rotate(model: nn.Module, batch: Any, seed: int = 0, forward: ForwardFn = _default_forward) -> RotationResult:
+    """Every rotation that is exact in float for this architecture, fused into its weights (checked on ``batch``):
+
+    - the **residual stream** of a pre-norm decoder with RMSNorm (:func:`rotate_residual`; Llama, Qwen2, Mistral);
+    - **per head**, in any attention (:func:`rotate_heads`): queries and keys by the same rotation (their dot
+      product is unchanged; not with RoPE, which is checked), values by a rotation undone in the output
+      projection's input columns (attention mixes tokens, never channels within a head; not with an elementwise
+      output gate, which is checked).
+
+    Post-norm encoders (BERT), LayerNorm models (OPT, ViT) and sandwich norms (Gemma-2/3) get the per-head
+    rotations only: their residual stream cannot rotate exactly (the reason is in ``residual_why_not``). A model
+    where nothing rotates exactly is a one-line error.
+    """
+    from ..errors import OutlierfreeError
+
+    try:
+        res = rotate_residual(model, batch, seed, forward)
+    except OutlierfreeError as e:
+        res = RotationResult("none", 0, 0, seed, residual_why_not=e.problem.split(": ", 1)[-1])
+    res.heads_qk, res.heads_vo = rotate_heads(model, batch, seed, forward)
+    if res.layers == 0 and res.heads_qk == 0 and res.heads_vo == 0:
+        raise OutlierfreeError(f"no rotation is exact for {type(model).__name__} ({res.residual_why_not}; no "
+                               f"attention module with rotatable heads)",
+                               "use --transform smoothquant for this architecture")
+    return res
+
+
+_Q_NAMES = ("q_proj", "query", "q_lin", "q")
+_K_NAMES = ("k_proj", "key", "k_lin", "k")
+
+
+def rotate_heads(model: nn.Module, batch: Any, seed: int = 0, forward: ForwardFn = _default_forward
+                 ) -> tuple[int, int]:
+    """Rotate each attention head's queries and keys (``q_h R``, ``k_h R``: scores unchanged) and its values
+    (``v_h R``, undone by ``W_o[:, h] R`` in the output projection), with one random rotation of the head size per
+    head, fused into the projections' weights and biases. Each kind is kept only if the float output is unchanged
+    on ``batch`` (RoPE breaks the first, an elementwise output gate the second) and undone otherwise. Returns the
+    numbers of attention modules rotated: ``(queries/keys, values)``."""
+    from ..models import hf_compat
+
+    modules = dict(model.named_modules())
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = _output(forward(model, batch)).double()
+        qk, vo = [], []
+        for path, attn in hf_compat.attention_modules(model):
+            dims = hf_compat.attention_dims(attn)
+            q = next((modules[f"{path}.{n}"] for n in _Q_NAMES if isinstance(modules.get(f"{path}.{n}"), nn.Linear)),
+                     None)
+            k = next((modules[f"{path}.{n}"] for n in _K_NAMES if isinstance(modules.get(f"{path}.{n}"), nn.Linear)),
+                     None)
+            width = dims.n_heads * dims.head_dim
+            if q is not None and k is not None and q.out_features == k.out_features == width:  # no GQA
+                qk.append((q, k, dims))
+        vo = [(modules[v], modules[o], hf_compat.attention_dims(modules[v.rsplit(".", 1)[0]]))
+              for v, o in _value_pairs(model)
+              if hf_compat.is_attention_module(modules[v.rsplit(".", 1)[0]])]
+
+        def block_rotation(dims: Any, i: int) -> torch.Tensor:
+            # one rotation per head on the diagonal: (H * hd, H * hd)
+            return torch.block_diag(*[random_rotation(dims.head_dim, seed * 7919 + i * 131 + h)[0]
+                                      for h in range(dims.n_heads)])
+
+        def rotate_out(lin: nn.Linear, r: torch.Tensor) -> None:  # output (x W^T + b) R  =>  W' = R^T W, b' = b R
+            lin.weight.copy_((r.T @ lin.weight.double()).to(lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias.copy_((lin.bias.double() @ r).to(lin.bias.dtype))
+
+        done = []
+        for kind, groups in (("qk", qk), ("vo", vo)):
+            if not groups:
+                done.append(0)
+                continue
+            undo = _snapshot([p for a, b, _ in groups for p in (a.weight, a.bias, b.weight, b.bias)])
+            with torch.no_grad():
+                for i, (a, b, dims) in enumerate(groups):
+                    r = block_rotation(dims, i if kind == "qk" else i + 10_000)
+                    rotate_out(a, r)
+                    if kind == "qk":
+                        rotate_out(b, r)  # the same rotation: q R (k R)^T = q k^T
+                    else:  # the output projection reads the rotated context: W_o' = W_o R
+                        b.weight.copy_((b.weight.double() @ r).to(b.weight.dtype))
+            if _relative_error(model, batch, forward, ref) > 1e-4:
+                undo()
+                done.append(0)
+            else:
+                done.append(len(groups))
+        return done[0], done[1]
+    finally:
+        model.train(was)
+
+
 _BLOCK = {"attn": ("q_proj", "k_proj", "v_proj"), "out": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),
           "mlp_out": ("down_proj",)}
 
 
-def rotate(model: nn.Module, batch: Any, seed: int = 0, forward: ForwardFn = _default_forward) -> RotationResult:
+def rotate_residual(model: nn.Module, batch: Any, seed: int = 0, forward: ForwardFn = _default_forward
+                    ) -> RotationResult:
     """Rotate the residual stream of a pre-norm decoder with RMSNorm (Llama, Qwen2, Mistral) by a random orthogonal
     Q, fused into the weights as QuaRot (Ashkboos et al. 2024) and SpinQuant do: each norm's gain is folded into the
     linears that read it (the norm becomes scale-only, and ``RMSNorm(x Q) = RMSNorm(x) Q``), the embeddings and
