@@ -34,9 +34,9 @@ class SingleScaleLayerNorm(nn.LayerNorm):
     def __init__(self, ln: nn.LayerNorm):
         nn.Module.__init__(self)
         self.normalized_shape, self.eps, self.elementwise_affine = ln.normalized_shape, ln.eps, True
-        gain = ln.weight.detach().float().mean() if ln.weight is not None else torch.tensor(1.0)
         ref = ln.weight if ln.weight is not None else ln.bias
-        self.weight = nn.Parameter(gain.reshape(1).to(device=ref.device, dtype=ref.dtype))  # (1,)
+        gain = _scalar(ln.weight.detach()) if ln.weight is not None else torch.ones(1)
+        self.weight = nn.Parameter(gain.to(device=ref.device, dtype=ref.dtype))  # (1,)
         self.bias = ln.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +51,18 @@ class SingleScaleLayerNorm(nn.LayerNorm):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         w = state_dict.get(prefix + "weight")
         if w is not None and w.shape != self.weight.shape:
-            state_dict[prefix + "weight"] = w.reshape(-1).mean().reshape(1)  # a constant (d,) gain -> its scalar
+            state_dict[prefix + "weight"] = _scalar(w)  # a constant (d,) gain -> its scalar
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.normalized_shape)}, eps={self.eps}, single scale"
+
+
+def _scalar(w: torch.Tensor) -> torch.Tensor:
+    """A per-channel gain as one scalar (1,): its value when constant (bit-exact, so a saved single-scale norm loads
+    back exactly), else its mean (a pretrained per-channel gain being replaced)."""
+    w = w.reshape(-1)
+    return w[:1].clone() if torch.all(w == w[0]) else w.float().mean().reshape(1).to(w.dtype)
 
 
 def _project(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""Every zoo variant and the OSP recipe train from the CLI on bert/opt/vit tiny, load back, and go through the W8A8
+simulator with the attention probe seeing scores and probabilities; the gamma ramp; Muon's parameter split."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from outlierfree import load_model
+from outlierfree.cli import main
+from outlierfree.errors import OutlierfreeError
+from outlierfree.quant import quantize
+from outlierfree.quant.config import paper_w8a8
+from outlierfree.train import TrainConfig
+from outlierfree.train.optim import MuonAdamW, build_optimizer, muon_matrices
+
+ZOO = ("ncs", "softmax1", "sink", "softpick", "sigmoid", "softplus")
+TASKS = {"mlm": "bert", "clm": "opt", "image": "vit"}
+
+
+def _batches(family, model):
+    torch.manual_seed(0)
+    if family == "vit":
+        c = model.config
+        return [{"pixel_values": torch.randn(4, c.num_channels, c.image_size, c.image_size)}]
+    ids = torch.randint(5, model.config.vocab_size, (4, 16))
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+
+
+def _w8a8_sees_the_attention(model, family):
+    batches = _batches(family, model)
+    with torch.no_grad():
+        ref = model(**batches[0]).logits
+    with quantize(model, paper_w8a8()) as qm:
+        qm.calibrate(batches, progress=False)
+        names = list(qm.act)
+        assert any(n.endswith(":scores") for n in names) and any(n.endswith(":probs") for n in names), names
+        with torch.no_grad():
+            q = model(**batches[0]).logits
+    assert torch.isfinite(q).all() and not torch.equal(q, ref)  # quantization ran, and changed something
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("variant", ZOO)
+def test_zoo_variant_trains_and_quantizes(task, variant, corpus, tiny_images, tiny_args, tmp_path):
+    out = tmp_path / "run"
+    data = tiny_images if task == "image" else corpus
+    main(["train", *tiny_args(task, data, out), "--attention", variant, "--steps", "2", "--eval-every", "2",
+          "--save-every", "0"])
+    model = load_model(out / "model")
+    assert model.config.outlierfree["variant"] == variant
+    loss = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in loss if e["event"] == "train")
+    _w8a8_sees_the_attention(model, TASKS[task])
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_osp_recipe_trains_saves_and_loads(task, corpus, tiny_images, tiny_args, tmp_path):
+    out = tmp_path / "run"
+    data = tiny_images if task == "image" else corpus
+    main(["train", *tiny_args(task, data, out), "--attention", "softpick", "--optimizer", "muon", "--norm",
+          "single-scale", "--embed-proj", "--steps", "3", "--eval-every", "3", "--save-every", "2"])
+    model = load_model(out / "model")
+    assert model.config.outlierfree_recipe == {"norm": "single-scale", "embed_proj": True}
+    norms = [m for m in model.modules() if type(m).__name__ == "SingleScaleLayerNorm"]
+    assert norms and all(m.weight.shape == (1,) for m in norms)
+    assert not any(type(m) is nn.LayerNorm for m in model.modules())
+    proj = model.get_input_embeddings().outlierfree_embed_proj
+    assert not torch.equal(proj.weight, torch.eye(proj.weight.shape[0]))  # trained, and loaded back
+    # the final model is the last step's weights, gains and projection included
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(out / "checkpoint" / "model.safetensors"))
+    state = model.state_dict()
+    for k, v in ckpt.items():
+        k = k.removeprefix("model.")
+        assert torch.equal(state[k], v), k
+    _w8a8_sees_the_attention(model, TASKS[task])
+
+
+def test_muon_takes_the_hidden_matrices_only():
+    from outlierfree.models.build import build_model
+
+    model = build_model("bert", "tiny", "sink", seed=0)
+    mats, _ = muon_matrices(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = sorted(names[id(p)] for p in mats)
+    assert got and all(("attention" in n or "intermediate" in n or "output.dense" in n) and n.endswith("weight")
+                       for n in got), got
+    assert not any("embeddings" in n or n.startswith("cls.") or "sink" in n for n in got)
+    cfg = TrainConfig(optimizer="muon").resolved()
+    opt = build_optimizer(model, cfg, [{"params": list(model.parameters()), "weight_decay": 0.0}])
+    assert isinstance(opt, MuonAdamW)
+    n_opt = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_opt == len(list(model.parameters()))
+    # one step moves every matrix; state round-trips
+    model(input_ids=torch.randint(5, 100, (2, 8))).logits.sum().backward()
+    before = mats[0].detach().clone()
+    opt.step()
+    assert not torch.equal(before, mats[0])
+    opt.load_state_dict(opt.state_dict())
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_opt
+
+
+def test_muon_without_matrices_is_a_one_line_error():
+    class EmbOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.norm = nn.Embedding(10, 4), nn.LayerNorm(4)
+
+    cfg = TrainConfig(optimizer="muon").resolved()
+    m = EmbOnly()
+    with pytest.raises(OutlierfreeError, match="use --optimizer adamw"):
+        build_optimizer(m, cfg, [{"params": list(m.parameters()), "weight_decay": 0.0}])
+
+
+def test_gamma_ramp_runs_the_training_loop(corpus, tmp_path, monkeypatch):
+    import outlierfree.train.loop as loop
+
+    seen = []
+    real = loop.set_gamma_ramp
+    monkeypatch.setattr(loop, "set_gamma_ramp", lambda model, f: (seen.append(f), real(model, f)))
+    cfg = TrainConfig(task="mlm", data=str(corpus), out=str(tmp_path / "r"), progress=False, steps=4,
+                      eval_every=0, save_every=0, vocab_size=400, seq_len=32, batch_size=8, val_size=32,
+                      attention={"variant": "clipped", "gamma": -0.1}, gamma_ramp_steps=2)
+    loop.train(cfg)
+    assert seen == [0.0, 0.5, 1.0, 1.5]  # step / ramp steps, clamped to 1 by set_gamma_ramp
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--attention", "vanilla", "--gamma-ramp-steps", "5"], "--gamma-ramp-steps does not apply"),
+    (["--attention", "clipped", "--gamma-ramp-steps", "9", "--steps", "5"], "not below --steps 5"),
+    (["--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (["--norm", "rms"], "unknown norm 'rms'"),
+    (["--attention", "ncs", "--eta", "0.5"], "eta must be >= 1"),
+    (["--attention", "ncs", "--beta", "2"], "beta must be in"),
+    (["--attention", "softplus", "--softplus-power", "0"], "power must be >= 1"),
+    (["--attention", "softpick", "--softpick-eps", "-1"], "softpick eps must be > 0"),
+    (["--attention", "sigmoid", "--attention-impl", "blocked"], "blocked kernel does not compute"),
+    (["--attention", "softmax1", "--eta", "1.1"], "--eta does not apply to --attention softmax1"),
+    (["--attention", "sink", "--gate-init", "0.5"], "--gate-init does not apply to --attention sink"),
+    (["--attention", "ncs", "--sink-init", "1"], "--sink-init does not apply to --attention ncs"),
+])
+def test_bad_zoo_flags_are_one_line_exit_2(args, needle, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "outlierfree", "train", "--out", str(tmp_path / "x"), *args,
+                        "--print-config"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
