@@ -151,3 +151,31 @@ def test_bad_zoo_flags_are_one_line_exit_2(args, needle, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_zoo_preset_and_reproduce_variants():
+    from outlierfree.reproduce.presets import PRESETS, VARIANT_NAMES, ZOO_BERT, ZOO_OPT
+
+    zoo = PRESETS["zoo"]
+    runs = zoo.runs()
+    assert {(r.family, r.variant) for r in runs} == {("bert", v) for v in ZOO_BERT} | {("opt", v) for v in ZOO_OPT}
+    assert {r.seed for r in runs} == {0, 1, 2} and len(runs) == 3 * (len(ZOO_BERT) + len(ZOO_OPT))
+    gpu = PRESETS["gpu"]
+    for r in runs:  # the gpu preset's recipe, plus only what the variant itself adds
+        base = {k: v for k, v in r.train.items() if k not in ("task", "family", "attention", "gamma_ramp_steps",
+                                                               "optimizer", "norm", "embed_proj")}
+        assert base == gpu.train[r.family]
+        TrainConfig(**r.train).resolved()  # every spec is a valid training config
+    ramp = next(r for r in runs if r.variant == "clipped_ramp")
+    assert ramp.train["gamma_ramp_steps"] == 1600 and ramp.train["attention"]["gamma"] == -0.025
+    osp = next(r for r in runs if r.variant == "osp")
+    assert (osp.train["optimizer"], osp.train["norm"], osp.train["embed_proj"]) == ("muon", "single-scale", True)
+    # --max-steps keeps the ramp inside the run
+    short = next(r for r in zoo.runs(variants=("clipped_ramp",), max_steps=40))
+    assert short.train["gamma_ramp_steps"] == 4 and short.train["steps"] == 40
+    # every preset accepts every variant name it defines, and the old presets' runs are unchanged
+    for name in ("quick", "cpu", "gpu"):
+        specs = PRESETS[name].runs(variants=VARIANT_NAMES)
+        assert {s.variant for s in specs} == set(VARIANT_NAMES)
+        for s in PRESETS[name].runs():
+            assert not {"gamma_ramp_steps", "optimizer", "norm", "embed_proj"} & set(s.train)

@@ -14,7 +14,12 @@ from typing import Any
 from ..errors import OutlierfreeError, require
 
 FAMILIES = ("bert", "opt", "vit")
-VARIANT_NAMES = ("vanilla", "clipped", "clipped_row", "gated")
+VARIANT_NAMES = ("vanilla", "clipped", "clipped_row", "gated", "clipped_ramp", "ncs", "softmax1", "sink", "softpick",
+                 "sigmoid", "softplus", "osp")
+# The zoo (issue 16): every variant on the gpu preset's BERT recipe, and on OPT the ones that suit causal rows.
+ZOO_BERT = ("vanilla", "clipped", "clipped_ramp", "gated", "ncs", "softmax1", "sink", "softpick", "sigmoid",
+            "softplus", "osp")
+ZOO_OPT = ("vanilla", "ncs", "softmax1", "sink", "softpick", "sigmoid", "softplus", "gated")
 TASK = {"bert": "mlm", "opt": "clm", "vit": "image"}
 METRIC = {"bert": "perplexity", "opt": "perplexity", "vit": "top1"}  # lower perplexity is better, higher top-1 is better
 
@@ -54,6 +59,9 @@ class Preset:
     analysis: dict[str, Any] = field(default_factory=lambda: {"batches": 4, "batch_size": 16})
     quant: dict[str, Any] = field(default_factory=lambda: {"calib_batches": 4, "eval_batches": 4, "batch_size": 16})
     launcher: str = "python"  # "accelerate" for the paper preset: documented, not run here
+    # variant -> TrainConfig fields that variant adds (the gamma ramp, the OSP optimizer and norms); a gamma ramp is
+    # a fraction of the run's steps, so that --max-steps keeps it inside the run
+    variant_train: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(VARIANT_TRAIN))
     released: bool = False  # also analyse and quantize the released checkpoints and open the report with them
 
     def runs(self, families: tuple[str, ...] | None = None, variants: tuple[str, ...] | None = None,
@@ -74,14 +82,20 @@ class Preset:
                 for s in seeds if seeds is not None else self.seeds:
                     tr = copy.deepcopy(self.train[f])
                     tr.update(task=TASK[f], family=f, attention=dict(att))
+                    extra = dict(self.variant_train.get(v, {}))
+                    ramp = extra.pop("gamma_ramp_fraction", None)
+                    tr.update(extra)
                     if max_steps is not None:
                         tr["steps"] = min(int(tr["steps"]), max_steps)
                         tr["warmup_steps"] = min(int(tr.get("warmup_steps") or 0), max(1, tr["steps"] // 10))
                         tr["eval_every"] = min(int(tr.get("eval_every", 0) or 0), tr["steps"])
                         tr["track_outliers"] = min(int(tr.get("track_outliers", 0) or 0), tr["steps"])
+                    if ramp is not None:  # gamma grows over this fraction of the steps (at least 1, below steps)
+                        tr["gamma_ramp_steps"] = min(max(1, int(ramp * int(tr["steps"]))), int(tr["steps"]) - 1)
                     out.append(RunSpec(f, v, int(s), tr, dict(self.analysis), dict(self.quant)))
         require(len(out) > 0, "the chosen families and variants give no runs",
-                "clipped_row is defined for opt only; pick other --variants")
+                "clipped_row is defined for opt only, clipped_ramp for bert and vit, and the zoo preset runs only its "
+                "causal-friendly variants on opt; pick other --variants")
         return out
 
 
@@ -93,18 +107,39 @@ class Preset:
 # and vit/mini is entirely zero at initialisation (measured, docs/results.md). The CPU presets therefore use
 # alpha = 0.5 (gamma = -0.5 / T), so that uniform attention survives and the clip only removes what falls below
 # half of uniform.
+#
+# The zoo variants (attention/normalisers.py, docs/variants.md) take their defaults: NCS eta 1.03, beta 1 (the
+# authors' code; a uniform row keeps summing to 1, so it trains at any width), the sink logit starting at 0, softpick
+# eps 1e-6, sigmoid with bias -log n, softplus with the log n / log d_head scale and no re-weighting. clipped_ramp is
+# the paper's strength (gamma = -0.025 at T = 128, which zeroes every row of these narrow models at initialisation)
+# reached by a gamma ramp from 0 over the first 10 % of the steps; osp is vanilla attention trained with the OSP
+# recipe (Muon, single-scale norms, embedding projection).
+ZOO_ATTENTION: dict[str, dict[str, Any]] = {
+    "ncs": {"variant": "ncs", "eta": 1.03, "beta": 1.0}, "softmax1": {"variant": "softmax1"},
+    "sink": {"variant": "sink", "sink_init": 0.0}, "softpick": {"variant": "softpick"},
+    "sigmoid": {"variant": "sigmoid"}, "softplus": {"variant": "softplus"}, "osp": {"variant": "vanilla"},
+}
+VARIANT_TRAIN: dict[str, dict[str, Any]] = {
+    "clipped_ramp": {"gamma_ramp_fraction": 0.1},
+    "osp": {"optimizer": "muon", "norm": "single-scale", "embed_proj": True},
+}
+
+
 def _attention(bert_gamma: float, opt_alpha: float, opt_t: int, vit_gamma: float,
-               gate_init: float = 0.25) -> dict[str, dict[str, dict[str, Any]]]:
+               gate_init: float = 0.25, ramp_gamma: float = -0.025) -> dict[str, dict[str, dict[str, Any]]]:
     gated = {"variant": "gated", "gate_type": "head_linear", "gate_per": "token", "gate_init": gate_init}
+    zoo = copy.deepcopy(ZOO_ATTENTION)
     return {
         "bert": {"vanilla": {"variant": "vanilla"}, "clipped": {"variant": "clipped", "gamma": bert_gamma},
-                 "gated": dict(gated)},
+                 "gated": dict(gated), "clipped_ramp": {"variant": "clipped", "gamma": ramp_gamma},
+                 **copy.deepcopy(zoo)},
         "opt": {"vanilla": {"variant": "vanilla"},
                 "clipped": {"variant": "clipped", "alpha": opt_alpha, "alpha_t": "fixed", "max_len": opt_t},
                 "clipped_row": {"variant": "clipped", "alpha": opt_alpha, "alpha_t": "row"},
-                "gated": dict(gated)},
+                "gated": dict(gated), **copy.deepcopy(zoo)},
         "vit": {"vanilla": {"variant": "vanilla"}, "clipped": {"variant": "clipped", "gamma": vit_gamma},
-                "gated": dict(gated)},
+                "gated": dict(gated), "clipped_ramp": {"variant": "clipped", "gamma": ramp_gamma},
+                **copy.deepcopy(zoo)},
     }
 
 
@@ -178,6 +213,17 @@ PRESETS: dict[str, Preset] = {
         analysis={"batches": 4, "batch_size": 16},
         quant={"calib_batches": 16, "eval_batches": 8, "batch_size": 16},
     ),
+    # issue 16's comparison: the gpu preset's recipe (bert/mini and opt/mini, dropout 0.1, 16,000 steps), 3 seeds,
+    # every variant on BERT and the causal-friendly ones on OPT (each against vanilla). Meant for one GPU, one process
+    # per run sharing the card, like the gpu preset; about 3 h per BERT run per CPU core otherwise.
+    "zoo": Preset(
+        name="zoo",
+        description="every attention variant and the OSP recipe on the gpu preset's BERT recipe (3 seeds), plus "
+                    "OPT with the causal-friendly variants; one process per run on one GPU",
+        families=("bert", "opt"), variants=ZOO_BERT, seeds=(0, 1, 2),
+        train={},  # filled below from the gpu preset: the same recipe, by construction
+        attention={},
+    ),
     "paper": Preset(
         name="paper",
         description="the paper's settings (BERT-base, OPT-125m, ViT-S/16; BookCorpus + Wikipedia via Hugging Face "
@@ -202,6 +248,13 @@ PRESETS: dict[str, Preset] = {
         launcher="accelerate",
     ),
 }
+
+PRESETS["zoo"].train = copy.deepcopy({f: PRESETS["gpu"].train[f] for f in ("bert", "opt")})
+_gpu_att = PRESETS["gpu"].attention
+PRESETS["zoo"].attention = {"bert": copy.deepcopy({v: _gpu_att["bert"][v] for v in ZOO_BERT}),
+                            "opt": copy.deepcopy({v: _gpu_att["opt"][v] for v in ZOO_OPT})}
+PRESETS["zoo"].analysis = dict(PRESETS["gpu"].analysis)
+PRESETS["zoo"].quant = dict(PRESETS["gpu"].quant)
 
 # The paper's reported numbers (shared/paper-reference.md; approximate digits, certain direction).
 PAPER: dict[str, dict[str, dict[str, Any]]] = {
