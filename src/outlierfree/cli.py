@@ -96,7 +96,7 @@ FLAG_VARIANTS = {**{k: ("clipped",) for k in ("gamma", "zeta", "alpha", "alpha_t
                  "eta": ("ncs",), "beta": ("ncs",), "sink_init": ("sink",), "softpick_eps": ("softpick",),
                  "softplus_scale": ("softplus",), "softplus_power": ("softplus",)}
 # --attention clipped without --gamma / --alpha: gamma = -1 / T with T the keys of each row, the strongest clip that
-# still trains narrow models (the paper's gamma = -0.025 clips every near-uniform row of T > 41 keys to zero)
+# still trains narrow models (the paper's gamma = -0.025 clips every near-uniform row of T >= 41 keys to zero)
 CLIPPED_CLI_DEFAULT = {"alpha": 1.0, "alpha_t": "row"}
 
 

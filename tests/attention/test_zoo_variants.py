@@ -231,3 +231,30 @@ def test_variant_runs_and_round_trips_through_save_and_load(family, variant, tmp
     assert AttentionConfig.from_dict(back.config.outlierfree) == AttentionConfig.from_dict(model.config.outlierfree)
     with torch.no_grad():
         torch.testing.assert_close(back(**batch).logits, logits)
+
+
+def test_elementwise_gate_is_qwen3_next_output_gate():
+    """Qwen3-Next (transformers' modeling_qwen3_next): gate = the second half of q_proj(hidden_states), where
+    hidden_states is the attention module's input (after input_layernorm); attn_output.reshape(B, T, H * D) *
+    sigmoid(gate), then o_proj. Ours with gate_type='elementwise' must be that, in OPT's layer 0."""
+    cfg = AttentionConfig("gated", gate_type="elementwise")
+    gated = build_model("opt", "tiny", cfg, seed=0).eval()
+    plain = build_model("opt", "tiny", "vanilla", seed=0).eval()  # same base weights: gates are drawn after them
+    seen = {}
+
+    def grab(name):
+        return lambda m, args, kwargs=None: seen.__setitem__(name, (kwargs or {}).get("hidden_states", args[0]
+                                                                                      if args else None))
+
+    for tag, model in (("g", gated), ("p", plain)):
+        attn = model.model.decoder.layers[0].self_attn
+        attn.register_forward_pre_hook(grab(tag + "_x"), with_kwargs=True)
+        attn.out_proj.register_forward_pre_hook(lambda m, args, tag=tag: seen.__setitem__(tag + "_o", args[0]))
+    ids = torch.randint(5, 200, (2, 10))
+    with torch.no_grad():
+        gated(input_ids=ids)
+        plain(input_ids=ids)
+        x = seen["g_x"]
+        torch.testing.assert_close(x, seen["p_x"])
+        gate = gated.model.decoder.layers[0].self_attn.outlierfree_gate.proj(x)  # (B, T, H * D), like Qwen's gate
+        torch.testing.assert_close(seen["g_o"], seen["p_o"] * torch.sigmoid(gate))
