@@ -22,8 +22,9 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 def is_image_model(model: Any) -> bool:
     """Whether ``model`` takes pixel values (ViT and other vision transformers)."""
-    return getattr(model, "main_input_name", "") == "pixel_values" or \
-        getattr(getattr(model, "config", None), "model_type", "") == "vit"
+    from ..data.evaluation import takes_images
+
+    return takes_images(model)
 
 
 def model_name(path: str) -> str:
@@ -42,9 +43,13 @@ def model_name(path: str) -> str:
 @click.command("analyze")
 @click.argument("models", nargs=-1)
 @click.option("--data", default=None, help="evaluation data: text (.txt/.jsonl/.json/folder/glob/saved dataset) or "
-              "images (folder of idx files or class subfolders) [default: validation split of the offline corpus; "
-              "Fashion-MNIST test images for ViT]")
-@click.option("--batches", type=int, default=8, show_default=True, help="number of evaluation batches")
+              "images (folder of idx files or class subfolders). A model trained here on this data: its validation "
+              "split; any other model: the whole text, cut into --seq-len sequences [default: the model's own "
+              "validation split, else the offline corpus's; Fashion-MNIST test images for ViT]")
+@click.option("--batches", type=int, default=None, help="number of evaluation batches [default: 8 from a validation "
+              "split; every sequence of a whole text]")
+@click.option("--max-sequences", type=int, default=None, help="read at most N sequences of a whole --data text "
+              "(a model not trained on it) [default: all]")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="sequences (or images) per batch")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="tokens per sequence (text)")
 @click.option("--seed", type=int, default=0, show_default=True, help="which validation sequences are drawn")
@@ -64,7 +69,8 @@ def model_name(path: str) -> str:
               help="text: packed (as in training) | documents (one per sequence) | auto (packed for our models)")
 @click.option("--track", "track", multiple=True, help="run directory whose log.jsonl outlier events to plot "
               "over steps (repeatable); a model's own log.jsonl is picked up automatically")
-def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int, batch_size: int, seq_len: int, seed: int,
+def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int | None, max_sequences: int | None,
+                batch_size: int, seq_len: int, seed: int,
                 out: str, tokenizer: str | None, sites: str, no_attention: bool, threshold: float,
                 rel_threshold: float, noop_threshold: float, packing: str, track: tuple[str, ...]) -> None:
     """Measure activation outliers of MODEL(s): a model directory (ours or any Hugging Face checkpoint) or a
@@ -74,7 +80,7 @@ def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int, batch_s
     from .tracking import find_log, read_track
 
     require(models or track, "no model given", "pass MODEL [MODEL ...] (a model directory or .gguf) or --track RUN_DIR")
-    check_amounts(batches, batch_size, seq_len, packing)
+    check_amounts(batches, batch_size, seq_len, packing, max_sequences)
     require(threshold > 0 and rel_threshold > 0, "--threshold and --rel-threshold must be positive",
             "pass e.g. --threshold 6")
     require(0 < noop_threshold <= 1, f"--noop-threshold must be in (0, 1], got {noop_threshold}", "pass e.g. 0.5")
@@ -90,7 +96,7 @@ def analyze_cmd(models: tuple[str, ...], data: str | None, batches: int, batch_s
     reports, tracks = [], {}
     for path in models:
         reports.append(analyze_path(path, data=data, batches=batches, batch_size=batch_size, seq_len=seq_len,
-                                    seed=seed, tokenizer=tokenizer, kinds=kinds, attention=not no_attention,
+                                    seed=seed, max_sequences=max_sequences, tokenizer=tokenizer, kinds=kinds, attention=not no_attention,
                                     threshold=threshold, rel_threshold=rel_threshold, noop_threshold=noop_threshold,
                                     packing=packing))
         log = find_log(path) if Path(path).is_dir() else None
@@ -130,22 +136,29 @@ def _command_line(ctx: click.Context) -> str:
     return " ".join(parts)
 
 
-def analyze_path(path: str, *, data: str | None = None, batches: int = 8, batch_size: int = 8, seq_len: int = 128,
-                 seed: int = 0, tokenizer: str | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS,
+def analyze_path(path: str, *, data: str | None = None, batches: int | None = None, batch_size: int = 8,
+                 seq_len: int = 128, seed: int = 0, max_sequences: int | None = None, tokenizer: str | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS,
                  attention: bool = True, threshold: float = DEFAULT_ABS_THRESHOLD,
                  rel_threshold: float = DEFAULT_REL_THRESHOLD, noop_threshold: float = DEFAULT_NOOP_THRESHOLD,
                  packing: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Load the model at ``path``, build its evaluation batches and analyse it: the report dict of one model."""
+    """Load the model at ``path``, build its evaluation batches and analyse it: the report dict of one model.
+
+    The batches come from the shared evaluation-data layer (:mod:`outlierfree.data.evaluation`): a model trained
+    here is analysed on its own validation split, any other text given with ``data`` is used whole.
+    ``batches`` None: 8 from a validation split, every sequence of a whole text (at most ``max_sequences``)."""
+    from ..data.record import read_training_record
     from ..models.io import load_model, load_tokenizer
     from .analyze import analyze_model
-    from .inputs import VAL_FRACTION, image_batches, text_batches, training_data
+    from .inputs import image_batches, text_batches
 
     model = load_model(path)
     name = model_name(path)
+    record = read_training_record(path) if Path(path).is_dir() else None
+    trained_on = record.data if record is not None and record.trained_here else None
     if is_image_model(model):
-        evals, desc = image_batches(model, data, batches, batch_size, seed)
+        evals, desc = image_batches(model, data, batches, batch_size, seed, model_path=path)
         tok = None
-        data_name = data or "fashion-mnist test"
+        data_name = data or trained_on or "fashion-mnist test"
     else:
         if tokenizer is not None:
             from ..data.text import load_tokenizer_dir
@@ -157,11 +170,9 @@ def analyze_path(path: str, *, data: str | None = None, batches: int = 8, batch_
         # would become [UNK], which is no analysis of the model
         require(len(tok) > len(set(tok.all_special_ids)) + 1, f"the tokenizer of {path!r} has only {len(tok)} "
                 f"tokens (its vocabulary files are missing)", "save the tokenizer beside the model or pass --tokenizer DIR")
-        trained_on, val_fraction = training_data(path) if Path(path).is_dir() else (None, VAL_FRACTION)
-        if data is None and trained_on is not None:
-            data = trained_on  # a model trained here on --data X: analyse X's held-out documents
-        evals, desc = text_batches(model, tok, data, batches, batch_size, seq_len, seed, packing, val_fraction)
-        data_name = data or "offline wiki (validation)"
+        evals, desc = text_batches(model, tok, data, batches, batch_size, seq_len, seed, packing,
+                                   model_path=path if Path(path).is_dir() else None, max_sequences=max_sequences)
+        data_name = data or trained_on or "offline wiki (validation)"
     require(sum(int(b.mask.sum()) for b in evals) > 0, "the data yields no tokens", "pass other data with --data")
     meta = {"data": {"name": data_name, **desc}, "seed": seed, "batch_size": batch_size, "seq_len": seq_len}
     try:

@@ -1,15 +1,15 @@
 """Evaluation batches for analysis: the model's inputs plus what the metrics need to name tokens and find no-op keys.
 
-Text (default): the validation split of the offline corpus (the same hash rule and fraction that training holds
-out, :func:`outlierfree.data.split_documents`), tokenised with the model's own tokenizer. Our models (trained by
-``outlierfree train``) see sequences packed as in training (``[CLS] s1 [SEP] s2 [SEP] ...`` or ``</s> doc </s> ...``);
-other checkpoints see one document per sequence with their tokenizer's own special tokens, right-padded.
-Images (ViT): the Fashion-MNIST test images, normalised as in training.
+The sequences and images come from the shared evaluation-data layer (:mod:`outlierfree.data.evaluation`), the
+same reading of a model's training record that ``quantize`` uses: a model trained here is analysed on the
+validation split it held out (packed as in training, a seeded sample); text given with ``--data`` to a model that
+never trained on it is used whole, cut into sequences of ``--seq-len`` tokens (``--max-sequences`` bounds it);
+images are normalised with the model's ``image_normalisation.json``. This module adds what only analysis needs:
+token labels and the no-op key sets (first token, delimiters, background patches).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import OutlierfreeError, require
+from ..data import defaults
+from ..data.evaluation import PACKINGS, is_causal, is_ours, model_batches  # noqa: F401 (is_causal/is_ours: API)
+from ..data.record import read_training_record
+from ..errors import require
 
-VAL_FRACTION = 0.02  # training's default --val-fraction: the same documents are held out
+VAL_FRACTION = defaults.VAL_FRACTION_TEXT  # training's default --val-fraction: the same documents are held out
 # the paper's delimiter tokens are [SEP], [CLS], '.' and ','; other sentence punctuation and newlines behave alike
 DELIMITER_TEXTS = {".", ",", ";", ":", "!", "?", "\n", "<0x0A>", "Ċ"}
 BACKGROUND_MAX = 10  # an image patch is background when no pixel exceeds this (of 255)
@@ -61,12 +64,12 @@ def from_inputs(inputs: dict[str, torch.Tensor], tokenizer: Any = None) -> EvalB
     return image_batch(inputs["pixel_values"], None, None)
 
 
-PACKINGS = ("auto", "packed", "documents")
-
-
-def check_amounts(batches: int, batch_size: int, seq_len: int | None = None, packing: str | None = None) -> None:
+def check_amounts(batches: int | None, batch_size: int, seq_len: int | None = None, packing: str | None = None,
+                  max_sequences: int | None = None) -> None:
     """One-line errors for amounts of data that cannot work (checked before any model is loaded)."""
-    require(batches >= 1, f"--batches must be at least 1, got {batches}", "pass --batches 1 or more")
+    require(batches is None or batches >= 1, f"--batches must be at least 1, got {batches}", "pass --batches 1 or more")
+    require(max_sequences is None or max_sequences >= 1, f"--max-sequences must be at least 1, got {max_sequences}",
+            "pass --max-sequences 1 or more")
     require(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
     require(seq_len is None or seq_len >= 8, f"--seq-len must be at least 8, got {seq_len}", "pass --seq-len 8 or more")
     require(packing is None or packing in PACKINGS, f"unknown --packing {packing!r}", f"use {'|'.join(PACKINGS)}")
@@ -119,121 +122,28 @@ def text_batch(ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any = None, lab
     return EvalBatch(inputs, mask.bool(), labels, {"first": first, "delimiter": delim})
 
 
-def is_ours(model: Any) -> bool:
-    """Whether ``model`` was built by outlierfree (its variant is recorded in the config)."""
-    return getattr(getattr(model, "config", None), "outlierfree", None) is not None
-
-
-def is_causal(model: Any) -> bool:
-    """Whether ``model`` is a decoder-only (causal) language model."""
-    cfg = getattr(model, "config", None)
-    return bool(getattr(cfg, "is_decoder", False)) or type(model).__name__.endswith("ForCausalLM") or \
-        getattr(cfg, "model_type", "") in ("opt", "gpt2", "llama", "gemma", "gemma2", "gemma3", "gemma3_text",
-                                           "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt_neox", "falcon")
-
-
-def load_texts(data: str | None, val_fraction: float = VAL_FRACTION) -> tuple[list[str], str]:
-    """(validation documents, description). ``data`` None: the offline corpus's validation split; a ``.json`` /
-    ``.jsonl`` file: its ``text`` (or ``extract``) fields; anything else: what ``outlierfree.data`` reads
-    (a .txt file, folder, glob, saved dataset), of which the same validation split is used."""
-    from ..data import load_documents, split_documents
-
-    if data is not None and Path(data).suffix in (".json", ".jsonl") and Path(data).is_file():
-        docs = _json_texts(Path(data))
-        desc = f"{data} (all {len(docs)} documents)"
-        return docs, desc
-    docs = load_documents(data)
-    _, val = split_documents(docs, val_fraction)
-    require(val, f"the validation split of {data or 'the offline corpus'} is empty", "pass more text with --data")
-    desc = f"{'offline Wikipedia corpus' if data is None else data}: validation split ({len(val)} of {len(docs)} " \
-           f"documents, hash rule of outlierfree.data.split_documents, fraction {val_fraction})"
-    return val, desc
-
-
-def _json_texts(path: Path) -> list[str]:
-    try:
-        raw = path.read_text(encoding="utf-8")
-        rows = [json.loads(line) for line in raw.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-            else json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OutlierfreeError(f"cannot parse {str(path)!r} as JSON ({e})", "pass valid JSON / JSON lines") from e
-    if isinstance(rows, dict):
-        rows = list(rows.values())
-    texts = []
-    for r in rows if isinstance(rows, list) else []:
-        t = r if isinstance(r, str) else (r.get("text") or r.get("extract")) if isinstance(r, dict) else None
-        if isinstance(t, str) and t.strip():
-            texts.append(" ".join(t.split()))
-    require(texts, f"{str(path)!r} holds no text", 'pass a JSON list of strings or objects with a "text" field')
-    return texts
-
-
-def text_sequences(model: Any, tokenizer: Any, docs: list[str], seq_len: int, n: int, seed: int,
-                   packing: str = "auto") -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(ids (N, T), mask (N, T), how) for up to ``n`` sequences of at most ``seq_len`` tokens.
-
-    ``packing``: ``packed`` (training's packing), ``documents`` (one document per sequence, padded) or ``auto``
-    (packed for our models, documents for any other checkpoint)."""
-    from ..data import pack_clm, pack_mlm
-
-    check_amounts(1, 1, seq_len, packing)
-    if packing == "auto":
-        packing = "packed" if is_ours(model) else "documents"
-    g = torch.Generator().manual_seed(seed)
-    if packing == "packed":
-        pack = pack_clm if is_causal(model) else pack_mlm
-        arr = torch.from_numpy(pack(docs, tokenizer, seq_len).astype("int64"))  # (N_all, T)
-        require(len(arr) > 0, f"the data yields no sequence of {seq_len} tokens", "pass more text or a smaller --seq-len")
-        ids = arr[torch.randperm(len(arr), generator=g)[:n]]
-        how = f"packed as in training ({pack.__name__}), {seq_len} tokens"
-        return ids, torch.ones_like(ids, dtype=torch.bool), how
-    order = torch.randperm(len(docs), generator=g).tolist()
-    special = set(getattr(tokenizer, "all_special_ids", None) or [])
-    chosen = []
-    for i in order:  # documents that tokenise to special tokens only (control characters, nothing) are skipped
-        if len(chosen) == n:
-            break
-        ids = tokenizer(docs[i], truncation=True, max_length=seq_len)["input_ids"]
-        if any(t not in special for t in ids):
-            chosen.append(ids)
-    require(chosen, "the data yields no tokens with this tokenizer", "pass other text with --data or another --tokenizer")
-    T = max(len(c) for c in chosen)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = 0 if pad is None else int(pad)
-    ids = torch.full((len(chosen), T), pad, dtype=torch.long)  # (N, T) right-padded
-    mask = torch.zeros(len(chosen), T, dtype=torch.bool)
-    for i, c in enumerate(chosen):
-        ids[i, :len(c)] = torch.tensor(c)
-        mask[i, :len(c)] = True
-    return ids, mask, f"one document per sequence with the tokenizer's special tokens, at most {seq_len} tokens"
-
-
-def text_batches(model: Any, tokenizer: Any, data: str | None, batches: int, batch_size: int, seq_len: int,
-                 seed: int = 0, packing: str = "auto", val_fraction: float = VAL_FRACTION
-                 ) -> tuple[list[EvalBatch], dict[str, Any]]:
-    """Evaluation batches of text and a description of them (for the report)."""
-    check_amounts(batches, batch_size, seq_len, packing)
-    docs, desc = load_texts(data, val_fraction)
-    ids, mask, how = text_sequences(model, tokenizer, docs, seq_len, batches * batch_size, seed, packing)
+def text_batches(model: Any, tokenizer: Any, data: str | None, batches: int | None, batch_size: int, seq_len: int,
+                 seed: int = 0, packing: str = "auto", model_path: str | Path | None = None,
+                 max_sequences: int | None = None) -> tuple[list[EvalBatch], dict[str, Any]]:
+    """Evaluation batches of text and a description of them (for the report), from the shared layer
+    (:func:`outlierfree.data.evaluation.model_batches`, purpose ``analyze``). ``batches`` None: 8 from a
+    validation split, every sequence of a whole text."""
+    check_amounts(batches, batch_size, seq_len, packing, max_sequences)
+    got = model_batches(model, model_path, tokenizer, 0, batches, batch_size, seq_len, seed, data,
+                        max_sequences=max_sequences, purpose="analyze", packing=packing)
     labeler = TokenLabeler(tokenizer)
-    out = []
-    for s in range(0, len(ids), batch_size):
-        m = mask[s:s + batch_size]
-        T = int(m.any(0).nonzero().max()) + 1  # drop columns that are padding in every row
-        out.append(text_batch(ids[s:s + batch_size, :T], m[:, :T], tokenizer, labeler))
-    return out, {"source": desc, "tokenization": how, "sequences": len(ids), "tokens": int(mask.sum())}
+    out = [text_batch(b["input_ids"], b["attention_mask"].bool(), tokenizer, labeler) for b in got.eval]
+    return out, got.info
 
 
 def training_data(model_dir: str | Path) -> tuple[str | None, float]:
     """(data, validation fraction) that ``outlierfree train`` used for the model in ``model_dir`` (from its
-    train_config.json), so analysis holds out the same documents; the defaults for any other model."""
-    cfg_path = Path(model_dir) / "train_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        cfg = {}  # an unreadable record of training: fall back to the defaults training also uses
-    frac = cfg.get("val_fraction")
-    return cfg.get("data"), float(frac) if isinstance(frac, (int, float)) and 0 < frac < 1 else VAL_FRACTION
+    train_config.json, read by :func:`outlierfree.data.record.read_training_record`); the defaults for any other
+    model."""
+    record = read_training_record(model_dir) if Path(model_dir).is_dir() else None
+    if record is None or not record.trained_here:
+        return None, VAL_FRACTION
+    return record.data, record.val_fraction()
 
 
 # ---- images ----------------------------------------------------------------------------------------------
@@ -263,29 +173,13 @@ def image_batch(pixel_values: torch.Tensor, raw: torch.Tensor | None, patch_size
     return EvalBatch({"pixel_values": pixel_values}, mask, labels, keys)
 
 
-def image_batches(model: Any, data: str | None, batches: int, batch_size: int, seed: int = 0
-                  ) -> tuple[list[EvalBatch], dict[str, Any]]:
-    """Fashion-MNIST test images (or ``data``: a folder of idx files or of class subfolders), resized to the
-    model's image size and channels, normalised with the training statistics."""
-    from ..data import load_images, normalise
-
+def image_batches(model: Any, data: str | None, batches: int | None, batch_size: int, seed: int = 0,
+                  model_path: str | Path | None = None) -> tuple[list[EvalBatch], dict[str, Any]]:
+    """A seeded sample of the validation images of the model's data (Fashion-MNIST test images by default, or
+    ``data``: a folder of idx files or of class subfolders), resized to the model's image size and channels,
+    normalised as in training (the model's image_normalisation.json, as ``quantize``)."""
     check_amounts(batches, batch_size)
-    cfg = model.config
-    size, channels, P = int(cfg.image_size), int(getattr(cfg, "num_channels", 1)), int(cfg.patch_size)
-    imgs = load_images(data, size)
-    x = imgs.val_x if len(imgs.val_x) else imgs.train_x
-    require(len(x) > 0, f"no images in {data or 'Fashion-MNIST'}", "pass a folder with images")
-    g = torch.Generator().manual_seed(seed)
-    x = x[torch.randperm(len(x), generator=g)[:batches * batch_size]]  # (N, C, H, W) uint8
-    if x.shape[-1] != size:
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear").round().clamp(0, 255).to(torch.uint8)
-    mean, std = imgs.mean, imgs.std
-    if x.shape[1] != channels:  # grey -> RGB (or the other way) by repeating / averaging the channels
-        x = x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x.float().mean(1, keepdim=True).to(torch.uint8)
-        mean, std = (mean[0],) * channels, (std[0],) * channels
-    out = [image_batch(normalise(x[s:s + batch_size], mean, std), x[s:s + batch_size], P)
-           for s in range(0, len(x), batch_size)]
-    desc = {"source": f"{imgs.source}: {'test' if len(imgs.val_x) else 'train'} images", "sequences": len(x),
-            "tokens": len(x) * out[0].mask.shape[1], "tokenization": f"{size}x{size} px, patches of {P}"}
-    return out, desc
-
+    got = model_batches(model, model_path, None, 0, batches, batch_size, None, seed, data, purpose="analyze")
+    P = int(model.config.patch_size)
+    out = [image_batch(b["pixel_values"], raw, P) for b, raw in zip(got.eval, got.pixels)]
+    return out, got.info

@@ -269,6 +269,12 @@ def tokenizer_key(tok: Any) -> str:
 def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is not None:  # the Rust tokenizer directly: batched and much faster than __call__
+        # a call like tokenizer(text, truncation=True, max_length=T) leaves truncation (and padding) switched on
+        # in the Rust tokenizer, which would silently cut every later text; __call__ sets both again each time
+        if getattr(backend, "truncation", None) is not None:
+            backend.no_truncation()
+        if getattr(backend, "padding", None) is not None:
+            backend.no_padding()
         return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 

@@ -74,7 +74,10 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="percentile estimator's p")
 @click.option("--fp32-head", is_flag=True, help="keep the task head (LM head / classifier) in float")
 @click.option("--calib-batches", type=int, default=16, show_default=True, help="calibration batches (training split)")
-@click.option("--eval-batches", type=int, default=4, show_default=True, help="evaluation batches (validation split)")
+@click.option("--eval-batches", type=int, default=None, help="evaluation batches [default: 4 from the validation split; "
+              "every sequence after the calibration ones of a whole --data text]")
+@click.option("--max-sequences", type=int, default=None, help="read at most N sequences of a whole --data text "
+              "(a model not trained on it), calibration included [default: all]")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=None, help="text sequence length [default: training's, else 128]")
 @click.option("--diag-batches", type=int, default=2, show_default=True,
@@ -90,8 +93,10 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
 @click.option("--keep-16bit", "keep_16bit", type=int, default=0, show_default=True,
               help="keep the K site groups the ablation ranks worst in 16 bits and evaluate again (implies "
                    "--ablation)")
-@click.option("--data", default=None, help="data source (as for `outlierfree train`) [default: the model's training "
-                                           "data, else the offline corpus / Fashion-MNIST]")
+@click.option("--data", default=None, help="data source (as for `outlierfree train`). A model trained here on it: its "
+              "training/validation split; any other model: the whole text, cut into --seq-len sequences, calibration "
+              "on the first ones, evaluation on the rest [default: the model's training data, else the offline "
+              "corpus / Fashion-MNIST]")
 @click.option("--tokenizer", default=None, help="tokenizer directory [default: beside the model]")
 @click.option("--seed", type=int, default=0, show_default=True, help="seeds the calibration sample and MLM masks")
 @click.option("--backend", type=click.Choice(["simulator", "onnxruntime"]), default="simulator", show_default=True,
@@ -102,7 +107,8 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
 def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_estimator: str,
                  act_granularity: str, weight_granularity: str, act_symmetric: bool, weight_symmetric: bool,
                  dynamic: bool, momentum: float, percentile: float, fp32_head: bool, calib_batches: int,
-                 eval_batches: int, batch_size: int, seq_len: int | None, diag_batches: int, ablation: bool,
+                 eval_batches: int | None, max_sequences: int | None, batch_size: int, seq_len: int | None,
+                 diag_batches: int, ablation: bool,
                  transform: str | None, keep_16bit: int,
                  data: str | None,
                  tokenizer: str | None, seed: int, backend: str, out: str, quiet: bool) -> None:
@@ -130,6 +136,9 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     require(calib_batches >= 1 or dynamic, f"--calib-batches {calib_batches} is too few for static ranges",
             "pass --calib-batches >= 1, or --dynamic")
     require(diag_batches >= 0, f"--diag-batches {diag_batches} is negative", "pass 0 or more")
+    require(eval_batches is None or eval_batches >= 1, f"--eval-batches {eval_batches} is too few", "pass 1 or more")
+    require(max_sequences is None or max_sequences >= 1, f"--max-sequences must be at least 1, got {max_sequences}",
+            "pass --max-sequences 1 or more")
     from .transforms import parse_transforms, smoothquant
 
     transforms = parse_transforms(transform)
@@ -158,7 +167,9 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     tok = None
     if getattr(model, "main_input_name", "input_ids") != "pixel_values":
         tok = load_tokenizer(tokenizer or model_path)
-    batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data)
+    batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data,
+                           max_sequences)
+    whole = bool(batches.info.get("whole_text"))
     metric, _ = headline(task)
     applied = []
     for name, alpha in transforms:  # in place, before any calibration; each checked exact in float
@@ -191,7 +202,8 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
         runs.append(r)
         click.echo(f"{cfg.describe()}: float {metric} {r['float'].get(metric):.4g}, quantized "
                    f"{r['quantized'].get(metric):.4g}, output SQNR {r['quantized'].get('output_sqnr_db', 0):.1f} dB "
-                   f"(calibrated on {r['calib_batches']} training batches, evaluated on {r['eval_batches']} "
+                   f"(calibrated on {r['calib_batches']} {'text' if whole else 'training'} batches, evaluated on "
+                   f"{r['eval_batches']} {'later text' if whole else 'validation'} "
                    f"validation batches of {batch_size})")
         if "keep_16bit" in r:
             k16 = r["keep_16bit"]

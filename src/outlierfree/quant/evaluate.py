@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..records import track
 from .config import QuantConfig
 from .data import task_of
-from .progress import track
 from .simulator import QuantizedModel, default_forward, quantize
 
 
@@ -36,6 +36,15 @@ def model_output(model: nn.Module, batch: dict[str, torch.Tensor], task: str) ->
                 return getattr(out, name)
         return out[0]
     return out.logits
+
+
+def _padding(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """(B, T) True at padding, or None when the batch has none (the usual case: packed sequences). Only then do
+    the scores change their sums, so the numbers of unpadded batches stay bit-for-bit what they were."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or bool(mask.all()):
+        return None
+    return mask == 0
 
 
 class Scores:
@@ -63,15 +72,25 @@ class Scores:
             self.n += int(sel.sum())
         elif self.task == "clm":
             ids = batch["input_ids"]
-            self.nll += float(F.cross_entropy(y[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-            self.n += ids[:, 1:].numel()
+            pad = _padding(batch)
+            if pad is None:
+                self.nll += float(F.cross_entropy(y[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+                self.n += ids[:, 1:].numel()
+            else:  # a padded batch (the last of a whole text): score only predictions of real tokens
+                real = ~pad[:, 1:]
+                self.nll += float(F.cross_entropy(y[:, :-1][real], ids[:, 1:][real], reduction="sum"))
+                self.n += int(real.sum())
         elif self.task == "image":
             self.correct += int((y.argmax(-1) == batch["labels"]).sum())
             self.n += len(batch["labels"])
         if ref is not None:
             ref = ref.float()
-            d = (ref.double() - y.double())
-            self.sig += float((ref.double() ** 2).sum())
+            pad = _padding(batch)
+            rs, ys = ref, y
+            if pad is not None and ref.shape[:2] == pad.shape:  # padding positions are no part of the output
+                rs, ys = ref[~pad], y[~pad]
+            d = (rs.double() - ys.double())
+            self.sig += float((rs.double() ** 2).sum())
             self.err += float((d ** 2).sum())
             if self.task == "encoder":
                 mask = batch.get("attention_mask")
@@ -264,7 +283,9 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
             out["aliases"] = dict(qm.aliases)
             out["weights"] = qm.weight_table()
         if backend == "onnxruntime":
-            from ..export.deploy import real_int8  # lazy: onnx and onnxruntime are an optional extra
+            from ..export.deploy import (
+                real_int8,  # lazy: onnx and onnxruntime are an optional extra
+            )
 
             real = real_int8(qm, eval_batches, task, (calib_batches or eval_batches)[0])
             out["onnxruntime"] = {k: real[k] for k in ("int8", "float", "kernels", "agreement", "threads")}

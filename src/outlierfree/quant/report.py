@@ -5,12 +5,12 @@ Everything goes into a temporary directory that replaces ``--out`` only when com
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from ..models.io import atomic_dir
+from ..records import dumps
 from .evaluate import headline
 
 
@@ -22,16 +22,6 @@ def _fmt(v: Any, digits: int = 4) -> str:
             return "inf"
         return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.4e}"
     return str(v)
-
-
-def _json_safe(o: Any) -> Any:
-    if isinstance(o, float) and (math.isinf(o) or math.isnan(o)):
-        return str(o)
-    if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    return o
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -58,8 +48,11 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_fmt(o['int8'].get(metric))} | {_fmt(o['float'].get(metric))} | {ops} | "
                          f"{o['bytes']['int8'] / 1e6:.2f} / {o['bytes']['float'] / 1e6:.2f} MB |")
     lines.append("")
-    lines.append("Float and quantized are evaluated on the same validation batches; ranges are calibrated on the "
-                 "training split. Output SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) of the model output against "
+    data = report.get("data") if isinstance(report.get("data"), dict) else {}
+    lines.append(("Float and quantized are evaluated on the same batches of the text's later sequences; ranges are "
+                  "calibrated on its first sequences (the whole text is used, no split)." if data.get("whole_text") else
+                  "Float and quantized are evaluated on the same validation batches; ranges are calibrated on the "
+                  "training split.") + " Output SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) of the model output against "
                  "float. Site sets: `paper` = the reference code's quantizers (docs/quantization.md), `full` = every "
                  "activation and weight, `linear` = linear inputs and weights only.")
     for t in report.get("transforms") or []:
@@ -159,7 +152,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
     """Write ``quant.json``, ``quant.md`` and ``sites.png`` atomically into ``out``."""
     out = Path(out)
     with atomic_dir(out) as tmp:
-        (tmp / "quant.json").write_text(json.dumps(_json_safe(report), indent=2, default=str))
+        (tmp / "quant.json").write_text(dumps(report))
         (tmp / "quant.md").write_text(markdown(report))
         plot(report, tmp / "sites.png")
     return out
