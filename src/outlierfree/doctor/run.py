@@ -18,7 +18,6 @@ For the families this project trains (BERT, OPT, ViT) it also names the training
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,22 +45,24 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     where the outliers sit, and the verdict.
     """
     from ..analysis.cli import analyze_path
+    from ..errors import OutlierfreeError
     from ..models import hf_compat
     from ..models.io import load_model, load_tokenizer
     from ..quant.data import make_batches, task_of
     from ..quant.evaluate import evaluate_quantized, headline, model_output
-    from ..errors import OutlierfreeError
     from ..quant.transforms import rotate, smoothquant
 
     require(calib_batches >= 1 and eval_batches >= 1, "doctor needs calibration and evaluation batches",
             "pass --calib-batches >= 1 and --eval-batches >= 1")
     require(keep_16bit >= 0, f"--keep-16bit {keep_16bit} is negative", "pass 0 or more")
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}  # wall seconds per stage, in doctor.json: where a slow doctor spends its time
     echo("[1/4] where the outliers are (analyze)")
     analysis = analyze_path(model_path, data=data, batches=eval_batches, batch_size=batch_size,
                             seq_len=seq_len or 128, seed=seed, tokenizer=tokenizer,
                             kinds=("ln_input", "residual", "attn_output", "ffn_output", "attn_probs"),
                             progress=progress)
+    stages["analysis"] = time.perf_counter() - t0
     model = load_model(model_path)
     task = task_of(model)
     tok = None if getattr(model, "main_input_name", "input_ids") == "pixel_values" else \
@@ -70,7 +71,9 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     metric, higher = headline(task)
 
     def run(label: str, m: Any, cfg: Any, **kw: Any) -> dict[str, Any]:
+        t = time.perf_counter()
         r = evaluate_quantized(m, tok, batches.calib, batches.eval, cfg, task, progress=progress, **kw)
+        stages[label] = time.perf_counter() - t
         r["label"] = label
         r["harm"] = _harm(r, metric, higher)
         echo(f"    {label}: {metric} {r['quantized'].get(metric):.4g} (float {r['float'].get(metric):.4g})")
@@ -116,8 +119,10 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
                            "noop": analysis.get("noop")},
               "ablation": (runs[0].get("ablation") or [])[:10], "smoothquant": sq.to_dict(),
               "not_applicable": not_applicable,
-              "configs": [{k: v for k, v in r.items() if k in ("label", "quantized", "harm", "config")} for r in runs],
-              "verdict": verdict, "seconds": round(time.perf_counter() - t0, 1)}
+              "configs": [{k: v for k, v in r.items() if k in ("label", "quantized", "harm", "config", "seconds")}
+                          for r in runs],
+              "verdict": verdict, "seconds": round(time.perf_counter() - t0, 1),
+              "stage_seconds": {k: round(v, 2) for k, v in stages.items()}}
     _write(report, Path(out))
     echo(verdict["summary"])
     return report
@@ -155,11 +160,11 @@ def _verdict(runs: list[dict[str, Any]], analysis: dict[str, Any], metric: str, 
 
 def _write(report: dict[str, Any], out: Path) -> None:
     """doctor.json, doctor.md and doctor.png, written to a temporary directory and renamed."""
-    from ..analysis.report import save_png
     from ..models.io import atomic_dir
+    from ..records import dumps, save_png
 
     with atomic_dir(out) as tmp:
-        (tmp / "doctor.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / "doctor.json").write_text(dumps(report))
         (tmp / "doctor.md").write_text(_markdown(report))
         _plot(report, tmp / "doctor.png", save_png)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import require
+from ..records import dumps
 
 
 @click.command("export")
@@ -98,7 +98,7 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
                 **{k: real[k] for k in ("export", "kernels", "agreement", "threads")}, "site_agreement": sites_cmp,
                 "seconds_total": time.perf_counter() - t0,
             }
-            (tmp / "export.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+            (tmp / "export.json").write_text(dumps(report) + "\n")
     k = real["kernels"]
     if sites_cmp:
         click.echo(f"per site: {sites_cmp['within_one_step']} of {sites_cmp['compared']} compared sites within one "
@@ -124,9 +124,3 @@ def _commit() -> str:
         return git_commit()
     except Exception:  # the commit is informative only
         return "unknown"
-
-
-def _json_safe(o: object) -> object:
-    from ..quant.report import _json_safe as safe
-
-    return safe(o)

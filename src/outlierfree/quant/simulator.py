@@ -264,7 +264,7 @@ class QuantizedModel:
         As in the reference code, each site quantizes with its current estimate while calibrating, so later
         sites see the quantized tensors of earlier ones.
         """
-        from .progress import track
+        from ..records import track
 
         self.mode = "calibrate"
         n = 0

@@ -27,9 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import OutlierfreeError, require
+from ..errors import require
+from ..records import read_json, write_json, write_text
 from .presets import METRIC, RunSpec
-from .runner import _fmt_s, git_commit, machine, read_json, write_json
+from .runner import _fmt_s, git_commit, machine
 
 # the package directory that holds the releases (package data, so an installed wheel has them too)
 RELEASED = Path(__file__).resolve().parent.parent / "released"
@@ -131,7 +132,7 @@ def make_release(run_dir: str | Path, out: str | Path, dtype: str = "float16", n
                 "released_at_commit": git_commit(), "released_on": machine(), "note": note,
                 "retrain": retrain_command(result.get("preset"), spec)}
         write_json(tmp / "release.json", info)
-        (tmp / "README.md").write_text(card(info, result, read_json(tmp / "train_config.json")))
+        write_text(tmp / "README.md", card(info, result, read_json(tmp / "train_config.json")))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

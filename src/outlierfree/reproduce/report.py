@@ -7,12 +7,12 @@ report is always a faithful view of what the runs measured.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from ..records import write_text
 from .presets import METRIC, PAPER
 from .runner import machine, write_json
 
@@ -133,7 +133,8 @@ def _family_panels(fams: list[str], path: Path, draw: Callable[[Any, str], None]
     """One panel per family, drawn by ``draw(ax, family)``, saved as a PNG at ``path``."""
     if not fams:
         return False
-    from ..analysis.report import plt, save_png  # lazy: matplotlib only when a plot is drawn
+    from ..analysis.report import plt  # lazy: matplotlib only when a plot is drawn
+    from ..records import save_png
 
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
     for ax, fam in zip(axes[0], fams):
@@ -288,19 +289,15 @@ def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any],
                                    if (r.get("how", {}).get("quant", {}).get("w8a8") or {}).get("sites") != "paper")}
     write_json(out / "results.json", {"meta": meta, "released": rel_json, "table": rows, "criteria": checks,
                                       "runs": results})
-    md = out / "report.md"
-    tmp = md.with_name(f".report.md.tmp-{os.getpid()}")  # per process: several may report into one --out at once
-    tmp.write_text(markdown(rows, checks, meta, plots, rel_lines))
-    tmp.replace(md)
+    md = write_text(out / "report.md", markdown(rows, checks, meta, plots, rel_lines))  # atomic, per process
     return {"markdown": md, "json": out / "results.json"}
 
 
 def _noop_plots(results: list[dict[str, Any]], out: Path, prefix: str = "analysis") -> list[str]:
     """Per family (first seed): the analysis report's side-by-side plots, including the attention map of
     vanilla's strongest no-op head next to the same layer and head in the other variants."""
-    import json
-
     from ..analysis import write_report
+    from ..records import read_json
 
     made = []
     for fam in sorted({r["family"] for r in results}):
@@ -317,7 +314,7 @@ def _noop_plots(results: list[dict[str, Any]], out: Path, prefix: str = "analysi
             how = r["how"]
             p = Path(how["run_dir"] if how.get("run_dir") else Path(how["model_dir"]).parent.parent) / "analysis.json"
             if p.exists():
-                rep = json.loads(p.read_text())
+                rep = read_json(p)
                 rep["name"] = r["variant"]
                 reports.append(rep)
         if reports:

@@ -15,8 +15,6 @@ continues where a killed one stopped (training itself resumes from its last chec
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import platform
 import subprocess
@@ -25,36 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import OutlierfreeError
+from ..records import read_json, read_log, write_json
 from .presets import METRIC, RunSpec
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (temporary file + rename); a full disk becomes a one-line error."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise OutlierfreeError(f"the disk is full while writing {str(path)!r}",
-                                   "free some space and rerun the same command: finished runs are kept") from e
-        raise
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and o != o:
-        return None
-    return str(o)
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON file written by this module; a corrupt one is an error naming the file."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OutlierfreeError(f"{str(path)!r} is corrupt ({e.__class__.__name__})",
-                               "delete it and rerun: that stage of the run is redone") from e
 
 
 def git_commit() -> str:
@@ -190,18 +160,7 @@ def _per_layer(analysis: dict[str, Any], kind: str = "ln_input") -> list[dict[st
 
 def _track_events(train_dir: Path, events: tuple[str, ...]) -> list[dict[str, Any]]:
     """The events of a training run's log.jsonl whose ``event`` is in ``events``."""
-    log = train_dir / "log.jsonl"
-    if not log.exists():
-        return []
-    rows = []
-    for line in log.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if r.get("event") in events:
-            rows.append(r)
-    return rows
+    return read_log(train_dir / "log.jsonl", events)
 
 
 def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str, Any], quant: dict[str, Any],

@@ -1,0 +1,162 @@
+"""One record layer: every JSON, text and PNG file the package writes, the run log, and progress bars.
+
+- **Atomic**: a file is written to a per-process temporary name beside it and renamed, so a reader (or another
+  process writing the same file) never sees half of it, and a killed writer leaves the old file or nothing.
+- **One policy for non-finite numbers**: JSON has no NaN or infinity, so they are written as the strings ``"nan"``,
+  ``"inf"`` and ``"-inf"`` (strict JSON any reader accepts, and an infinite SQNR stays distinguishable from a
+  missing value), and :func:`read_json` turns those strings back into floats.
+- **A full disk** is a one-line :class:`OutlierfreeError`, not a traceback.
+- **The run log** (``log.jsonl``): one JSON event per line, appended; :func:`read_log` skips a line torn by a kill.
+- **Progress**: :func:`track` (rich), one look for every long loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+from .errors import OutlierfreeError
+
+T = TypeVar("T")
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def json_safe(o: Any) -> Any:
+    """A copy of ``o`` with non-finite floats as ``"nan"``/``"inf"``/``"-inf"``, tuples as lists, paths and other
+    objects as their ``str``: what :func:`write_json` writes."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else ("nan" if o != o else ("inf" if o > 0 else "-inf"))
+    if isinstance(o, dict):
+        return {str(k): json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if o is None or isinstance(o, (bool, int, str)):
+        return o
+    if hasattr(o, "to_dict"):
+        return json_safe(o.to_dict())
+    if hasattr(o, "item") and getattr(o, "ndim", None) == 0:  # a 0-d tensor or numpy scalar
+        return json_safe(o.item())
+    return str(o)
+
+
+def _restore(o: Any) -> Any:
+    if isinstance(o, str):
+        return NONFINITE.get(o, o)
+    if isinstance(o, dict):
+        return {k: _restore(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_restore(v) for v in o]
+    return o
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    """``obj`` as strict JSON under the package's policy (see the module docstring)."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary name, then rename); a full disk is a one-line error."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OutlierfreeError(f"the disk is full while writing {str(path)!r}",
+                                   "free some space and rerun the same command: finished work is kept") from e
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` to ``path`` as JSON, atomically, under the package's non-finite policy."""
+    return write_text(path, dumps(obj) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file written by :func:`write_json` (``"nan"``/``"inf"``/``"-inf"`` back to floats); a corrupt
+    one is a one-line error naming the file."""
+    path = Path(path)
+    try:
+        return _restore(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OutlierfreeError(f"{str(path)!r} is corrupt ({e.__class__.__name__})",
+                               "delete it and rerun: that stage is redone") from e
+
+
+def save_png(fig: Any, path: str | os.PathLike | None, dpi: int = 110) -> bool:
+    """Write a matplotlib figure to ``path`` atomically and close it (nothing written when ``path`` is None: the
+    plot had no data); returns whether a file was written."""
+    import matplotlib.pyplot as plt
+
+    if path is not None:
+        path = Path(path)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+        try:
+            fig.savefig(tmp, dpi=dpi)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    plt.close(fig)
+    return path is not None
+
+
+# ---- the run log -------------------------------------------------------------------------------------------------
+LOG_FILE = "log.jsonl"
+
+
+def append_log(path: str | os.PathLike, event: dict[str, Any]) -> None:
+    """Append one event (a dict with an ``"event"`` key) as a line of ``log.jsonl``, flushed to disk."""
+    with open(path, "a") as f:
+        f.write(dumps(event, indent=None) + "\n")
+        f.flush()
+
+
+def read_log(path: str | os.PathLike, events: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """The events of a ``log.jsonl`` (those whose ``event`` is in ``events``, when given), in order; a line torn
+    by a kill is skipped; a missing file gives no events."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    want = None if events is None else set(events)
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = _restore(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run
+        if isinstance(r, dict) and (want is None or r.get("event") in want):
+            rows.append(r)
+    return rows
+
+
+# ---- progress ----------------------------------------------------------------------------------------------------
+def track(items: Iterable[T], label: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
+    """Yield ``items`` while showing a rich progress bar labelled ``label`` on stderr (silent when disabled)."""
+    if not enabled:
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task(label, total=total)
+        for item in items:
+            yield item
+            prog.advance(task)
