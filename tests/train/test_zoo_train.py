@@ -179,3 +179,33 @@ def test_zoo_preset_and_reproduce_variants():
         assert {s.variant for s in specs} == set(VARIANT_NAMES)
         for s in PRESETS[name].runs():
             assert not {"gamma_ramp_steps", "optimizer", "norm", "embed_proj"} & set(s.train)
+
+
+def test_osp_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch):
+    """A killed Muon + single-scale + embedding-projection run resumed from its checkpoint ends with the weights of
+    an uninterrupted one (the composite optimizer's state and the (1,) gains survive the checkpoint)."""
+    import outlierfree.train.loop as loop
+
+    def cfg(out, resume=False):
+        return TrainConfig(task="mlm", data=str(corpus), out=str(out), progress=False, steps=4, eval_every=0,
+                           save_every=2, vocab_size=400, seq_len=32, batch_size=8, val_size=32, resume=resume,
+                           attention={"variant": "ncs"}, optimizer="muon", norm="single-scale", embed_proj=True,
+                           gamma_ramp_steps=3)
+
+    whole = load_model(loop.train(cfg(tmp_path / "whole")))
+    real = loop.Batches.train_batch
+
+    def dies_at_step_3(self, step):
+        if step == 2:
+            raise KeyboardInterrupt  # after the step-2 checkpoint
+        return real(self, step)
+
+    monkeypatch.setattr(loop.Batches, "train_batch", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(loop.Batches, "train_batch", real)
+    resumed = load_model(loop.train(cfg(tmp_path / "cut", resume=True)))
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
