@@ -232,22 +232,22 @@ def additive_masks(path: Path) -> int:
             n, hops = prod.get(n.input[0]), hops - 1
         return False
 
+    def small_then(n: Any, other: float, op: str) -> list[Any]:
+        # Where(mask, fill, other) on the mask's shape, then op(data, that): the rewrite of one masked fill
+        c, small = f"{n.name}_{op.lower()}_const", f"{n.name}_{op.lower()}_small"
+        return [const(c, other), helper.make_node("Where", [n.input[0], n.input[1], c], [small], name=small),
+                helper.make_node(op, [n.input[2], small], list(n.output), name=f"{n.name}_{op.lower()}")]
+
     nodes, k = [], 0
     for n in g.node:
         fill = scalar(n.input[1]) if n.op_type == "Where" and len(n.input) == 3 and n.input[2] not in vals else None
-        if fill is not None and fill < -1e30:  # masked fill of the scores
+        if fill is not None and fill < -1e30:  # masked fill of the scores: scores + Where(mask, -big, 0)
             k += 1
-            zero, small = f"{n.name}_zero", f"{n.name}_additive"
-            nodes += [const(zero, 0.0),
-                      helper.make_node("Where", [n.input[0], n.input[1], zero], [small], name=small),
-                      helper.make_node("Add", [n.input[2], small], list(n.output), name=f"{n.name}_add")]
+            nodes += small_then(n, 0.0, "Add")
             continue
-        if fill == 0.0 and after_softmax(n.input[2]):  # masked probabilities set to zero
+        if fill == 0.0 and after_softmax(n.input[2]):  # masked probabilities set to zero: probs * Where(mask, 0, 1)
             k += 1
-            one, small = f"{n.name}_one", f"{n.name}_keep"
-            nodes += [const(one, 1.0),
-                      helper.make_node("Where", [n.input[0], n.input[1], one], [small], name=small),
-                      helper.make_node("Mul", [n.input[2], small], list(n.output), name=f"{n.name}_mul")]
+            nodes += small_then(n, 1.0, "Mul")
             continue
         nodes.append(n)
     if k:

@@ -30,7 +30,7 @@ import torch
 from ..errors import require
 from ..records import read_json, write_json, write_text
 from .presets import METRIC, RunSpec
-from .runner import _fmt_s, git_commit, machine
+from .runner import _fmt_s, git_commit, machine, quant_inputs
 
 # the package directory that holds the releases (package data, so an installed wheel has them too)
 RELEASED = Path(__file__).resolve().parent.parent / "released"
@@ -70,17 +70,10 @@ def _half_weights(src: Path, dst: Path) -> dict[str, int]:
 def measure(model_dir: Path, spec: RunSpec, progress: bool = False) -> dict[str, Any]:
     """FP and simulated W8A8 (paper set) of ``model_dir`` in the spec's own setting: the numbers a release is
     checked against (the same batches, calibration and metric as reproduce's quant stage)."""
-    from ..models.io import load_model, load_tokenizer
     from ..quant.config import paper_w8a8
-    from ..quant.data import make_batches, task_of
     from ..quant.evaluate import evaluate_quantized
 
-    model = load_model(model_dir)
-    task = task_of(model)
-    tok = None if spec.family == "vit" else load_tokenizer(model_dir)
-    q = spec.quant
-    batches = make_batches(model, model_dir, tok, int(q["calib_batches"]), int(q["eval_batches"]),
-                           int(q["batch_size"]), spec.train.get("seq_len"), seed=0)
+    model, tok, task, batches = quant_inputs(spec, model_dir)
     r = evaluate_quantized(model, tok, batches.calib, batches.eval, paper_w8a8(), task, diagnostics=False,
                            progress=progress)
     metric = METRIC[spec.family]

@@ -109,17 +109,10 @@ def quant_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -
         cached = read_json(path)
         if not stale_quant(cached["w8a8"]["config"]):
             return cached
-    from ..models.io import load_model, load_tokenizer
     from ..quant.config import linear_w8a8, paper_w8a8
-    from ..quant.data import make_batches, task_of
     from ..quant.evaluate import evaluate_quantized
 
-    model = load_model(model_dir)
-    task = task_of(model)
-    tok = None if spec.family == "vit" else load_tokenizer(model_dir)
-    q = spec.quant
-    batches = make_batches(model, model_dir, tok, int(q["calib_batches"]), int(q["eval_batches"]),
-                           int(q["batch_size"]), spec.train.get("seq_len"), seed=0)
+    model, tok, task, batches = quant_inputs(spec, model_dir)
     out: dict[str, Any] = {"data": batches.info}
     for name, cfg in (("w8a8", paper_w8a8()), ("w8a8_linear", linear_w8a8())):
         backend = "onnxruntime" if name == "w8a8" and _has_onnxruntime() else None
@@ -134,6 +127,20 @@ def quant_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -
             out[name]["onnxruntime_error"] = str(e)
     write_json(path, out)
     return out
+
+
+def quant_inputs(spec: RunSpec, model_dir: Path) -> tuple[Any, Any, str, Any]:
+    """The model (float32), its tokenizer (None for images), task and calibration/evaluation batches, as a run's
+    quant stage measures it: the spec's batch counts and sizes, its sequence length, seed 0."""
+    from ..models.io import load_model, load_tokenizer
+    from ..quant.data import make_batches, task_of
+
+    model = load_model(model_dir)
+    tok = None if spec.family == "vit" else load_tokenizer(model_dir)
+    q = spec.quant
+    batches = make_batches(model, model_dir, tok, int(q["calib_batches"]), int(q["eval_batches"]),
+                           int(q["batch_size"]), spec.train.get("seq_len"), seed=0)
+    return model, tok, task_of(model), batches
 
 
 def _has_onnxruntime() -> bool:
