@@ -117,8 +117,7 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         else:
             impl = "eager"
     elif cfg.variant in SOFTMAX_VARIANTS and impl in ("auto", "sdpa", "blocked") and not want_probs \
-            and softcap is None \
-            and kwargs.get("position_bias") is None:
+            and softcap is None and kwargs.get("position_bias") is None:
         impl = "sdpa"
     else:
         impl = "eager"

@@ -63,9 +63,11 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
     """Put an attention variant into an existing Hugging Face model, in place; returns the model.
 
     Every attention module then runs through the ``outlierfree`` attention function; gated variants get an
-    :class:`AttentionGate` per layer (``<attention module>.outlierfree_gate``). The variant is recorded in
-    ``model.config.outlierfree`` so that :func:`save_model` / :func:`load_model` round-trip it. Patching again
-    replaces the previous variant.
+    :class:`AttentionGate` per layer (``<attention module>.outlierfree_gate``), the sink variant an
+    :class:`AttentionSink` (``<attention module>.outlierfree_sink``). A clipped or NCS config that zeroes every
+    near-uniform row of the model's maximum length at initialisation warns (:class:`DeadAttentionWarning`). The
+    variant is recorded in ``model.config.outlierfree`` so that :func:`save_model` / :func:`load_model` round-trip
+    it. Patching again replaces the previous variant.
 
     Args:
         strict: only BERT, OPT and ViT models are accepted (the families whose variants are tested); pass
