@@ -79,7 +79,7 @@ def main() -> None:
     from outlierfree.models.io import load_model, load_tokenizer
     from outlierfree.quant.config import full_w8a8, linear_w8a8, paper_w8a8
     from outlierfree.quant.data import make_batches, task_of
-    from outlierfree.quant.evaluate import evaluate_pair, headline, model_output
+    from outlierfree.quant.evaluate import evaluate_pair, task_metric, model_output
     from outlierfree.quant.simulator import quantize
 
     model_path = str(args.model or minilm_path())
@@ -89,7 +89,7 @@ def main() -> None:
     tok = load_tokenizer(model_path) if getattr(model, "main_input_name", "") != "pixel_values" else None
     batches = make_batches(model, model_path, tok, args.calib_batches, args.eval_batches, 8, args.seq, 0)
     cfg = {"paper": paper_w8a8, "full": full_w8a8, "linear": linear_w8a8}[args.sites]()
-    metric, _ = headline(task)
+    metric, _ = task_metric(task)
     tmp = Path(tempfile.mkdtemp(prefix="int8-bench-"))
     with quantize(model, cfg, task) as qm:
         qm.calibrate(batches.calib, lambda m, b: model_output(m, b, task), progress=False)

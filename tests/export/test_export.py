@@ -15,7 +15,7 @@ from outlierfree.export.onnx import fold_weight_qdq  # noqa: E402
 from outlierfree.export.ort import site_agreement  # noqa: E402
 from outlierfree.models.build import build_model  # noqa: E402
 from outlierfree.quant.config import full_w8a8, linear_w8a8, paper_w8a8  # noqa: E402
-from outlierfree.quant.evaluate import evaluate_pair, headline, model_output  # noqa: E402
+from outlierfree.quant.evaluate import evaluate_pair, task_metric, model_output  # noqa: E402
 from outlierfree.quant.simulator import quantize  # noqa: E402
 
 TASK = {"bert": "mlm", "opt": "clm", "vit": "image"}
@@ -64,7 +64,7 @@ def simulate_and_run(model, family, cfg, data, with_float=False, sites=False):
 
 
 def agree(family, sim, real):
-    metric, _ = headline(TASK[family])
+    metric, _ = task_metric(TASK[family])
     s, o = sim["quantized"][metric], real["int8"][metric]
     if metric == "perplexity":
         assert abs(o - s) / s < 0.01, (s, o)

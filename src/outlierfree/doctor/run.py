@@ -49,7 +49,7 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     from ..models import hf_compat
     from ..models.io import load_model, load_tokenizer
     from ..quant.data import make_batches, task_of
-    from ..quant.evaluate import evaluate_quantized, headline, model_output
+    from ..quant.evaluate import evaluate_quantized, task_metric, model_output
     from ..quant.transforms import rotate, smoothquant
 
     require(calib_batches >= 1 and eval_batches >= 1, "doctor needs calibration and evaluation batches",
@@ -68,7 +68,7 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     tok = None if getattr(model, "main_input_name", "input_ids") == "pixel_values" else \
         load_tokenizer(tokenizer or model_path)
     batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data)
-    metric, higher = headline(task)
+    metric, higher = task_metric(task)
 
     def run(label: str, m: Any, cfg: Any, **kw: Any) -> dict[str, Any]:
         t = time.perf_counter()

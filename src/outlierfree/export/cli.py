@@ -45,7 +45,7 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
     from ..models.io import atomic_dir, load_model, load_tokenizer
     from ..quant.cli import build_configs
     from ..quant.data import make_batches, task_of
-    from ..quant.evaluate import evaluate_pair, headline, model_output
+    from ..quant.evaluate import evaluate_pair, task_metric, model_output
     from ..quant.simulator import check_finite_weights, quantize
     from .deploy import real_int8, versions
     from .onnx import require_onnx
@@ -76,7 +76,7 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
     batches = make_batches(model, model_path, tok, calib_batches, max(eval_batches, 1), batch_size, seq_len, seed,
                            data)
     ev = batches.eval[:eval_batches]
-    metric, _ = headline(task)
+    metric, _ = task_metric(task)
     with quantize(model, cfg, task) as qm:
         qm.calibrate(batches.calib, lambda m, b: model_output(m, b, task), progress=not quiet)
         sim = evaluate_pair(qm, ev, task, progress=not quiet) if ev else None

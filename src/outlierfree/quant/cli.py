@@ -125,7 +125,7 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
 
     from ..models.io import load_model, load_tokenizer
     from .data import make_batches, task_of
-    from .evaluate import evaluate_quantized, headline
+    from .evaluate import evaluate_quantized, task_metric
     from .report import write_report
     from .simulator import check_finite_weights
 
@@ -170,7 +170,7 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data,
                            max_sequences)
     whole = bool(batches.info.get("whole_text"))
-    metric, _ = headline(task)
+    metric, _ = task_metric(task)
     applied = []
     for name, alpha in transforms:  # in place, before any calibration; each checked exact in float
         from .evaluate import model_output
@@ -203,8 +203,7 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
         click.echo(f"{cfg.describe()}: float {metric} {r['float'].get(metric):.4g}, quantized "
                    f"{r['quantized'].get(metric):.4g}, output SQNR {r['quantized'].get('output_sqnr_db', 0):.1f} dB "
                    f"(calibrated on {r['calib_batches']} {'text' if whole else 'training'} batches, evaluated on "
-                   f"{r['eval_batches']} {'later text' if whole else 'validation'} "
-                   f"validation batches of {batch_size})")
+                   f"{r['eval_batches']} {'later text' if whole else 'validation'} batches of {batch_size})")
         if "keep_16bit" in r:
             k16 = r["keep_16bit"]
             click.echo(f"  with the {k16['k']} worst site group(s) in 16 bits ({', '.join(k16['groups'])}): "

@@ -121,7 +121,7 @@ class Scores:
         return r
 
 
-def headline(task: str) -> tuple[str, bool]:
+def task_metric(task: str) -> tuple[str, bool]:
     """(metric name, higher is better) of a task."""
     return {"mlm": ("perplexity", False), "clm": ("perplexity", False), "image": ("top1", True),
             "encoder": ("cosine", True)}[task]
@@ -186,7 +186,7 @@ def ablation(qm: QuantizedModel, batches: list[dict[str, torch.Tensor]], task: s
     harm to the task metric, ties broken by output SQNR. The float outputs are computed once and reused for every
     group (the numbers are those of a float pass beside each group's quantized pass).
     """
-    metric, higher = headline(task)
+    metric, higher = task_metric(task)
     groups = site_groups(qm)
     rows = []
     items = [("weights only", [], True)] if qm.config.weight is not None else []

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..models.io import atomic_dir
 from ..records import dumps
-from .evaluate import headline
+from .evaluate import task_metric
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -29,7 +29,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# outlierfree quantize: {report['model']}", "",
              f"task: {report['task']}; data: {report['data']}", "",
              f"command: `{report['command']}`", ""]
-    metric, higher = headline(report["task"])
+    metric, higher = task_metric(report["task"])
     lines += ["| config | float " + metric + " | quantized " + metric + " | output SQNR (dB) | calib batches | "
               "eval batches |", "|---|---|---|---|---|---|"]
     for r in report["runs"]:

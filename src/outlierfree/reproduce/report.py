@@ -202,7 +202,7 @@ def _where_runs_ran(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
-def headline(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> str:
+def effect_sentence(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> str:
     """One sentence saying what the released checkpoints show, computed from their numbers (never assumed): for
     each family, vanilla's W8A8 degradation and max inf-norm against each fix's, and whether the paper's effect (a
     degradation at least 5x smaller than vanilla's) holds."""
@@ -234,7 +234,7 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
     if plot_growth(results, out / "released_outlier_growth.png"):
         plots.append("released_outlier_growth.png")
     plots += _noop_plots(results, out, prefix="released-analysis")
-    lines = ["## The paper's effect on released checkpoints", "", headline(rows, checks), "",
+    lines = ["## The paper's effect on released checkpoints", "", effect_sentence(rows, checks), "",
              "| checkpoint | FP | W8A8 (paper set) | W8A8 real (ORT) | W8A8 degradation | max inf-norm | avg kurtosis | "
              "no-op heads | trained |", "|---|---|---|---|---|---|---|---|---|"]
     sign = {"perplexity": 1, "top1": -1}
@@ -263,7 +263,7 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
                          f"{'yes' if c['degradation_one_fifth'] else 'no'} |")
         lines.append("")
     lines += [f"![{p}]({p})" for p in plots] + [""]
-    return lines, {"table": rows, "criteria": checks, "headline": headline(rows, checks), "plots": plots,
+    return lines, {"table": rows, "criteria": checks, "headline": effect_sentence(rows, checks), "plots": plots,
                    "runs": results}
 
 
