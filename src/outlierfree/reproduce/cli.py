@@ -37,8 +37,8 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
     with where they stand (for a preset split across processes or sittings). ``released`` (default: the preset's
     choice, on for ``quick``): also analyse and quantize the released checkpoints, and open the report with them."""
     from . import report
-    from .release import available
-    from .runner import collect, evaluate_releases, git_commit, run_all
+    from .release import available, evaluate_releases
+    from .runner import collect, git_commit, run_all
 
     p = get_preset(preset)
     if max_steps is not None:

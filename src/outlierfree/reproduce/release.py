@@ -30,7 +30,7 @@ import torch
 from ..errors import require
 from ..records import read_json, write_json, write_text
 from .presets import METRIC, RunSpec
-from .runner import _fmt_s, git_commit, machine, quant_inputs
+from .runner import _fmt_s, _g, analysis_stage, git_commit, machine, quant_inputs, quant_stage, summarise
 
 # the package directory that holds the releases (package data, so an installed wheel has them too)
 RELEASED = Path(__file__).resolve().parent.parent / "released"
@@ -160,7 +160,7 @@ def _or_default(v: Any) -> str:
     return "the model's default" if v is None else str(v)
 
 
-def _g(v: Any, digits: int = 4) -> str:
+def _num(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if isinstance(v, (int, float)) else "n/a"
 
 
@@ -206,22 +206,61 @@ def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> st
         "## Numbers (measured by reproduce on the float32 model)",
         "",
         "| metric | value |", "|---|---|",
-        f"| FP {result.get('metric')} | {_g(result.get('fp'))} |",
-        f"| W8A8, paper's site set (simulated) | {_g(result.get('w8a8'))} |",
-        f"| W8A8 real INT8 (ONNX Runtime) | {_g(result.get('w8a8_ort'))} |",
-        f"| W8A8 degradation | {_g(deg, 3)} |",
-        f"| W8A8, linear layers only | {_g(result.get('w8a8_linear'))} |",
-        f"| max inf-norm of LayerNorm inputs | {_g(result.get('max_inf_norm'))} ({result.get('max_inf_norm_site')}) |",
-        f"| average kurtosis | {_g(result.get('avg_kurtosis'))} |",
+        f"| FP {result.get('metric')} | {_num(result.get('fp'))} |",
+        f"| W8A8, paper's site set (simulated) | {_num(result.get('w8a8'))} |",
+        f"| W8A8 real INT8 (ONNX Runtime) | {_num(result.get('w8a8_ort'))} |",
+        f"| W8A8 degradation | {_num(deg, 3)} |",
+        f"| W8A8, linear layers only | {_num(result.get('w8a8_linear'))} |",
+        f"| max inf-norm of LayerNorm inputs | {_num(result.get('max_inf_norm'))} ({result.get('max_inf_norm_site')}) |",
+        f"| average kurtosis | {_num(result.get('avg_kurtosis'))} |",
         f"| no-op heads | {result.get('noop_heads')} |",
         "",
         f"FP and W8A8: {quant.get('eval_batches')} validation batches of {quant.get('batch_size')} "
         f"sequences, calibration on {quant.get('calib_batches')} training batches; outliers: "
         f"{analysis.get('batches')} validation batches of {analysis.get('batch_size')}.",
         "",
-        f"Re-measured on the {info['dtype']} weights when released (same batches): FP {_g(c['fp_now'])} "
-        f"(float32: {_g(c['fp_float32'])}), W8A8 degradation {_g(c['degradation_now'], 3)} (float32: "
-        f"{_g(c['degradation_float32'], 3)}).",
+        f"Re-measured on the {info['dtype']} weights when released (same batches): FP {_num(c['fp_now'])} "
+        f"(float32: {_num(c['fp_float32'])}), W8A8 degradation {_num(c['degradation_now'], 3)} (float32: "
+        f"{_num(c['degradation_float32'], 3)}).",
         "",
     ]
     return "\n".join(lines)
+
+
+def evaluate_releases(releases: list[Path], out: Path, progress: bool = True,
+                      echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Analyse and quantize each released checkpoint as its own run specifies (into ``out/released/<name>``, cached
+    until the release changes); returns their result dicts, with ``released`` (the release's name and how it was
+    trained: commit, machine, training time) added."""
+    results = []
+    for i, rel in enumerate(releases, 1):
+        spec = release_spec(rel)
+        run_dir = out / "released" / rel.name
+        info = read_json(rel / "release.json")
+        if run_dir.exists() and (not (run_dir / "release.json").exists() or read_json(run_dir / "release.json") != info):
+            for f in ("analysis.json", "quant.json", "result.json"):  # a newer release: measure it again
+                (run_dir / f).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "release.json", info)
+        if (run_dir / "result.json").exists():
+            results.append(read_json(run_dir / "result.json"))
+            echo(f"[released {i}/{len(releases)}] {rel.name}: measured earlier, skipped")
+            continue
+        echo(f"[released {i}/{len(releases)}] {rel.name}: analysing outliers and quantizing (W8A8 paper set, "
+             f"simulated and in ONNX Runtime's integers)")
+        t0 = time.perf_counter()
+        analysis = analysis_stage(spec, rel, run_dir, progress)
+        quant = quant_stage(spec, rel, run_dir, progress)
+        res = summarise(spec, rel, run_dir, analysis, quant, time.perf_counter() - t0, git_commit(),
+                        "released", train_dir=rel)
+        trained = read_json(rel / "result.json")
+        res["released"] = {"name": rel.name, "preset": trained.get("preset"), "dtype": info.get("dtype"),
+                           "trained_commit": trained.get("how", {}).get("commit"),
+                           "trained_machine": trained.get("how", {}).get("machine"),
+                           "train_seconds": (trained.get("stage_seconds") or {}).get("train"),
+                           "retrain": info.get("retrain")}
+        write_json(run_dir / "result.json", res)
+        results.append(res)
+        echo(f"[released {i}/{len(releases)}] {rel.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "
+             f"max inf-norm {_g(res['max_inf_norm'])} ({_fmt_s(time.perf_counter() - t0)})")
+    return results

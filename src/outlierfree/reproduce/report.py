@@ -270,7 +270,7 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
 def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any],
           released: list[dict[str, Any]] | None = None) -> dict[str, Path]:
     """Write report.md, results.json and the plots into ``out``; returns their paths. ``released``: the released
-    checkpoints' results (:func:`outlierfree.reproduce.runner.evaluate_releases`), shown first."""
+    checkpoints' results (:func:`outlierfree.reproduce.release.evaluate_releases`), shown first."""
     rows = table(results)
     checks = criteria(rows)
     rel_lines, rel_json = released_section(released, out) if released else (None, None)

@@ -306,47 +306,6 @@ def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
     return results
 
 
-def evaluate_releases(releases: list[Path], out: Path, progress: bool = True,
-                      echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Analyse and quantize each released checkpoint as its own run specifies (into ``out/released/<name>``, cached
-    until the release changes); returns their result dicts, with ``released`` (the release's name and how it was
-    trained: commit, machine, training time) added."""
-    results = []
-    for i, rel in enumerate(releases, 1):
-        from .release import release_spec  # lazy: release imports this module
-
-        spec = release_spec(rel)
-        run_dir = out / "released" / rel.name
-        info = read_json(rel / "release.json")
-        if run_dir.exists() and (not (run_dir / "release.json").exists() or read_json(run_dir / "release.json") != info):
-            for f in ("analysis.json", "quant.json", "result.json"):  # a newer release: measure it again
-                (run_dir / f).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "release.json", info)
-        if (run_dir / "result.json").exists():
-            results.append(read_json(run_dir / "result.json"))
-            echo(f"[released {i}/{len(releases)}] {rel.name}: measured earlier, skipped")
-            continue
-        echo(f"[released {i}/{len(releases)}] {rel.name}: analysing outliers and quantizing (W8A8 paper set, "
-             f"simulated and in ONNX Runtime's integers)")
-        t0 = time.perf_counter()
-        analysis = analysis_stage(spec, rel, run_dir, progress)
-        quant = quant_stage(spec, rel, run_dir, progress)
-        res = summarise(spec, rel, run_dir, analysis, quant, time.perf_counter() - t0, git_commit(),
-                        "released", train_dir=rel)
-        trained = read_json(rel / "result.json")
-        res["released"] = {"name": rel.name, "preset": trained.get("preset"), "dtype": info.get("dtype"),
-                           "trained_commit": trained.get("how", {}).get("commit"),
-                           "trained_machine": trained.get("how", {}).get("machine"),
-                           "train_seconds": (trained.get("stage_seconds") or {}).get("train"),
-                           "retrain": info.get("retrain")}
-        write_json(run_dir / "result.json", res)
-        results.append(res)
-        echo(f"[released {i}/{len(releases)}] {rel.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "
-             f"max inf-norm {_g(res['max_inf_norm'])} ({_fmt_s(time.perf_counter() - t0)})")
-    return results
-
-
 def _g(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
 
