@@ -209,3 +209,31 @@ def test_osp_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# the identity a gpu-preset checkpoint recorded before the zoo's fields existed (runs/gpu, bert-vanilla-s0)
+_OLD_IDENTITY = {
+    "task": "mlm", "family": "bert", "size": "mini",
+    "attention": {"variant": "vanilla", "gamma": -0.025, "zeta": 1.0, "alpha": None, "alpha_t": "fixed",
+                  "max_len": None, "gate_type": "head_linear", "gate_per": "token", "gate_init": 0.25,
+                  "gate_finetune": False, "impl": "auto", "block_size": 128, "extra": {}},
+    "hf_config": {}, "hidden_dropout": 0.1, "attention_dropout": 0.1, "data": None, "text_column": "text",
+    "hf_split": "train", "val_fraction": 0.02, "tokenizer": None, "vocab_size": 8192, "seq_len": 128,
+    "mlm_probability": 0.15, "steps": 16000, "batch_size": 32, "grad_accum": 1, "lr": 0.001, "warmup_steps": 200,
+    "schedule": "linear", "min_lr_ratio": 0.0, "weight_decay": 0.01, "decay_norm": False, "adam_beta1": 0.9,
+    "adam_beta2": 0.999, "adam_eps": 1e-06, "grad_clip": 1.0, "precision": "no", "seed": 0, "val_size": 128}
+
+
+def test_runs_made_before_the_zoo_still_match_their_config():
+    """Checkpoints and finished runs record TrainConfig.identity(); the zoo's new fields (and AttentionConfig's) at
+    their defaults must not make an old run look like another one (it would refuse to resume or be redone)."""
+    from outlierfree.reproduce.presets import PRESETS
+    from outlierfree.train.config import config_difference
+
+    spec = next(s for s in PRESETS["gpu"].runs() if s.name == "bert-vanilla-s0")
+    cfg = TrainConfig(**spec.train, seed=spec.seed, out="x").resolved()
+    assert config_difference(_OLD_IDENTITY, cfg.identity()) == []
+    # a zoo setting does change the identity
+    assert config_difference(_OLD_IDENTITY, cfg.replace(optimizer="muon").identity()) == ["optimizer: None -> 'muon'"]
+    ncs = cfg.replace(attention={"variant": "ncs", "eta": 1.1}).resolved().identity()
+    assert ncs["attention"]["eta"] == 1.1 and "beta" not in ncs["attention"]

@@ -44,6 +44,11 @@ ALPHA_T = ("fixed", "row")
 IMPLS = ("auto", "eager", "sdpa", "blocked")
 
 
+# fields added with the zoo (issue 16), with their defaults: omitted from to_dict() at these values
+LATER_DEFAULTS: dict[str, Any] = {"eta": 1.03, "beta": 1.0, "sink_init": 0.0, "softpick_eps": 1e-6,
+                                  "softplus_scale": "entropy", "softplus_power": None}
+
+
 @dataclass
 class AttentionConfig:
     """Which attention variant a model runs, with its parameters.
@@ -200,8 +205,13 @@ class AttentionConfig:
 
     # ---- (de)serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (what is stored under ``config.outlierfree``)."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable dict (what is stored under ``config.outlierfree``). The zoo's fields are left out at
+        their defaults, so configs saved before they existed (checkpoints, finished runs) compare equal."""
+        d = dataclasses.asdict(self)
+        for k, default in LATER_DEFAULTS.items():
+            if d.get(k) == default:
+                d.pop(k)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | "AttentionConfig" | None) -> "AttentionConfig":

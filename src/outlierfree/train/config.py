@@ -22,6 +22,9 @@ SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 # fields that may differ between a run and its resumption: they change logging and bookkeeping, not the weights
 RUNTIME_FIELDS = ("resume", "progress", "log_every", "eval_every", "save_every", "track_outliers", "out")
+# fields added with the zoo (issue 16), with their defaults: left out of identity() at these values, so checkpoints and
+# finished runs made before they existed still resume and are still recognised
+LATER_DEFAULTS = {"gamma_ramp_steps": 0, "optimizer": "adamw", "norm": "layernorm", "embed_proj": False}
 _EXAMPLES = {"steps": 100, "batch_size": 32, "seq_len": 128, "vocab_size": 8192, "log_every": 10, "val_size": 256}
 DEFAULT_STEPS = {"mlm": 100, "clm": 100, "image": 500}
 DEFAULT_BATCH = {"mlm": 32, "clm": 16, "image": 64}
@@ -216,6 +219,9 @@ class TrainConfig:
         d = self.to_dict()
         for k in RUNTIME_FIELDS:
             d.pop(k, None)
+        for k, default in LATER_DEFAULTS.items():
+            if d.get(k) == default:
+                d.pop(k)
         return d
 
 
