@@ -16,8 +16,9 @@ import errno
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from .errors import OutlierfreeError
 
@@ -138,25 +139,26 @@ def read_log(path: str | os.PathLike, events: Iterable[str] | None = None) -> li
 
 
 # ---- progress ----------------------------------------------------------------------------------------------------
-def track(items: Iterable[T], label: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
-    """Yield ``items`` while showing a rich progress bar labelled ``label`` on stderr (silent when disabled)."""
+@contextmanager
+def progress(label: str, total: int | None, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A rich progress bar labelled ``label`` on stderr (silent when disabled); yields ``advance()``."""
     if not enabled:
-        yield from items
+        yield lambda: None
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as prog:
         task = prog.add_task(label, total=total)
+        yield lambda: prog.advance(task)
+
+
+def track(items: Iterable[T], label: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
+    """Yield ``items`` while showing :func:`progress` labelled ``label`` (silent when disabled)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with progress(label, total, enabled) as advance:
         for item in items:
             yield item
-            prog.advance(task)
+            advance()

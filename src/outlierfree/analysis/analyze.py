@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import resource
 import time
-from contextlib import nullcontext
 from typing import Any, Iterable
 
 import torch
@@ -154,22 +153,10 @@ def _forward_extras(model: nn.Module) -> dict[str, Any]:
 
 
 def _progress(show: bool, total: int, name: str | None) -> Any:
-    """Context manager yielding ``advance()``; a rich progress bar on stderr when ``show``."""
-    if not show:
-        return nullcontext(lambda: None)
-    from contextlib import contextmanager
+    """Context manager yielding ``advance()``: the package's progress bar (records.progress) when ``show``."""
+    from ..records import progress
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    @contextmanager
-    def bar():
-        with Progress(TextColumn("analysing {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=Console(stderr=True)) as p:
-            task = p.add_task(name or "model", total=total)
-            yield lambda: p.advance(task)
-
-    return bar()
+    return progress(f"analysing {name or 'model'}", total, show)
 
 
 # ---- aggregates ------------------------------------------------------------------------------------------

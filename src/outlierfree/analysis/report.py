@@ -6,7 +6,6 @@ Everything is written into a temporary directory that replaces ``out_dir`` only 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import require  # noqa: E402
 from ..models.io import atomic_dir  # noqa: E402
+from ..records import dumps, save_png  # noqa: E402
 
 KIND_STYLE = {"ln_input": "-", "ffn_output": "--", "attn_output": ":", "ln_output": "-."}
 KIND_LABEL = {"ln_input": "LN input (residual sum)", "ffn_output": "FFN output", "attn_output": "attention output",
@@ -51,7 +51,7 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | os.PathLike,
             files["tracking"] = "tracking.png"
         doc = {"version": 1, "command": command, "reports": reports, "tracks": tracks, "plots": files,
                "definitions": "docs/metrics.md"}
-        (tmp / "report.json").write_text(json.dumps(_finite(doc), indent=1, default=str, allow_nan=False))
+        (tmp / "report.json").write_text(dumps(doc, indent=1))  # the package's one non-finite policy (records)
         (tmp / "report.md").write_text(markdown(reports, names, tracks, files, command))
     return {k: out / v for k, v in {**files, "json": "report.json", "markdown": "report.md"}.items()}
 
@@ -62,17 +62,6 @@ def check_out_dir(out: Path) -> None:
     require(not out.exists() or not any(out.iterdir()) or (out / "report.json").is_file(),
             f"--out {str(out)!r} exists and is not an analysis report directory (it would be replaced)",
             "pass a new or empty directory, or a previous report's directory")
-
-
-def _finite(o: Any) -> Any:
-    """A copy with NaN / inf replaced by None: report.json stays strict JSON that any reader accepts."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
 
 
 def _unique_names(reports: list[dict[str, Any]]) -> list[str]:
@@ -105,19 +94,6 @@ def _site_label(s: dict[str, Any]) -> str:
 
 
 # ---- plots -----------------------------------------------------------------------------------------------
-def save_png(fig: Any, path: Path | None) -> bool:
-    """Write ``fig`` as PNG to ``path`` (nothing when None: the plot had no data) and free it; whether written.
-    Written to a per-process temporary name and renamed, so a reader (or another process writing the same plot)
-    never sees half a file."""
-    if path is not None:
-        fig.tight_layout()
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    plt.close(fig)
-    return path is not None
-
-
 def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
     """Per layer, the largest inf-norm (mean over sequences) and kurtosis among the layer's sites of each kind
     (LayerNorm inputs: the headline sites only): one colour per model, one line style per kind."""

@@ -7,7 +7,6 @@ Training (``outlierfree train --track-outliers K``) calls :func:`headline_metric
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import OutlierfreeError
+from ..records import read_log
 from .analyze import HEADLINE_KIND, analyze_model
 
 TRACK_KEYS = ("max_inf_norm", "avg_kurtosis", "max_kurtosis", "largest_activation")
@@ -54,13 +54,7 @@ def read_track(path: str | Path) -> list[dict[str, Any]]:
     if log is None:
         raise OutlierfreeError(f"no log.jsonl in or beside {str(path)!r}",
                                "pass a run directory written by `outlierfree train --track-outliers K`")
-    events = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed run
-        if isinstance(e, dict) and e.get("event") == "outliers" and isinstance(e.get("step"), (int, float)):
-            if any(isinstance(e.get(k), (int, float)) and math.isfinite(e[k]) for k in TRACK_KEYS):
-                events.append(e)
+    events = [e for e in read_log(log, ("outliers",))  # the one log reader: skips a line torn by a kill
+              if isinstance(e.get("step"), (int, float))
+              and any(isinstance(e.get(k), (int, float)) and math.isfinite(e[k]) for k in TRACK_KEYS)]
     return sorted(events, key=lambda e: e["step"])
