@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import OutlierfreeError
+from ..records import dumps
 from . import hf_compat
 from .build import patch_model
 
@@ -59,7 +60,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, default=str))
+            (tmp / name).write_text(dumps(obj) + "\n")  # the package's one JSON policy (records)
     return path
 
 
