@@ -145,7 +145,7 @@ def test_training_data_is_read_from_train_config(tmp_path):
 
 
 def test_model_names_climb_past_generic_directories():
-    from outlierfree.analysis.cli import model_name
+    from outlierfree.analysis.run import model_name
 
     assert model_name("/r/bert-vanilla-s0/train/model") == "bert-vanilla-s0/train/model"
     assert model_name("/r/bert-gated-s0/train/model") != model_name("/r/bert-vanilla-s0/train/model")

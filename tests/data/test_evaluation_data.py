@@ -266,7 +266,7 @@ def test_numbers_of_a_model_trained_here_are_those_of_the_old_batches(zoo, tmp_p
     """analyze and quantize through their commands give exactly the numbers of the same model measured on the
     old builders' batches (golden.json): the data layer changed nothing for a model trained here."""
     from outlierfree.analysis.analyze import analyze_model
-    from outlierfree.analysis.cli import analyze_path
+    from outlierfree.analysis.run import analyze_path
     from outlierfree.analysis.inputs import text_batch
     from outlierfree.quant.cli import build_configs
     from outlierfree.quant.evaluate import evaluate_quantized

@@ -44,7 +44,7 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     Returns the report dict: float metric, every configuration's metric and its harm, the ranking of site groups,
     where the outliers sit, and the verdict.
     """
-    from ..analysis.cli import analyze_path
+    from ..analysis.run import analyze_path
     from ..errors import OutlierfreeError
     from ..models import hf_compat
     from ..models.io import load_model, load_tokenizer

@@ -91,7 +91,7 @@ def analysis_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool
     path = run_dir / "analysis.json"
     if path.exists():
         return read_json(path)
-    from ..analysis.cli import analyze_path
+    from ..analysis.run import analyze_path
 
     seq_len = int(spec.train.get("seq_len", 128))
     report = analyze_path(str(model_dir), batches=int(spec.analysis["batches"]),
