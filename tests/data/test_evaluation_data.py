@@ -11,11 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import models as M  # noqa: E402
+import evalzoo as M
 
-from outlierfree.data.evaluation import chunk_text, model_batches, special_frame  # noqa: E402
-from outlierfree.errors import OutlierfreeError  # noqa: E402
-from outlierfree.models.io import load_model, load_tokenizer  # noqa: E402
+from outlierfree.data.evaluation import chunk_text, model_batches, special_frame
+from outlierfree.errors import OutlierfreeError
+from outlierfree.models.io import load_model, load_tokenizer
 
 GOLDEN = json.loads((M.FIXTURES / "golden.json").read_text())
 
@@ -197,7 +197,7 @@ def test_analyze_and_quantize_see_the_same_pixels(zoo):
     quant = make_batches(model, zoo["vit"], None, 1, 1, 4, None, 0, None)
     a = evals[0].inputs["pixel_values"]
     q = quant.eval[0]["pixel_values"]
-    order = lambda x: x[x.flatten(1).sum(1).argsort()]  # noqa: E731 (analysis draws the 4 images in another order)
+    order = lambda x: x[x.flatten(1).sum(1).argsort()]  # analysis draws the 4 images in another order
     assert a.shape == q.shape == (4, 1, 28, 28) and torch.equal(order(a), order(q))
     raw = load_images(str(zoo["root"] / "images"), 28).val_x[:4]  # quantize evaluates the validation images in order
     assert torch.equal(normalise(raw, (0.5,), (0.25,)), q)  # with image_normalisation.json, not the folder's stats
@@ -240,8 +240,8 @@ def test_analyze_and_quantize_read_a_whole_text_file(zoo, tmp_path, capsys):
 @pytest.mark.parametrize("command, flags, message", [
     ("analyze", ["--data", "{tmp}/empty.txt"], "no text in"),
     ("analyze", ["--data", "{tmp}/missing.txt"], "does not exist"),
-    ("analyze", ["--data", "{tmp}/one.txt", "--seq-len", "128"], "--seq-len 128 exceeds the model's 64 positions; "
-                                                                  "pass --seq-len <= 64"),
+    ("analyze", ["--data", "{tmp}/one.txt", "--seq-len", "128"],
+     "--seq-len 128 exceeds the model's 64 positions; pass --seq-len <= 64"),
     ("analyze", ["--data", "{tmp}/one.txt", "--max-sequences", "0"], "--max-sequences must be at least 1"),
     ("quantize", ["--data", "{tmp}/empty.txt"], "no text in"),
     ("quantize", ["--data", "{tmp}/missing.txt"], "does not exist"),
@@ -254,7 +254,7 @@ def test_bad_data_is_one_line_exit_2(zoo, tmp_path, capsys, command, flags, mess
     flags = [f.format(tmp=tmp_path) for f in flags]
     seq = [] if "--seq-len" in flags else ["--seq-len", "32"]
     extra = ["--quiet"] if command == "quantize" else []
-    code, out, err = _cli([command, str(zoo["external"]), *flags, *seq, *extra, "--out", str(tmp_path / "o")],
+    code, _, err = _cli([command, str(zoo["external"]), *flags, *seq, *extra, "--out", str(tmp_path / "o")],
                           capsys)
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
@@ -266,8 +266,8 @@ def test_numbers_of_a_model_trained_here_are_those_of_the_old_batches(zoo, tmp_p
     """analyze and quantize through their commands give exactly the numbers of the same model measured on the
     old builders' batches (golden.json): the data layer changed nothing for a model trained here."""
     from outlierfree.analysis.analyze import analyze_model
-    from outlierfree.analysis.run import analyze_path
     from outlierfree.analysis.inputs import text_batch
+    from outlierfree.analysis.run import analyze_path
     from outlierfree.quant.cli import build_configs
     from outlierfree.quant.evaluate import evaluate_quantized
 
@@ -278,7 +278,7 @@ def test_numbers_of_a_model_trained_here_are_those_of_the_old_batches(zoo, tmp_p
     ref = analyze_model(load_model(zoo["bert"]), old, progress=False)
     assert rep["headline"] == ref["headline"] and rep["sequences"] == 8
 
-    code, out, err = _cli(["quantize", str(zoo["bert"]), "--calib-batches", "2", "--eval-batches", "2",
+    code, _, err = _cli(["quantize", str(zoo["bert"]), "--calib-batches", "2", "--eval-batches", "2",
                            "--batch-size", "4", "--diag-batches", "0", "--quiet", "--out", str(tmp_path / "q")], capsys)
     assert code == 0, err
     got = json.loads((tmp_path / "q" / "quant.json").read_text())["runs"][0]

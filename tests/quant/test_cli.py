@@ -62,7 +62,7 @@ def test_quantize_writes_json_markdown_and_plot(tiny_bert):
     (["--bits", "w8a17"], "outside 2..16"),
     (["--estimator", "magic"], "unknown --estimator"),
     (["--sites", "everything"], "unknown --sites"),
-    (["--calib-batches", "100000"], "training split has"),
+    (["--calib-batches", "100000"], "too few for 100000 calibration batches"),  # a whole text: no split
     (["--transform", "smoothquant:1.5"], "alpha"),
     (["--transform", "rotate-everything"], "unknown transform"),
     (["--keep-16bit", "999", "--diag-batches", "1"], "more than the"),

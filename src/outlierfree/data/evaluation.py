@@ -31,13 +31,14 @@ measures the model on real tokens), and gets the raw images for its background k
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import OutlierfreeError, require
 from . import defaults
@@ -384,7 +385,7 @@ def _mlm_masker(tokenizer: Any, task: str, seed: int, probability: float) -> Any
         return None
     from .text import mask_tokens
 
-    special = sorted(set(int(i) for i in tokenizer.all_special_ids))
+    special = sorted({int(i) for i in tokenizer.all_special_ids})
 
     def mask(b: dict[str, torch.Tensor], index: int, evaluation: bool) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(defaults.mask_seed(seed, index, evaluation))

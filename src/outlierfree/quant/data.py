@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
+from torch import nn
 
 from ..data.evaluation import Batches, model_batches, task_of
 
