@@ -37,7 +37,7 @@ def _harm(r: dict[str, Any], metric: str, higher: bool) -> float | None:
 
 def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokenizer: str | None = None,
            calib_batches: int = 8, eval_batches: int = 2, batch_size: int = 8, seq_len: int | None = None,
-           keep_16bit: int = 3, seed: int = 0, progress: bool = True,
+           keep_16bit: int = 3, seed: int = 0, max_sequences: int | None = None, progress: bool = True,
            echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Diagnose ``model_path`` and write ``doctor.json``, ``doctor.md`` and ``doctor.png`` into ``out``.
 
@@ -67,7 +67,8 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     task = task_of(model)
     tok = None if getattr(model, "main_input_name", "input_ids") == "pixel_values" else \
         load_tokenizer(tokenizer or model_path)
-    batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data)
+    batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data,
+                           max_sequences)
     metric, higher = task_metric(task)
 
     def run(label: str, m: Any, cfg: Any, **kw: Any) -> dict[str, Any]:
@@ -230,10 +231,13 @@ def _cli():
     @click.option("--keep-16bit", "keep_16bit", type=int, default=3, show_default=True,
                   help="site groups the 16-bit-exceptions fix keeps in 16 bits")
     @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--max-sequences", type=int, default=None,
+                  help="read at most this many sequences of a whole --data text (a model not trained on it)")
     @click.option("--out", default="out/doctor", show_default=True, help="output directory (replaced)")
     @click.option("--quiet", is_flag=True, help="no progress bars")
     def doctor_cmd(model_path: str, data: str | None, tokenizer: str | None, calib_batches: int, eval_batches: int,
-                   batch_size: int, seq_len: int | None, keep_16bit: int, seed: int, out: str, quiet: bool) -> None:
+                   batch_size: int, seq_len: int | None, keep_16bit: int, seed: int, max_sequences: int | None,
+                   out: str, quiet: bool) -> None:
         """Will MODEL survive W8A8 (the paper's definition: every weight and activation, per-tensor, static), where
         does it break, and which fix works: analysis, simulated W8A8, an ablation of the site groups, then
         per-channel weights, per-token activations, SmoothQuant, 16-bit exceptions and their stack, measured on
@@ -246,7 +250,7 @@ def _cli():
         hf_logging.disable_progress_bar()
         doctor(model_path, out, data=data, tokenizer=tokenizer, calib_batches=calib_batches,
                eval_batches=eval_batches, batch_size=batch_size, seq_len=seq_len, keep_16bit=keep_16bit, seed=seed,
-               progress=not quiet, echo=lambda s: click.echo(s, err=True))
+               max_sequences=max_sequences, progress=not quiet, echo=lambda s: click.echo(s, err=True))
         click.echo(f"wrote {Path(out) / 'doctor.md'}, {Path(out) / 'doctor.json'}, {Path(out) / 'doctor.png'}")
 
     return doctor_cmd
