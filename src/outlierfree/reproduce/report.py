@@ -235,8 +235,8 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
         plots.append("released_outlier_growth.png")
     plots += _noop_plots(results, out, prefix="released-analysis")
     lines = ["## The paper's effect on released checkpoints", "", effect_sentence(rows, checks), "",
-             "| checkpoint | FP | W8A8 (paper set) | W8A8 real (ORT) | W8A8 degradation | max inf-norm | avg kurtosis | "
-             "no-op heads | trained |", "|---|---|---|---|---|---|---|---|---|"]
+             "| checkpoint | FP | W8A8 (paper set) | W8A8 real (ORT) | W8A8 degradation | max inf-norm | "
+             "avg kurtosis | no-op heads | trained |", "|---|---|---|---|---|---|---|---|---|"]
     sign = {"perplexity": 1, "top1": -1}
     for r in sorted(results, key=lambda r: (r["family"], r["variant"] != "vanilla", r["variant"], r["seed"])):
         rel = r.get("released", {})
@@ -249,10 +249,10 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
                      f"{_fmt({'mean': deg}, 3)} | {_fmt({'mean': r.get('max_inf_norm')}, 3)} | "
                      f"{_fmt({'mean': r.get('avg_kurtosis')}, 3)} | {r.get('noop_heads')} | {trained} |")
     machines = sorted({r.get("released", {}).get("trained_machine") or "not recorded" for r in results})
-    lines += ["", "How: each checkpoint (package `outlierfree/released/`, float16 weights; its `README.md` is the "
-              "card) analysed and quantized just now, by this command, exactly as its own reproduce run was: its "
-              "validation split, the paper's W8A8 site set calibrated on its training split, ONNX Runtime's "
-              "integers on the same batches. Trained on: " + "; ".join(machines) + ".", ""]
+    lines += ["", "How: each checkpoint (package `outlierfree/released/`; its `README.md` is the card) analysed and "
+              "quantized just now, by this command, exactly as its own reproduce run was: its validation split, "
+              "the paper's W8A8 site set calibrated on its training split, ONNX Runtime's integers on the same "
+              "batches. Trained on: " + "; ".join(machines) + ".", ""]
     if checks:
         lines += ["| family | fix | max inf-norm ratio (vanilla / fix) | W8A8 degradation (vanilla -> fix) | "
                   "<= 1/5 of vanilla's |", "|---|---|---|---|---|"]
