@@ -16,6 +16,8 @@ import errno
 import json
 import math
 import os
+import platform
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -107,6 +109,34 @@ def save_png(fig: Any, path: str | os.PathLike | None, dpi: int = 110) -> bool:
             tmp.unlink(missing_ok=True)
     plt.close(fig)
     return path is not None
+
+
+# ---- provenance: every record says where it was made ------------------------------------------------------------
+def git_commit() -> str:
+    """``$OUTLIERFREE_COMMIT`` if set (e.g. a copy of the tree on another machine), else the commit of the installed
+    source tree, else ``unknown``."""
+    if os.environ.get("OUTLIERFREE_COMMIT"):
+        return os.environ["OUTLIERFREE_COMMIT"]
+    try:
+        here = Path(__file__).resolve().parent
+        r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                           timeout=10)
+        if r.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return r.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def machine() -> str:
+    """A one-line description of this machine: processor, cores, torch and its threads, GPU."""
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch thread(s){gpu}")
 
 
 # ---- the run log -------------------------------------------------------------------------------------------------

@@ -263,7 +263,7 @@ def evaluate_releases(releases: list[Path], out: Path, progress: bool = True,
                            "trained_commit": trained.get("how", {}).get("commit"),
                            "trained_machine": trained.get("how", {}).get("machine"),
                            "train_seconds": (trained.get("stage_seconds") or {}).get("train"),
-                           "retrain": info.get("retrain")}
+                           "retrain": info.get("retrain"), "note": info.get("note")}
         write_json(run_dir / "result.json", res)
         results.append(res)
         echo(f"[released {i}/{len(releases)}] {rel.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "

@@ -242,17 +242,17 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
         rel = r.get("released", {})
         deg = None if None in (r.get("w8a8"), r.get("fp")) else sign[r["metric"]] * (r["w8a8"] - r["fp"])
         t = rel.get("train_seconds")
-        trained = f"{rel.get('preset')} preset, {t / 3600:.1f} h, commit {rel.get('trained_commit')}" if t else \
-            f"{rel.get('preset')} preset, commit {rel.get('trained_commit')}"
+        trained = f"{rel.get('preset')} preset, {t / 3600:.1f} h of training" if t else f"{rel.get('preset')} preset"
         lines.append(f"| {rel.get('name', r['name'])} | {_fmt({'mean': r.get('fp')})} {r['metric']} | "
                      f"{_fmt({'mean': r.get('w8a8')})} | {_fmt({'mean': r.get('w8a8_ort')})} | "
                      f"{_fmt({'mean': deg}, 3)} | {_fmt({'mean': r.get('max_inf_norm')}, 3)} | "
                      f"{_fmt({'mean': r.get('avg_kurtosis')}, 3)} | {r.get('noop_heads')} | {trained} |")
-    machines = sorted({r.get("released", {}).get("trained_machine") or "not recorded" for r in results})
+    notes = sorted({r.get("released", {}).get("note") or "" for r in results} - {""})
     lines += ["", "How: each checkpoint (package `outlierfree/released/`; its `README.md` is the card) analysed and "
               "quantized just now, by this command, exactly as its own reproduce run was: its validation split, "
               "the paper's W8A8 site set calibrated on its training split, ONNX Runtime's integers on the same "
-              "batches. Trained on: " + "; ".join(machines) + ".", ""]
+              "batches. Where and how each was trained is in its card" + (": " + " / ".join(notes) if notes else "") +
+              ".", ""]
     if checks:
         lines += ["| family | fix | max inf-norm ratio (vanilla / fix) | W8A8 degradation (vanilla -> fix) | "
                   "<= 1/5 of vanilla's |", "|---|---|---|---|---|"]

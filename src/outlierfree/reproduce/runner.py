@@ -15,43 +15,13 @@ continues where a killed one stopped (training itself resumes from its last chec
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import OutlierfreeError
-from ..records import read_json, read_log, write_json
+from ..records import git_commit, machine, read_json, read_log, write_json  # noqa: F401 (re-exported)
 from .presets import METRIC, RunSpec
-
-
-def git_commit() -> str:
-    """``$OUTLIERFREE_COMMIT`` if set (e.g. a copy of the tree on another machine), else the commit of the installed
-    source tree, else ``unknown``."""
-    if os.environ.get("OUTLIERFREE_COMMIT"):
-        return os.environ["OUTLIERFREE_COMMIT"]
-    try:
-        here = Path(__file__).resolve().parent
-        r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
-                           timeout=10)
-        if r.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return r.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
-def machine() -> str:
-    """A one-line description of this machine: processor, cores, torch and its threads, GPU."""
-    import torch
-
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch thread(s){gpu}")
 
 
 def refuse_other_config(run_dir: Path, spec: RunSpec, fix: str) -> bool:

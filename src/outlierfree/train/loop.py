@@ -423,7 +423,10 @@ def train(cfg: TrainConfig) -> Path:
                     data.tokenizer.save_pretrained(str(tmp))
         from ..models.build import count_parameters
 
+        from ..records import git_commit, machine
+
         log.write({"event": "start", "config": cfg.to_dict(), "parameters": count_parameters(model),
+                   "commit": git_commit(), "machine": machine(),  # where this sitting of training ran
                    "world_size": world, "precision": accelerator.mixed_precision,
                    "train_rows": batches.n, "val_rows": batches.val_size()},
                   f"training {cfg.family}/{cfg.size} ({count_parameters(model):,} parameters, "
