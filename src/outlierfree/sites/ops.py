@@ -21,8 +21,8 @@ as tensor operations, named here by the path of the module whose forward runs th
    not OPT's query scaled by ``head_dim ** -0.5``, not a key repeated for grouped-query attention.
 4. **attention computed by hand**: a ``softmax`` (or a direct ``scaled_dot_product_attention``) run outside every
    attention module that calls transformers' attention interface is recorded (``uninstrumented``), so the report
-   can name the modules whose attention internals it could not see (MPNet, DeBERTa-v2, BLOOM, Falcon in
-   transformers 5.24).
+   can name the modules whose attention internals it could not see (MPNet, DeBERTa-v2 and BLOOM in transformers
+   5.25; Falcon, which called SDPA directly, until 5.24).
 """
 
 from __future__ import annotations
