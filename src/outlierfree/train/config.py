@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attention.config import AttentionConfig
+from ..data import defaults
 from ..errors import OutlierfreeError, require
 
 TASKS = ("mlm", "clm", "image")
@@ -65,7 +66,7 @@ class TrainConfig:
     tokenizer: str | None = None
     vocab_size: int = 8192
     seq_len: int = 128
-    mlm_probability: float = 0.15
+    mlm_probability: float = defaults.MLM_PROBABILITY
     steps: int | None = None
     batch_size: int | None = None
     grad_accum: int = 1
@@ -178,7 +179,7 @@ class TrainConfig:
         require(isinstance(c.warmup_steps, int) and c.warmup_steps >= 0, f"--warmup-steps must be >= 0, got "
                 f"{c.warmup_steps!r}", "pass e.g. --warmup-steps 100")
         if c.val_fraction is None:
-            c.val_fraction = 0.02 if c.task != "image" else 0.1
+            c.val_fraction = defaults.val_fraction(images=c.task == "image")  # the one place these live
         require(0 <= c.val_fraction < 1, f"--val-fraction must be in [0, 1), got {c.val_fraction}", "pass e.g. 0.02")
         from ..models.recipe import NORMS
         from .optim import OPTIMIZERS

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import OutlierfreeError, require
+from ..records import append_log
 from ..attention.normalisers import set_gamma_ramp
 from .config import TrainConfig, config_difference
 
@@ -329,8 +330,7 @@ class RunLog:
         """Append one JSON object (one line) and optionally print ``show``."""
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
+        append_log(self.path, event)  # the package's one log writer (records): one policy for NaN and inf
         if show:
             self.console.print(show)
 
@@ -438,7 +438,6 @@ def train(cfg: TrainConfig) -> Path:
     unit = "img" if cfg.task == "image" else "tok"
     per_step_units = cfg.batch_size * (1 if cfg.task == "image" else cfg.seq_len)
     per_proc = cfg.batch_size // world
-    micro = per_proc // cfg.grad_accum
     step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     last_good = start if state is not None else None
     track_batch = _tracking_batch(batches, accelerator.device) if cfg.track_outliers and main else None
