@@ -24,6 +24,14 @@ TASK = {"bert": "mlm", "opt": "clm", "vit": "image"}
 METRIC = {"bert": "perplexity", "opt": "perplexity", "vit": "top1"}  # lower perplexity is better, higher top-1 is better
 
 
+def degradation(metric: str, fp: float | None, w8a8: float | None) -> float | None:
+    """W8A8's loss against float in the metric's units, positive when quantization hurts (perplexity up, top-1
+    down); None when either number is missing."""
+    if not isinstance(fp, (int, float)) or not isinstance(w8a8, (int, float)):
+        return None
+    return (w8a8 - fp) if metric == "perplexity" else (fp - w8a8)
+
+
 @dataclass
 class RunSpec:
     """One family x variant x seed: everything that determines its numbers."""

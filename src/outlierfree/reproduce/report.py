@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..records import write_text
-from .presets import METRIC, PAPER
+from .presets import METRIC, PAPER, degradation
 from .runner import machine, write_json
 
 COLUMNS = ("fp", "max_inf_norm", "avg_kurtosis", "w8a8", "w8a8_ort", "w8a8_linear")
@@ -40,10 +40,8 @@ def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "seeds": sorted(r["seed"] for r in rs)}
         for c in COLUMNS:
             row[c] = _stats([r.get(c) for r in rs])
-        sign = 1 if METRIC[fam] == "perplexity" else -1  # degradation > 0 means worse after quantization
-        row["w8a8_degradation"] = _stats([sign * (r["w8a8"] - r["fp"]) for r in rs
-                                          if isinstance(r.get("w8a8"), (int, float)) and
-                                          isinstance(r.get("fp"), (int, float))])
+        # degradation > 0 means worse after quantization
+        row["w8a8_degradation"] = _stats([degradation(METRIC[fam], r.get("fp"), r.get("w8a8")) for r in rs])
         row["paper"] = PAPER.get(fam, {}).get(var, {})
         rows.append(row)
     return rows
@@ -227,7 +225,8 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
     """The report's opening section on the released checkpoints (markdown lines) and its JSON: the table, the
     checks against vanilla, the plots (per-layer inf-norm, outlier growth while they trained, vanilla's no-op head
     next to the same head in the others)."""
-    rows, checks = table(results), criteria(table(results))
+    rows = table(results)
+    checks = criteria(rows)
     plots = []
     if plot_per_layer(results, out / "released_per_layer_inf_norm.png"):
         plots.append("released_per_layer_inf_norm.png")
@@ -237,10 +236,9 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
     lines = ["## The paper's effect on released checkpoints", "", effect_sentence(rows, checks), "",
              "| checkpoint | FP | W8A8 (paper set) | W8A8 real (ORT) | W8A8 degradation | max inf-norm | "
              "avg kurtosis | no-op heads | trained |", "|---|---|---|---|---|---|---|---|---|"]
-    sign = {"perplexity": 1, "top1": -1}
     for r in sorted(results, key=lambda r: (r["family"], r["variant"] != "vanilla", r["variant"], r["seed"])):
         rel = r.get("released", {})
-        deg = None if None in (r.get("w8a8"), r.get("fp")) else sign[r["metric"]] * (r["w8a8"] - r["fp"])
+        deg = degradation(r["metric"], r.get("fp"), r.get("w8a8"))
         t = rel.get("train_seconds")
         trained = f"{rel.get('preset')} preset, {t / 3600:.1f} h of training" if t else f"{rel.get('preset')} preset"
         lines.append(f"| {rel.get('name', r['name'])} | {_fmt({'mean': r.get('fp')})} {r['metric']} | "

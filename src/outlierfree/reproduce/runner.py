@@ -276,8 +276,8 @@ def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
     return results
 
 
-def _g(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+def _g(v: Any, digits: int = 4) -> str:
+    return f"{v:.{digits}g}" if isinstance(v, (int, float)) else "n/a"
 
 
 def _fmt_s(s: float) -> str:
