@@ -20,7 +20,7 @@ import platform
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 from .errors import OutlierfreeError
 
@@ -169,19 +169,46 @@ def read_log(path: str | os.PathLike, events: Iterable[str] | None = None) -> li
 
 
 # ---- progress ----------------------------------------------------------------------------------------------------
+class Bar:
+    """What :func:`progress` yields: ``bar()`` advances by one (``bar(n)`` by n), ``bar.show(**fields)`` updates the
+    fields its columns display."""
+
+    def __init__(self, prog: Any = None, task: Any = None):
+        self.prog, self.task = prog, task
+
+    def __call__(self, n: int = 1) -> None:
+        if self.prog is not None:
+            self.prog.advance(self.task, n)
+
+    def show(self, **fields: Any) -> None:
+        """Set the values of the bar's extra columns (``columns`` of :func:`progress`)."""
+        if self.prog is not None:
+            self.prog.update(self.task, **fields)
+
+
 @contextmanager
-def progress(label: str, total: int | None, enabled: bool = True) -> Iterator[Callable[[], None]]:
-    """A rich progress bar labelled ``label`` on stderr (silent when disabled); yields ``advance()``."""
+def progress(label: str, total: int | None, enabled: bool = True, *, completed: int = 0,
+             columns: Iterable[str] = (), fields: dict[str, Any] | None = None, keep: bool = False) -> Iterator[Bar]:
+    """A rich progress bar labelled ``label`` on stderr (silent when disabled); yields a :class:`Bar`.
+
+    Args:
+        completed: where the bar starts (a resumed run).
+        columns: extra rich text columns between the count and the times, e.g. ``"loss {task.fields[loss]:.4f}"``.
+        fields: the initial values of those columns' fields.
+        keep: leave the finished bar on screen (training) rather than clear it.
+    """
     if not enabled:
-        yield lambda: None
+        yield Bar()
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as prog:
-        task = prog.add_task(label, total=total)
-        yield lambda: prog.advance(task)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  *(TextColumn(c) for c in columns), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=not keep) as prog:
+        task = prog.add_task(label, total=total, completed=completed, **(fields or {}))
+        yield Bar(prog, task)
 
 
 def track(items: Iterable[T], label: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:

@@ -1,7 +1,6 @@
 """Fixtures for the training tests: a private cache, a small corpus, tiny synthetic images, tiny-run flags."""
 
 import gzip
-import os
 import struct
 import sys
 from pathlib import Path

@@ -7,7 +7,8 @@ import torch
 
 from outlierfree.errors import OutlierfreeError
 from outlierfree.models.build import build_model
-from outlierfree.train import loop
+from outlierfree.data import training
+from outlierfree.train import losses, optim
 from outlierfree.train.config import TrainConfig, config_difference, parse_set
 
 
@@ -22,7 +23,7 @@ def test_mlm_loss_on_masked_positions_equals_hf_loss(variant):
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    s, n = loop.mlm_loss_sum(model, ids, labels)
+    s, n = losses.mlm_loss_sum(model, ids, labels)
     assert int(n) == int((labels != -100).sum())
     assert s.dtype == torch.float64 and torch.allclose(s / n, ref, rtol=1e-12, atol=1e-12)
     (s / n).backward()
@@ -33,42 +34,42 @@ def test_mlm_loss_on_masked_positions_equals_hf_loss(variant):
 def test_clm_and_image_losses_equal_hf_losses():
     opt = build_model("opt", "tiny", "gated", seed=0, vocab_size=100, dropout=0.0).double()
     ids = torch.randint(4, 100, (2, 16))
-    tm = loop.TaskModel(opt, "clm")
+    tm = losses.TaskModel(opt, "clm")
     s, n = tm(input_ids=ids)
     assert int(n) == 2 * 15
     # transformers computes this loss in float32 even for a float64 model
     assert torch.allclose(s / n, opt(input_ids=ids, labels=ids).loss.double(), rtol=1e-6)
     vit = build_model("vit", "tiny", "clipped", seed=0).double()
     x, y = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 3, 9, 1])
-    s, n = loop.TaskModel(vit, "image")(pixel_values=x, labels=y)
+    s, n = losses.TaskModel(vit, "image")(pixel_values=x, labels=y)
     assert int(n) == 4
     assert torch.allclose(s / n, vit(pixel_values=x, labels=y).loss.double(), rtol=1e-6)
 
 
 def test_data_order_is_a_function_of_seed_and_step():
-    o = loop.Order(10, 4, seed=3)
+    o = training.Order(10, 4, seed=3)
     seen = torch.cat([o.indices(s) for s in range(5)])  # 20 samples = two epochs
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
-    fresh = loop.Order(10, 4, seed=3)
+    fresh = training.Order(10, 4, seed=3)
     assert torch.equal(fresh.indices(3), o.indices(3))  # no history needed: resume re-creates the batch
-    assert not torch.equal(loop.Order(10, 4, seed=4).indices(0), o.indices(0))
+    assert not torch.equal(training.Order(10, 4, seed=4).indices(0), o.indices(0))
 
 
 def test_schedule_warmup_and_decay():
     cfg = TrainConfig(steps=100, warmup_steps=10, schedule="linear", min_lr_ratio=0.1).resolved()
-    f = loop.lr_lambda(cfg)
+    f = optim.lr_lambda(cfg)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.1 + 0.9 * 0.5) and f(100) == pytest.approx(0.1)
-    c = loop.lr_lambda(cfg.replace(schedule="cosine"))
+    c = optim.lr_lambda(cfg.replace(schedule="cosine"))
     assert c(10) == pytest.approx(1.0) and c(55) == pytest.approx(0.55) and c(100) == pytest.approx(0.1)
-    assert loop.lr_lambda(cfg.replace(schedule="constant"))(80) == 1.0
+    assert optim.lr_lambda(cfg.replace(schedule="constant"))(80) == 1.0
 
 
 def test_weight_decay_groups_follow_the_reference_options():
     model = build_model("bert", "tiny", "gated", vocab_size=100)
     norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
     for decay_norm in (False, True):
-        decay, no_decay = loop.parameter_groups(model, 0.01, decay_norm)
+        decay, no_decay = optim.parameter_groups(model, 0.01, decay_norm)
         d = {id(p) for p in decay["params"]}
         assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
         assert len(d) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -143,3 +144,30 @@ def test_cli_flags_override_the_config_file(tmp_path):
                                                                              if k != "print_config"})
     assert cfg.attention["variant"] == "gated"
     assert isinstance(ctx, click.Context)
+
+
+def test_shared_task_losses_handle_padding_and_preselected_logits():
+    """The losses training and quant's evaluation share: a padded causal-LM batch scores only predictions of real
+    tokens (checked against a loop over sequences in float64), and masked-LM logits taken at the masked positions
+    give the same sum as logits over every position."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 11, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0  # sequence 1 has 4 real tokens: 3 predictions
+    s, n = losses.causal_lm_loss_sum(logits, ids, mask)
+    ref, count = 0.0, 0
+    for b in range(3):
+        real = int(mask[b].sum())
+        for t in range(real - 1):
+            ref -= float(torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]])
+            count += 1
+    assert int(n) == count == 6 + 3 + 6 and abs(float(s) - ref) < 1e-10
+    s_all, n_all = losses.causal_lm_loss_sum(logits, ids, torch.ones_like(mask))
+    assert int(n_all) == 18 and torch.equal(s_all, losses.causal_lm_loss_sum(logits, ids)[0])
+    labels = torch.where(torch.rand(3, 7, generator=g) < 0.4, ids, torch.full_like(ids, losses.IGNORE))
+    full, m = losses.masked_lm_loss_sum(logits, labels)
+    picked, m2 = losses.masked_lm_loss_sum(logits[labels != losses.IGNORE], labels)
+    assert int(m) == int(m2) == int((labels != losses.IGNORE).sum()) and torch.equal(full, picked)
+    s, n, correct = losses.classification_loss_sum(logits[:, 0], ids[:, 0])
+    assert int(n) == 3 and int(correct) == int((logits[:, 0].argmax(-1) == ids[:, 0]).sum())

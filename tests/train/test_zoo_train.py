@@ -193,17 +193,17 @@ def test_osp_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch):
                            gamma_ramp_steps=3)
 
     whole = load_model(loop.train(cfg(tmp_path / "whole")))
-    real = loop.Batches.train_batch
+    real = loop.TrainingBatches.train_batch
 
     def dies_at_step_3(self, step):
         if step == 2:
             raise KeyboardInterrupt  # after the step-2 checkpoint
         return real(self, step)
 
-    monkeypatch.setattr(loop.Batches, "train_batch", dies_at_step_3)
+    monkeypatch.setattr(loop.TrainingBatches, "train_batch", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg(tmp_path / "cut"))
-    monkeypatch.setattr(loop.Batches, "train_batch", real)
+    monkeypatch.setattr(loop.TrainingBatches, "train_batch", real)
     resumed = load_model(loop.train(cfg(tmp_path / "cut", resume=True)))
     a, b = whole.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()

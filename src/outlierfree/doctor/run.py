@@ -47,9 +47,8 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     from ..analysis.run import analyze_path
     from ..errors import OutlierfreeError
     from ..models import hf_compat
-    from ..models.io import load_model, load_tokenizer
-    from ..quant.data import make_batches, task_of
     from ..quant.evaluate import evaluate_quantized, task_metric, model_output
+    from ..quant.run import load_for_quant
     from ..quant.transforms import rotate, smoothquant
 
     require(calib_batches >= 1 and eval_batches >= 1, "doctor needs calibration and evaluation batches",
@@ -63,12 +62,9 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
                             kinds=("ln_input", "residual", "attn_output", "ffn_output", "attn_probs"),
                             progress=progress)
     stages["analysis"] = time.perf_counter() - t0
-    model = load_model(model_path)
-    task = task_of(model)
-    tok = None if getattr(model, "main_input_name", "input_ids") == "pixel_values" else \
-        load_tokenizer(tokenizer or model_path)
-    batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data,
-                           max_sequences)
+    q = load_for_quant(model_path, tokenizer=tokenizer, calib_batches=calib_batches, eval_batches=eval_batches,
+                       batch_size=batch_size, seq_len=seq_len, seed=seed, data=data, max_sequences=max_sequences)
+    model, tok, task, batches = q.model, q.tokenizer, q.task, q.batches
     metric, higher = task_metric(task)
 
     def run(label: str, m: Any, cfg: Any, **kw: Any) -> dict[str, Any]:

@@ -42,11 +42,11 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
 
         outlierfree export runs/bert/model --sites paper --out runs/bert/onnx
     """
-    from ..models.io import atomic_dir, load_model, load_tokenizer
+    from ..models.io import atomic_dir
     from ..quant.cli import build_configs
-    from ..quant.data import make_batches, task_of
     from ..quant.evaluate import evaluate_pair, task_metric, model_output
-    from ..quant.simulator import check_finite_weights, quantize
+    from ..quant.run import load_for_quant
+    from ..quant.simulator import quantize
     from .deploy import real_int8, versions
     from .onnx import require_onnx
     from .ort import site_agreement
@@ -64,17 +64,9 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
     require(eval_batches >= 0, "--eval-batches is negative", "pass 0 or more")
     require_onnx()
     t0 = time.perf_counter()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = load_model(model_path).eval()
-    check_finite_weights(model)
-    task = task_of(model)
-    tok = None
-    if getattr(model, "main_input_name", "input_ids") != "pixel_values":
-        tok = load_tokenizer(tokenizer or model_path)
-    batches = make_batches(model, model_path, tok, calib_batches, max(eval_batches, 1), batch_size, seq_len, seed,
-                           data)
+    q = load_for_quant(model_path, tokenizer=tokenizer, calib_batches=calib_batches, eval_batches=max(eval_batches, 1),
+                       batch_size=batch_size, seq_len=seq_len, seed=seed, data=data)
+    model, task, batches = q.model.eval(), q.task, q.batches
     ev = batches.eval[:eval_batches]
     metric, _ = task_metric(task)
     with quantize(model, cfg, task) as qm:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +120,10 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
 
         outlierfree quantize MINILM_DIR --bits w8a8,w16a16 --out runs/minilm-quant
     """
-    from rich.console import Console
-
-    from ..models.io import load_model, load_tokenizer
-    from .data import make_batches, task_of
-    from .evaluate import evaluate_quantized, task_metric
     from .report import write_report
-    from .simulator import check_finite_weights
+    from .run import quantize_path
+    from .transforms import parse_transforms
 
-    console = Console(stderr=True)
     # validate every flag before any expensive work
     configs = build_configs(bits, sites, estimator, weight_estimator, act_granularity, weight_granularity,
                             act_symmetric, weight_symmetric, dynamic, momentum, percentile, fp32_head)
@@ -139,13 +133,7 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     require(eval_batches is None or eval_batches >= 1, f"--eval-batches {eval_batches} is too few", "pass 1 or more")
     require(max_sequences is None or max_sequences >= 1, f"--max-sequences must be at least 1, got {max_sequences}",
             "pass --max-sequences 1 or more")
-    from .transforms import parse_transforms, smoothquant
-
     transforms = parse_transforms(transform)
-    require(keep_16bit >= 0, f"--keep-16bit {keep_16bit} is negative", "pass 0 or more")
-    require(keep_16bit == 0 or diag_batches > 0, "--keep-16bit needs the ablation's diagnostics",
-            "pass --diag-batches >= 1")
-    ablation = ablation or keep_16bit > 0
     out_path = Path(out)
     require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory path")
     if backend == "onnxruntime":
@@ -157,65 +145,40 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
                     and c.activation.granularity == "per_tensor" and c.weight.granularity == "per_tensor",
                     f"--backend onnxruntime cannot run {c.describe()} in integers",
                     "use --bits w8a8 with per-tensor static ranges (the defaults)")
-    t0 = time.perf_counter()
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress bars only; keeps errors on one line
-    model = load_model(model_path)
-    check_finite_weights(model)
-    task = task_of(model)
-    tok = None
-    if getattr(model, "main_input_name", "input_ids") != "pixel_values":
-        tok = load_tokenizer(tokenizer or model_path)
-    batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data,
-                           max_sequences)
-    whole = bool(batches.info.get("whole_text"))
-    metric, _ = task_metric(task)
-    applied = []
-    for name, alpha in transforms:  # in place, before any calibration; each checked exact in float
-        from .evaluate import model_output
-        from .transforms import rotate
+    def echo(line: str) -> None:
+        click.echo(line, err=True)
 
-        if name == "rotate":
-            rot = rotate(model, batches.calib[0], seed=int(alpha), forward=lambda m, b: model_output(m, b, task))
-            applied.append(rot.to_dict())
-            click.echo(f"rotate (seed {rot.seed}): {rot.describe()}; float output unchanged", err=True)
-            continue
-        res = smoothquant(model, batches.calib, alpha, forward=lambda m, b: model_output(m, b, task))
-        applied.append(res.to_dict())
-        skipped = len(res.folds) - res.to_dict()["applied"]
-        click.echo(f"{name} (alpha {alpha}): {res.to_dict()['applied']} of {len(res.folds)} folds applied"
-                   + (f"; {skipped} would change the float output and were undone (quant.json says why)"
-                      if skipped else ""), err=True)
-    runs = []
-    for cfg in configs:
-        if not quiet:
-            console.print(f"[bold]{cfg.describe()}[/bold]")
-        r = evaluate_quantized(model, tok, batches.calib, batches.eval, cfg, task, diagnostics=diag_batches > 0,
-                               diag_batches=diag_batches, progress=not quiet, ablate=ablation and diag_batches > 0,
-                               backend=None if backend == "simulator" else backend, keep_16bit=keep_16bit)
-        if r.get("uninstrumented") and cfg is configs[0]:
-            click.echo(f"notice: {len(r['uninstrumented'])} module(s) compute attention outside transformers' "
-                       f"attention interface, so their scores, probabilities and context stay float: "
-                       f"{', '.join(r['uninstrumented'][:3])}" + (" ..." if len(r["uninstrumented"]) > 3 else ""),
-                       err=True)
-        runs.append(r)
-        click.echo(f"{cfg.describe()}: float {metric} {r['float'].get(metric):.4g}, quantized "
-                   f"{r['quantized'].get(metric):.4g}, output SQNR {r['quantized'].get('output_sqnr_db', 0):.1f} dB "
-                   f"(calibrated on {r['calib_batches']} {'text' if whole else 'training'} batches, evaluated on "
-                   f"{r['eval_batches']} {'later text' if whole else 'validation'} batches of {batch_size})")
-        if "keep_16bit" in r:
-            k16 = r["keep_16bit"]
-            click.echo(f"  with the {k16['k']} worst site group(s) in 16 bits ({', '.join(k16['groups'])}): "
-                       f"{metric} {k16['quantized'].get(metric):.4g}; {100 * k16['values_16bit_share']:.1f} % of "
-                       f"the activation values are no longer 8-bit")
-        if "onnxruntime" in r:
-            ort_r = r["onnxruntime"]
-            ops = ", ".join(f"{o} x{n}" for o, n in ort_r["kernels"]["integer_ops"].items()) or "none"
-            click.echo(f"  ONNX Runtime INT8 {metric} {ort_r['int8'].get(metric):.4g} (simulated "
-                       f"{r['quantized'].get(metric):.4g}); integer kernels: {ops}")
-    report = {"model": model_path, "model_class": type(model).__name__, "task": task, "data": batches.info,
-              "command": "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-              "seconds_total": time.perf_counter() - t0, "runs": runs, "transforms": applied}
+    report = quantize_path(model_path, configs, tokenizer=tokenizer, data=data, calib_batches=calib_batches,
+                           eval_batches=eval_batches, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                           max_sequences=max_sequences, transforms=transforms, diag_batches=diag_batches,
+                           ablation=ablation, keep_16bit=keep_16bit,
+                           backend=None if backend == "simulator" else backend, progress=not quiet,
+                           echo=echo, on_run=lambda cfg, r, info: click.echo(line_of(cfg, r, info, batch_size)))
+    report = {**report, "command": "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     write_report(report, out_path)
     click.echo(f"wrote {out_path / 'quant.json'}, {out_path / 'quant.md'}, {out_path / 'sites.png'}")
+
+
+def line_of(cfg: QuantConfig, r: dict[str, Any], data_info: dict[str, Any], batch_size: int) -> str:
+    """The console lines of one config's result: float vs quantized metric, and the 16-bit and ONNX Runtime
+    numbers when present."""
+    from .evaluate import task_metric
+
+    metric, _ = task_metric(r["task"])
+    whole = bool(data_info.get("whole_text"))
+    lines = [f"{cfg.describe()}: float {metric} {r['float'].get(metric):.4g}, quantized "
+             f"{r['quantized'].get(metric):.4g}, output SQNR {r['quantized'].get('output_sqnr_db', 0):.1f} dB "
+             f"(calibrated on {r['calib_batches']} {'text' if whole else 'training'} batches, evaluated on "
+             f"{r['eval_batches']} {'later text' if whole else 'validation'} batches of {batch_size})"]
+    if "keep_16bit" in r:
+        k16 = r["keep_16bit"]
+        lines.append(f"  with the {k16['k']} worst site group(s) in 16 bits ({', '.join(k16['groups'])}): "
+                     f"{metric} {k16['quantized'].get(metric):.4g}; {100 * k16['values_16bit_share']:.1f} % of "
+                     f"the activation values are no longer 8-bit")
+    if "onnxruntime" in r:
+        ort_r = r["onnxruntime"]
+        ops = ", ".join(f"{o} x{n}" for o, n in ort_r["kernels"]["integer_ops"].items()) or "none"
+        lines.append(f"  ONNX Runtime INT8 {metric} {ort_r['int8'].get(metric):.4g} (simulated "
+                     f"{r['quantized'].get(metric):.4g}); integer kernels: {ops}")
+    return "\n".join(lines)

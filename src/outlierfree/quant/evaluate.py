@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..records import track
+from ..train.losses import causal_lm_loss_sum, classification_loss_sum, masked_lm_loss_sum
 from .config import QuantConfig
 from .data import task_of
 from .simulator import QuantizedModel, default_forward, quantize
@@ -65,24 +66,18 @@ class Scores:
     def add(self, y: torch.Tensor, batch: dict[str, torch.Tensor], ref: torch.Tensor | None) -> None:
         """Score output ``y`` of one batch (and compare it with the float output ``ref`` when given)."""
         y = y.float()
-        if self.task == "mlm":
-            labels = batch["labels"]
-            sel = labels != -100  # (B, T) masked positions
-            self.nll += float(F.cross_entropy(y[sel], labels[sel], reduction="sum"))
-            self.n += int(sel.sum())
+        if self.task == "mlm":  # the task losses training uses (train/losses.py), summed over the batch
+            nll, n = masked_lm_loss_sum(y, batch["labels"])
+            self.nll += float(nll)
+            self.n += int(n)
         elif self.task == "clm":
-            ids = batch["input_ids"]
-            pad = _padding(batch)
-            if pad is None:
-                self.nll += float(F.cross_entropy(y[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-                self.n += ids[:, 1:].numel()
-            else:  # a padded batch (the last of a whole text): score only predictions of real tokens
-                real = ~pad[:, 1:]
-                self.nll += float(F.cross_entropy(y[:, :-1][real], ids[:, 1:][real], reduction="sum"))
-                self.n += int(real.sum())
+            nll, n = causal_lm_loss_sum(y, batch["input_ids"], batch.get("attention_mask"))
+            self.nll += float(nll)
+            self.n += int(n)
         elif self.task == "image":
-            self.correct += int((y.argmax(-1) == batch["labels"]).sum())
-            self.n += len(batch["labels"])
+            _, n, correct = classification_loss_sum(y, batch["labels"])
+            self.correct += int(correct)
+            self.n += int(n)
         if ref is not None:
             ref = ref.float()
             pad = _padding(batch)

@@ -102,15 +102,12 @@ def quant_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -
 def quant_inputs(spec: RunSpec, model_dir: Path) -> tuple[Any, Any, str, Any]:
     """The model (float32), its tokenizer (None for images), task and calibration/evaluation batches, as a run's
     quant stage measures it: the spec's batch counts and sizes, its sequence length, seed 0."""
-    from ..models.io import load_model, load_tokenizer
-    from ..quant.data import make_batches, task_of
+    from ..quant.run import load_for_quant
 
-    model = load_model(model_dir)
-    tok = None if spec.family == "vit" else load_tokenizer(model_dir)
-    q = spec.quant
-    batches = make_batches(model, model_dir, tok, int(q["calib_batches"]), int(q["eval_batches"]),
-                           int(q["batch_size"]), spec.train.get("seq_len"), seed=0)
-    return model, tok, task_of(model), batches
+    qs = spec.quant
+    q = load_for_quant(model_dir, calib_batches=int(qs["calib_batches"]), eval_batches=int(qs["eval_batches"]),
+                       batch_size=int(qs["batch_size"]), seq_len=spec.train.get("seq_len"), seed=0)
+    return q.model, q.tokenizer, q.task, q.batches
 
 
 def _has_onnxruntime() -> bool:

@@ -1,4 +1,5 @@
-"""Optimizers of ``outlierfree train``: AdamW (default) or OSP's Muon + AdamW (``--optimizer muon``).
+"""Optimizers and the learning-rate schedule of ``outlierfree train``: AdamW (default) or OSP's Muon + AdamW
+(``--optimizer muon``), with linear warm-up and linear / cosine / constant decay.
 
 Muon (Jordan et al. 2024; torch.optim.Muon) orthogonalises the momentum of each 2-D weight matrix by Newton-Schulz
 iterations, so no single direction of a matrix's update dominates; Outlier-Safe Pre-training (Park et al. 2025)
@@ -10,7 +11,8 @@ gates, sink logits and non-2-D weights (ViT's patch convolution). Muon runs with
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -18,6 +20,44 @@ import torch.nn as nn
 from ..errors import OutlierfreeError
 
 OPTIMIZERS = ("adamw", "muon")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norm: bool) -> list[dict[str, Any]]:
+    """AdamW groups: biases never decayed; LayerNorm weights decayed only with ``decay_norm`` (the reference
+    OPT script decays them, its BERT script does not)."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("bias") or (id(p) in norm_params and not decay_norm):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: Any) -> Callable[[int], float]:
+    """Multiplier of the peak lr after ``i`` optimizer steps: linear warm-up to 1 over ``warmup_steps``, then
+    linear or cosine decay to ``min_lr_ratio`` at ``steps`` (or constant)."""
+    warm, total, floor = cfg.warmup_steps or 0, cfg.steps, cfg.min_lr_ratio
+
+    def f(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (i - warm) / max(1, total - warm))
+        shape = 1 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * shape
+
+    return f
+
+
+def optimizer_and_schedule(model: nn.Module, cfg: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """The run's optimizer (:func:`build_optimizer` over :func:`parameter_groups`) and its LambdaLR schedule."""
+    optimizer = build_optimizer(model, cfg, parameter_groups(model, cfg.weight_decay, cfg.decay_norm))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
 def muon_matrices(model: nn.Module) -> tuple[list[nn.Parameter], set[int]]:
@@ -68,7 +108,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: Any, adamw_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """AdamW over ``adamw_groups`` (``loop.parameter_groups``), or, with ``cfg.optimizer == "muon"``, Muon on the
+    """AdamW over ``adamw_groups`` (:func:`parameter_groups`), or, with ``cfg.optimizer == "muon"``, Muon on the
     hidden matrices and AdamW on the rest of those groups. Muon with no matrix to take is a one-line error."""
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
