@@ -1,15 +1,26 @@
 """The blocked two-pass clipped-softmax kernel against eager float64 attention: outputs, gradients (gradcheck),
 masks, causal, per-row T, ragged blocks, fully clipped / fully masked rows, dropout, whole models and training."""
 
+import dataclasses
+from types import MappingProxyType
+
 import pytest
 import torch
 
 import outlierfree as of
 from outlierfree import AttentionConfig
 from outlierfree.attention import blocked as bl
-from outlierfree.attention import interface
-from outlierfree.attention.blocked import blocked_clipped_attention, gamma_rows, visible_rows
+from outlierfree.attention import kernels
+from outlierfree.attention.blocked import blocked_clipped_attention
+from outlierfree.attention.normalisers import clip_params
 from outlierfree.attention.softmax import clipped_softmax, gamma_for, keep_mask, visible_keys
+
+
+def swap_kernel(monkeypatch, name, **changes):
+    """Replace one row of the (read-only) kernel table for a test."""
+    table = dict(kernels.KERNELS)
+    table[name] = dataclasses.replace(table[name], **changes)
+    monkeypatch.setattr(kernels, "KERNELS", MappingProxyType(table))
 
 
 def eager_ref(q, k, v, gamma, zeta, keep=None, causal=False, scale=None):
@@ -71,27 +82,33 @@ def test_matches_eager_float64(case, gamma_kind, zeta):
     if gamma_kind == "fixed":
         gamma = -0.1
     else:  # alpha / T with T = the keys each row can see
-        gamma = gamma_rows(AttentionConfig("clipped", alpha=1.5, alpha_t="row"), keep, causal, Tq, Tk)
+        gamma = gamma_for(AttentionConfig("clipped", alpha=1.5, alpha_t="row"), keep, Tk, causal, Tq)
         gamma = gamma.double() if torch.is_tensor(gamma) else gamma  # a number when nothing is masked
     compare(q, k, v, gamma, zeta, keep, causal, q_block=qb, k_block=kb, tile_elems=te)
 
 
-def test_per_row_T_matches_visible_keys_of_the_materialised_mask():
+def test_causal_flag_counts_equal_the_materialised_mask():
+    """visible_keys / gamma_for with the causal mask as a flag (the blocked kernel) and as a T x T tensor (eager)."""
     keep = padding_keep(2, 9, 9, per_row=True)
     tri = keep_mask(None, 9, 9, True)
     for m, causal in ((None, True), (keep, False), (keep, True)):
         full = tri if m is None else (m & tri if causal else m)
-        torch.testing.assert_close(visible_rows(m, causal, 9, 9), visible_keys(full, 9).float())
+        assert torch.equal(visible_keys(m, 9, causal, 9), visible_keys(full, 9))
     cfg = AttentionConfig("clipped", alpha=2.0, alpha_t="row")
-    torch.testing.assert_close(gamma_rows(cfg, keep, True, 9, 9), gamma_for(cfg, keep & tri, 9))
-    assert gamma_rows(cfg, None, False, 9, 9) == gamma_for(cfg, None, 9)
+    assert torch.equal(gamma_for(cfg, keep, 9, True, 9), gamma_for(cfg, keep & tri, 9))
+    assert gamma_for(cfg, None, 9) == -2.0 / 9
+    # the kernel's (gamma, zeta) of clipped softmax and NCS are the eager path's
+    for c in (cfg, AttentionConfig("ncs", eta=1.05, beta=0.9)):
+        g, z = bl.clip_rows(c, keep, True, 9, 9)
+        g_ref, z_ref = clip_params(c, visible_keys(keep & tri, 9))
+        assert torch.equal(g, g_ref) and z == z_ref
 
 
 @pytest.mark.parametrize("k_block", [None, 3])
 def test_gradcheck(k_block):
     q, k, v = qkv(1, 2, 7, 7, 4, spread=1.5)
     keep = padding_keep(1, 7, 7)
-    gamma = -0.6 / visible_rows(keep, True, 7, 7).double()
+    gamma = -0.6 / visible_keys(keep, 7, True, 7).double()
 
     def f(q, k, v):
         return blocked_clipped_attention(q, k, v, gamma, 1.1, keep, True, q_block=3, k_block=k_block, tile_elems=10)
@@ -149,7 +166,7 @@ def test_flex_two_call_form_maths_on_cpu(monkeypatch):
     monkeypatch.setattr(fa, "_validate_device", lambda *a, **k: None)  # it refuses CPU + requires_grad
     q, k, v = qkv(2, 2, 9, 9, 8)
     keep = padding_keep(2, 9, 9)
-    gamma = gamma_rows(AttentionConfig("clipped", alpha=1.0, alpha_t="row"), keep, True, 9, 9).double()
+    gamma = gamma_for(AttentionConfig("clipped", alpha=1.0, alpha_t="row"), keep, 9, True, 9).double()
     for m, causal, g in ((None, False, -0.1), (keep, True, gamma)):
         ref = eager_ref(q, k, v, g, 1.05, m, causal)
         out = bl.flex_clipped_attention(q, k, v, g, 1.05, m, causal, compiled=False)
@@ -202,14 +219,13 @@ def test_whole_model_blocked_equals_eager(family, cfg):
 
 def test_causal_model_passes_a_flag_not_a_mask(monkeypatch):
     seen = []
-    kernel = interface.CLIPPED_KERNELS["blocked"]
+    kernel = kernels.KERNELS["blocked"].fn
 
     def spy(module, q, k, v, keep, scaling, dropout, cfg, **kw):
         seen.append((keep, kw.get("causal", False)))
         return kernel(module, q, k, v, keep, scaling, dropout, cfg, **kw)
 
-    spy.takes_causal = True
-    monkeypatch.setitem(interface.CLIPPED_KERNELS, "blocked", spy)
+    swap_kernel(monkeypatch, "blocked", fn=spy)
     model = of.build_model("opt", "tiny", AttentionConfig("clipped", impl="blocked"), seed=0).eval()
     with torch.no_grad():
         model(input_ids=torch.randint(5, 100, (2, 16)))
@@ -238,7 +254,7 @@ def test_training_blocked_matches_eager_step_for_step():
 
 def test_dropout_in_training_stays_on_the_blocked_kernel(monkeypatch):
     calls = []
-    monkeypatch.setattr(interface, "eager_attention", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+    swap_kernel(monkeypatch, "eager", fn=lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
         AssertionError("eager used")))
     model = of.build_model("bert", "tiny", AttentionConfig("clipped", impl="blocked"), seed=0).train()
     assert model.config.attention_probs_dropout_prob > 0
@@ -248,26 +264,28 @@ def test_dropout_in_training_stays_on_the_blocked_kernel(monkeypatch):
 
 
 def test_auto_chooser():
-    assert interface.AUTO_CLIPPED[0] is bl.choose_clipped_impl
-    choose = bl.choose_clipped_impl
-    assert choose(torch.zeros(32, 4, 128, 8), torch.zeros(32, 4, 128, 8)) == "eager"  # 2M probabilities
-    assert choose(torch.zeros(1, 4, 1024, 8), torch.zeros(1, 4, 1024, 8)) == "eager"  # 4M
-    assert choose(torch.zeros(8, 4, 512, 8), torch.zeros(8, 4, 512, 8)) == "blocked"  # 8M
-    assert choose(torch.zeros(1, 4, 4096, 8), torch.zeros(1, 4, 4096, 8)) == "blocked"
-    assert choose(torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 4096, 8)) == "eager"  # one query row (decoding)
+    cfg = AttentionConfig("clipped", impl="auto")
+
+    def choose(B, H, Tq, Tk):
+        return kernels.choose_kernel(cfg, (B, H, Tq, Tk), want_probs=False)
+
+    assert choose(32, 4, 128, 128) == "eager"  # 2M probabilities
+    assert choose(1, 4, 1024, 1024) == "eager"  # 4M
+    assert choose(8, 4, 512, 512) == "blocked"  # 8M
+    assert choose(1, 4, 4096, 4096) == "blocked"
+    assert choose(1, 4, 1, 4096) == "eager"  # one query row (decoding)
 
 
 def test_auto_model_uses_blocked_on_long_sequences(monkeypatch):
     seen = []
-    kernel = interface.CLIPPED_KERNELS["blocked"]
+    kernel = kernels.KERNELS["blocked"].fn
 
     def spy(*a, **kw):
         seen.append(1)
         return kernel(*a, **kw)
 
-    spy.takes_causal = True
-    monkeypatch.setitem(interface.CLIPPED_KERNELS, "blocked", spy)
-    monkeypatch.setattr(bl, "AUTO_MIN_ELEMS", 2 * 2 * 24 * 24)  # so the tiny test model counts as "long"
+    # the tiny test model counts as "long"
+    swap_kernel(monkeypatch, "blocked", fn=spy, auto_min_elems=2 * 2 * 24 * 24)
     model = of.build_model("bert", "tiny", AttentionConfig("clipped", impl="auto"), seed=0).eval()
     with torch.no_grad():
         model(**{k: v for k, v in model_batch("bert", model).items() if k != "labels"})

@@ -117,3 +117,24 @@ def test_doctor_measures_every_fix_and_says_what_to_do(tiny_bert):
     assert rep["outliers"]["headline"]["max_inf_norm"] > 0 and "Took" in (out / "doctor.md").read_text()
     rc, so, se = run("doctor", str(tiny_bert / "model"), "--keep-16bit", "-1", "--out", str(tiny_bert / "d2"))
     assert rc == 2 and se.startswith("error: ") and not (tiny_bert / "d2").exists()
+
+
+def test_quantize_path_library_entry_transforms_keep_float_and_report_like_the_cli(tiny_bert):
+    """quantize_path (what the CLI, doctor and reproduce call): SmoothQuant + rotation leave the float metric
+    unchanged (exact transforms), the report records the transforms, and W16A16 stays within 1 % of float."""
+    from outlierfree.quant import QuantConfig, QuantSpec, paper_w8a8
+    from outlierfree.quant.run import quantize_path
+
+    kw = dict(data=str(tiny_bert / "text.txt"), calib_batches=2, eval_batches=2, batch_size=4, seq_len=32,
+              diag_batches=0, progress=False)
+    w16 = QuantConfig(weight=QuantSpec(16, True), activation=QuantSpec(16, False), sites="full")
+    plain = quantize_path(tiny_bert / "model", [paper_w8a8(), w16], **kw)
+    seen = []
+    moved = quantize_path(tiny_bert / "model", [paper_w8a8()], transforms=[("smoothquant", 0.5), ("rotate", 0)],
+                          on_run=lambda cfg, r, info: seen.append((cfg.describe(), info["whole_text"])), **kw)
+    f0, f1 = plain["runs"][0]["float"]["perplexity"], moved["runs"][0]["float"]["perplexity"]
+    assert abs(f1 - f0) <= 1e-5 * f0
+    assert [t["transform"] for t in moved["transforms"]] == ["smoothquant", "rotate"]
+    assert seen == [(paper_w8a8().describe(), True)] and plain["task"] == "mlm" and plain["data"]["whole_text"]
+    r16 = plain["runs"][1]
+    assert abs(r16["quantized"]["perplexity"] - r16["float"]["perplexity"]) <= 0.01 * r16["float"]["perplexity"]

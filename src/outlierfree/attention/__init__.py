@@ -5,7 +5,6 @@ from .config import AttentionConfig, CLIP_VARIANTS, GATE_PER, GATE_TYPES, IMPLS,
 from .gates import AttentionGate
 from .normalisers import AttentionSink, set_gamma_ramp
 from .softmax import clipped_softmax, gamma_for, keep_mask, visible_keys
-from . import blocked  # noqa: F401,E402  (registers CLIPPED_KERNELS["blocked"] and the impl="auto" chooser)
 
 __all__ = ["AttentionConfig", "AttentionGate", "AttentionSink", "set_gamma_ramp", "clipped_softmax", "gamma_for",
            "keep_mask", "visible_keys", "VARIANTS", "CLIP_VARIANTS", "GATE_TYPES", "GATE_PER", "IMPLS"]

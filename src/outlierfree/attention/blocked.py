@@ -42,8 +42,8 @@ key (every key masked) return 0, with zero gradient, as the eager path does.
 Entry points:
     blocked_clipped_attention(q, k, v, gamma, zeta, keep=None, causal=False, ...)  the kernel, any device
     flex_clipped_attention(...)   GPU: FlexAttention's two-call form (compiled to Triton)
-    blocked_kernel(...)           the ``CLIPPED_KERNELS["blocked"]`` entry used by ``outlierfree_attention``
-    choose_clipped_impl(q, k)     ``AUTO_CLIPPED[0]``: "blocked" where it is faster or the sequence is long
+    blocked_kernel(...)           the "blocked" kernel of attention/kernels.py's table, called by
+                                  ``outlierfree_attention``; it runs the FlexAttention form where it can
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ from typing import Iterator
 import torch
 
 from .config import AttentionConfig
-from .interface import AUTO_CLIPPED, CLIPPED_KERNELS
 from .normalisers import clip_params, needs_rows, ramp_of
+from .softmax import visible_keys
 
 # Largest key block streamed in one piece. Up to this many keys a query block's scores are computed once (one
 # pass in the forward and one in the backward); beyond it the two-pass streaming form runs.
@@ -65,11 +65,6 @@ MAX_KEY_BLOCK = 16384
 # Target number of score elements in one tile (all batch-heads of a chunk x query block x key block). Small
 # sequences batch many heads into one tile so Python overhead stays low; long ones go one head at a time.
 TILE_ELEMS = 1 << 19
-# impl="auto" picks the blocked kernel once the eager probability tensor B*H*Tq*Tk has this many elements
-# (2^23 floats = 32 MiB, the L3 cache of the dev machine). Measured on the CPU with benchmarks/attention.py
-# (--crossover and the T sweep, docs/attention_kernels.md): below it eager is as fast or faster (its T x T
-# tensors stay in cache), from it on blocked is faster (2x at 8.4M elements) and its memory stays linear.
-AUTO_MIN_ELEMS = 1 << 23
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
@@ -180,46 +175,13 @@ def _dropout_keep(shape: torch.Size, p: float, seed: int, tile_id: int, device: 
     return (r >= p).to(dtype).mul_(1.0 / (1.0 - p))
 
 
-def visible_rows(keep: torch.Tensor | None, causal: bool, Tq: int, Tk: int,
-                 device: torch.device | None = None) -> torch.Tensor | float:
-    """Keys each query row can see, (B|1, H|1, Tq|1, 1) float32 clamped to >= 1, or ``Tk`` when nothing is masked.
-
-    Matches ``softmax.visible_keys(keep_mask(...))`` without building a causal T x T mask: the causal count of row
-    i is ``Tk - Tq + i + 1``; with a padding mask as well, the count is summed one query block at a time.
-    """
-    if keep is None and not causal:
-        return float(Tk)
-    if keep is None:
-        i = torch.arange(Tq, device=device, dtype=torch.float32)
-        return (i + (Tk - Tq + 1)).clamp(0, Tk).clamp_min(1).view(1, 1, Tq, 1)
-    if keep.dim() < 4:
-        keep = keep.view((1,) * (4 - keep.dim()) + tuple(keep.shape))
-    if not causal:
-        return keep.sum(dim=-1, keepdim=True).clamp_min(1).to(torch.float32)
-    out = []
-    off = Tk - Tq
-    kq = keep.expand(*keep.shape[:2], Tq, Tk)
-    for i0 in range(0, Tq, 256):  # (.., 256, Tk) bool at a time
-        i1 = min(Tq, i0 + 256)
-        tri = torch.arange(Tk, device=keep.device)[None, :] <= (torch.arange(i0, i1, device=keep.device)[:, None] + off)
-        out.append((kq[:, :, i0:i1] & tri).sum(-1, keepdim=True))
-    return torch.cat(out, dim=2).clamp_min(1).to(torch.float32)
-
-
 def clip_rows(cfg: AttentionConfig, keep: torch.Tensor | None, causal: bool, Tq: int, Tk: int,
               device: torch.device | None = None, ramp: float = 1.0) -> tuple[torch.Tensor | float, float]:
     """(gamma, zeta) of a clipped-softmax or NCS config: gamma a number or per query row, like the eager path's
     ``normalisers.clip_params(cfg, visible_keys(keep_mask(...)))`` with the causal mask given as a flag instead of a
     T x T tensor; ``ramp`` scales gamma (training's gamma ramp)."""
-    n = visible_rows(keep, causal, Tq, Tk, device) if needs_rows(cfg) else float(Tk)
+    n = visible_keys(keep, Tk, causal, Tq, device) if needs_rows(cfg) else float(Tk)
     return clip_params(cfg, n, ramp)
-
-
-def gamma_rows(cfg: AttentionConfig, keep: torch.Tensor | None, causal: bool, Tq: int, Tk: int,
-               device: torch.device | None = None) -> torch.Tensor | float:
-    """Gamma of a config: a number, or per query row (alpha with ``alpha_t='row'``, NCS), like
-    ``softmax.gamma_for`` with the causal mask given as a flag instead of a T x T tensor."""
-    return clip_rows(cfg, keep, causal, Tq, Tk, device)[0]
 
 
 # ---- the autograd function ---------------------------------------------------------------------------------------
@@ -363,7 +325,7 @@ def blocked_clipped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Args:
         q: (B, H, Tq, D); k, v: (B, H, Tk, D) (repeat grouped k/v heads before calling).
-        gamma: <= 0, a float or per-row tensor broadcastable to (B, H, Tq, 1) (see :func:`gamma_rows`).
+        gamma: <= 0, a float or per-row tensor broadcastable to (B, H, Tq, 1) (see :func:`clip_rows`).
         zeta: >= 1.
         keep: boolean "may attend" mask broadcastable to (B, H, Tq, Tk), or None.
         causal: query i sees keys 0 .. Tk - Tq + i (combined with ``keep`` when both are given).
@@ -482,12 +444,15 @@ def _flex_failed(e: Exception) -> None:
                   f"kernel from now on (set OUTLIERFREE_BLOCKED_BACKEND=torch to skip the attempt)", stacklevel=3)
 
 
-# ---- plugging into outlierfree_attention ------------------------------------------------------------------------
+# ---- the kernel outlierfree_attention calls ----------------------------------------------------------------------
 def blocked_kernel(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    keep: torch.Tensor | None, scaling: float, dropout: float, cfg: AttentionConfig,
                    causal: bool = False) -> torch.Tensor:
-    """``CLIPPED_KERNELS["blocked"]``: context (B, H, Tq, D) of a clipped-softmax or NCS layer without a T x T
-    tensor (NCS is clipped softmax with zeta = eta and a per-row gamma, see attention/normalisers.py).
+    """The "blocked" kernel (attention/kernels.py): context (B, H, Tq, D) of a clipped-softmax or NCS layer without a
+    T x T tensor (NCS is clipped softmax with zeta = eta and a per-row gamma, see attention/normalisers.py).
+
+    ``causal=True`` (with ``keep`` None where the model passed no mask) stands for the causal mask, which it applies
+    tile by tile instead of reading a T x T tensor.
 
     On CUDA with Triton (and no dropout) it runs :func:`flex_clipped_attention`; everywhere else the PyTorch
     :func:`blocked_clipped_attention`. ``cfg.block_size`` is the query block; ``cfg.extra["key_block"]`` may set
@@ -505,22 +470,3 @@ def blocked_kernel(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     return blocked_clipped_attention(query, key, value, gamma, zeta, keep, causal, scaling,
                                      q_block=cfg.block_size, k_block=cfg.extra.get("key_block"),
                                      dropout_p=dropout)
-
-
-blocked_kernel.takes_causal = True  # outlierfree_attention passes causal=True instead of a T x T mask
-
-
-def choose_clipped_impl(query: torch.Tensor, key: torch.Tensor) -> str:
-    """``AUTO_CLIPPED[0]``: "blocked" where it is faster than eager or the sequence is long, else "eager".
-
-    The rule is the size of the probability tensor eager would materialise, B*H*Tq*Tk >= ``AUTO_MIN_ELEMS``
-    (measured crossover on the CPU, docs/attention_kernels.md); on CUDA the same rule picks the FlexAttention
-    path.
-    """
-    B, H, Tq, _ = query.shape
-    Tk = key.shape[-2]
-    return "blocked" if B * H * Tq * Tk >= AUTO_MIN_ELEMS else "eager"
-
-
-CLIPPED_KERNELS["blocked"] = blocked_kernel
-AUTO_CLIPPED[0] = choose_clipped_impl

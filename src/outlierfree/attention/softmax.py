@@ -38,19 +38,47 @@ def keep_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int, causa
     return mask[..., -k_len:]
 
 
-def visible_keys(mask: torch.Tensor | None, k_len: int) -> torch.Tensor | float:
-    """Number of keys each query row can see, shape (B|1, H|1, Tq, 1), or ``k_len`` when nothing is masked."""
+def visible_keys(mask: torch.Tensor | None, k_len: int, causal: bool = False, q_len: int | None = None,
+                 device: torch.device | None = None) -> torch.Tensor | float:
+    """Number of keys each query row can see, (B|1, H|1, Tq|1, 1) float32 clamped to >= 1, or ``k_len`` when nothing
+    is masked.
+
+    ``causal=True`` adds the causal mask of ``q_len`` query rows (aligned to the last key, as :func:`keep_mask`)
+    without building it, for the blocked kernel, which never holds a T x T tensor: row i alone sees
+    ``k_len - q_len + i + 1`` keys; with ``mask`` as well the count is summed one block of query rows at a time.
+    Counts are whole numbers, so they equal the counts of the materialised mask exactly.
+    """
+    if not causal:
+        if mask is None:
+            return float(k_len)
+        return mask.sum(dim=-1, keepdim=True).clamp_min(1).to(torch.float32)
+    if q_len is None:
+        raise ValueError("visible_keys with causal=True needs q_len")
+    Tq, Tk = q_len, k_len
     if mask is None:
-        return float(k_len)
-    return mask.sum(dim=-1, keepdim=True).clamp_min(1).to(torch.float32)
+        i = torch.arange(Tq, device=device, dtype=torch.float32)
+        return (i + (Tk - Tq + 1)).clamp(0, Tk).clamp_min(1).view(1, 1, Tq, 1)
+    if mask.dim() < 4:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    out = []
+    off = Tk - Tq
+    kq = mask.expand(*mask.shape[:2], Tq, Tk)
+    for i0 in range(0, Tq, 256):  # (.., 256, Tk) bool at a time: memory stays linear in T
+        i1 = min(Tq, i0 + 256)
+        tri = torch.arange(Tk, device=mask.device)[None, :] <= (torch.arange(i0, i1, device=mask.device)[:, None] + off)
+        out.append((kq[:, :, i0:i1] & tri).sum(-1, keepdim=True))
+    return torch.cat(out, dim=2).clamp_min(1).to(torch.float32)
 
 
-def gamma_for(cfg: AttentionConfig, mask: torch.Tensor | None, k_len: int) -> torch.Tensor | float:
-    """Gamma for a config: a number, or one value per query row (alpha with ``alpha_t='row'``)."""
+def gamma_for(cfg: AttentionConfig, mask: torch.Tensor | None, k_len: int, causal: bool = False,
+              q_len: int | None = None, device: torch.device | None = None) -> torch.Tensor | float:
+    """Gamma for a clipped-softmax config: a number, or one value per query row (alpha with ``alpha_t='row'``).
+
+    ``causal``/``q_len`` add a causal mask given as a flag, as in :func:`visible_keys`."""
     g = cfg.fixed_gamma()
     if g is not None:
         return g
-    return -cfg.alpha / visible_keys(mask, k_len)
+    return -cfg.alpha / visible_keys(mask, k_len, causal, q_len, device)
 
 
 def clipped_softmax(scores: torch.Tensor, gamma: torch.Tensor | float = 0.0, zeta: float = 1.0,

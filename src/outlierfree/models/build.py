@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..attention.config import AttentionConfig
 from ..attention.gates import AttentionGate
+from ..attention.interface import GATE_INPUT
 from ..attention.normalisers import RAMP_ATTR, AttentionSink
 from ..errors import OutlierfreeError, require
 from . import hf_compat
@@ -63,7 +64,9 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
     """Put an attention variant into an existing Hugging Face model, in place; returns the model.
 
     Every attention module then runs through the ``outlierfree`` attention function; gated variants get an
-    :class:`AttentionGate` per layer (``<attention module>.outlierfree_gate``), the sink variant an
+    :class:`AttentionGate` per layer (``<attention module>.outlierfree_gate``) and a forward pre-hook that hands the
+    layer input to the attention function as a keyword argument (refused for a module whose forward takes no
+    ``**kwargs``), the sink variant an
     :class:`AttentionSink` (``<attention module>.outlierfree_sink``). A clipped or NCS config that zeroes every
     near-uniform row of the model's maximum length at initialisation warns (:class:`DeadAttentionWarning`). The
     variant is recorded in ``model.config.outlierfree`` so that :func:`save_model` / :func:`load_model` round-trip
@@ -86,6 +89,11 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
     require(len(modules) > 0, f"found no attention modules in {type(model).__name__}",
             "pass a transformers model whose attention uses the attention interface")
     warn_if_dead(cfg, hf_compat.max_length(config))
+    if cfg.variant == "gated":  # checked before any module changes, so a refused patch leaves the model as it was
+        for path, module in modules:
+            require(hf_compat.takes_keyword_arguments(module), f"gated attention cannot be patched into "
+                    f"{path or type(model).__name__} ({type(module).__name__}): its forward takes no **kwargs to "
+                    f"pass the gate its input through", "use another variant for this model")
     for _, module in modules:
         unpatch_module(module)
         module.outlierfree = cfg
@@ -98,7 +106,7 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
             ref = next(module.parameters())
             module.outlierfree_gate = AttentionGate(dims.d_model, dims.n_heads, dims.head_dim, cfg).to(
                 device=ref.device, dtype=ref.dtype)
-            module._outlierfree_hook = module.register_forward_pre_hook(_stash_layer_input, with_kwargs=True)
+            module._outlierfree_hook = module.register_forward_pre_hook(_pass_layer_input, with_kwargs=True)
     config.outlierfree = cfg.to_dict()
     hf_compat.set_attention_implementation(model, hf_compat.IMPL_NAME)
     return model
@@ -130,14 +138,17 @@ def unpatch_module(module: nn.Module) -> None:
     for name in ("outlierfree_gate", "outlierfree_sink"):
         if name in module._modules:
             del module._modules[name]
-    for name in ("outlierfree", "_outlierfree_hook", "_outlierfree_x", RAMP_ATTR):
+    for name in ("outlierfree", "_outlierfree_hook", RAMP_ATTR):
         if name in module.__dict__:
             delattr(module, name)
 
 
-def _stash_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    # the gate needs x, the attention layer's input, which the attention interface is not given
-    module._outlierfree_x = hf_compat.layer_input(args, kwargs)
+def _pass_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a gated attention module: adds its input x to its keyword arguments as ``GATE_INPUT``.
+
+    The gate needs x, which transformers does not give the attention function; the attention module passes its
+    ``**kwargs`` on to it, so x arrives there explicitly and nothing is kept on the module after the forward."""
+    return args, {**kwargs, GATE_INPUT: hf_compat.layer_input(args, kwargs)}
 
 
 def attention_config_of(model: nn.Module) -> AttentionConfig | None:

@@ -3,7 +3,8 @@
 - registering :func:`outlierfree_attention` in transformers' ``AttentionInterface`` (and a mask function in
   ``AttentionMaskInterface``, without which transformers builds no mask for a custom implementation);
 - switching a model's attention implementation;
-- finding the modules that call the attention interface, and their sizes;
+- transformers' own SDPA attention function, which the ``sdpa`` kernel of attention/kernels.py calls;
+- finding the modules that call the attention interface, their sizes, and whether they pass keyword arguments on;
 - the family table: which transformers classes make BERT / OPT / ViT.
 """
 
@@ -63,6 +64,18 @@ def attentions_requested() -> bool:
     return bool(collected) and "attentions" in collected
 
 
+def sdpa_attention(module: nn.Module, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                   scaling: float | None = None, **kwargs: Any) -> Any:
+    """transformers' SDPA attention function on (B, H, T, D) q, k, v (grouped k/v allowed); returns the context
+    (B, Tq, H, D)."""
+    # imported at each call: keeps `import outlierfree` cheap, and a test's spy on the function is seen
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    **kwargs)
+    return out
+
+
 def is_attention_module(module: nn.Module) -> bool:
     """Whether ``module`` is an attention module that calls transformers' attention interface: found from its
     forward's source (:func:`calls_attention_interface`), whatever its children are named."""
@@ -92,6 +105,18 @@ def attention_dims(module: nn.Module) -> AttentionDims:
     head_dim = int(getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
                    or d_model // n_heads)
     return AttentionDims(d_model, n_heads, head_dim)
+
+
+def takes_keyword_arguments(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes ``**kwargs``: transformers' attention modules pass them on to the attention
+    function, which is how the gated variant's layer input reaches it (see ``models/build.py``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let the forward itself tell
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def layer_input(args: tuple, kwargs: dict) -> Any:

@@ -128,7 +128,7 @@ def make_release(run_dir: str | Path, out: str | Path, dtype: str = "float16", n
                 "released_at_commit": git_commit(), "released_on": machine(), "note": note,
                 "retrain": retrain_command(result.get("preset"), spec)}
         write_json(tmp / "release.json", info)
-        write_text(tmp / "README.md", card(info, result, read_json(tmp / "train_config.json")))
+        write_text(tmp / "README.md", card(info, result, _training_config(tmp)))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,6 +151,14 @@ def _check(result: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     return {"ok": ok, "fp_float32": fp0, "fp_now": now["fp"], "fp_relative_change": fp_rel,
             "degradation_float32": d0, "degradation_now": d1, "degradation_tolerance": deg_tol,
             "why": f"FP {fp0:.4g} -> {now['fp']:.4g}, W8A8 degradation {d0:.3g} -> {d1:.3g}"}
+
+
+def _training_config(model_dir: Path) -> dict[str, Any]:
+    """train_config.json of a model directory, through the package's one reader of training records."""
+    from ..data.record import read_training_record
+
+    record = read_training_record(model_dir)
+    return dict(record.config) if record is not None else {}
 
 
 def retrain_command(preset: str | None, spec: RunSpec) -> str:

@@ -48,7 +48,7 @@ class RunDir:
         """True when ``OUT/DONE`` says this same run finished; a finished run with other settings is an error."""
         if not (self.out / DONE_FILE).is_file():
             return False
-        prev = _saved_identity(self.model_dir / "train_config.json")
+        prev = _saved_identity(self.model_dir)
         diff = config_difference(prev, self.identity) if prev is not None else ["(no train_config.json)"]
         require(not diff, f"{str(self.out)!r} holds a finished run with other settings ({'; '.join(diff[:3])})",
                 "pass another --out, or delete the directory to train again")
@@ -160,10 +160,20 @@ def read_state(ckpt: Path) -> dict[str, Any]:
                                "delete it to start over, or pass another --out") from e
 
 
-def _saved_identity(path: Path) -> dict[str, Any] | None:
+def _saved_identity(model_dir: Path) -> dict[str, Any] | None:
+    """The identity of the finished run's train_config.json (read by the package's one reader of training
+    records), or None when it is missing or unreadable."""
+    from ..data.record import read_training_record
+
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text())).identity()
-    except (OSError, json.JSONDecodeError, OutlierfreeError):
+        record = read_training_record(model_dir)
+    except OutlierfreeError:  # a malformed image_normalisation.json: the settings cannot be compared
+        return None
+    if record is None or not record.trained_here:
+        return None
+    try:
+        return TrainConfig.from_dict(dict(record.config)).identity()
+    except OutlierfreeError:
         return None
 
 
