@@ -158,6 +158,13 @@ def test_opt_flattened_ffn_and_gated_variant():
     fc2 = _site(rep, "model.decoder.layers.0.fc2:output")
     assert fc2["kind"] == "ffn_output" and fc2["dim"] == 64 and fc2["sequences"] == 2
     assert rep["headline"]["max_inf_norm"] > 0 and len(rep["heads"]) == 4
+    from outlierfree.analysis.analyze import Headline
+
+    h = Headline.of(rep)  # the typed record reproduce and doctor read
+    assert (h.max_inf_norm, h.max_inf_norm_site, h.avg_kurtosis, h.noop_heads) == (
+        rep["headline"]["max_inf_norm"], rep["headline"]["max_inf_norm_site"], rep["headline"]["avg_kurtosis"],
+        rep["noop"]["flagged"])
+    assert Headline.of({}).max_inf_norm is None and Headline.of({}).to_dict()["noop_heads"] is None
 
 
 def test_headline_metrics_contract():

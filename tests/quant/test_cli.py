@@ -138,3 +138,12 @@ def test_quantize_path_library_entry_transforms_keep_float_and_report_like_the_c
     assert seen == [(paper_w8a8().describe(), True)] and plain["task"] == "mlm" and plain["data"]["whole_text"]
     r16 = plain["runs"][1]
     assert abs(r16["quantized"]["perplexity"] - r16["float"]["perplexity"]) <= 0.01 * r16["float"]["perplexity"]
+    # the typed record other packages read: the same numbers, harm signed so that positive is worse
+    from outlierfree.quant.evaluate import Measured
+
+    m = Measured.of(plain["runs"][0])
+    r = plain["runs"][0]
+    assert (m.metric, m.float, m.quantized, m.int8_ort) == ("perplexity", r["float"]["perplexity"],
+                                                             r["quantized"]["perplexity"], None)
+    assert m.harm(higher_is_better=False) == r["quantized"]["perplexity"] - r["float"]["perplexity"]
+    assert Measured.of(r, scale=100.0).float == pytest.approx(100 * m.float)

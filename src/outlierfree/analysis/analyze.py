@@ -10,9 +10,11 @@ must represent them.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import resource
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -172,6 +174,29 @@ def report_kind(sites: list[dict[str, Any]], width: int | None = None) -> list[d
             w = width if width in dims else max(set(dims), key=dims.count)
             return [s for s in chosen if s["dim"] == w]
     return []
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The outlier numbers of one analysis report, typed: what ``reproduce`` and ``doctor`` read, so that no other
+    package indexes the report dict by string keys (definitions in docs/metrics.md)."""
+
+    max_inf_norm: float | None
+    max_inf_norm_site: str | None
+    avg_kurtosis: float | None
+    max_kurtosis: float | None
+    noop_heads: int | None  # attention heads flagged as no-op (None: attention was not analysed)
+
+    @classmethod
+    def of(cls, report: dict[str, Any]) -> "Headline":
+        """The record of an :func:`analyze_model` report (or one read back from analysis.json)."""
+        h = report.get("headline") or {}
+        return cls(h.get("max_inf_norm"), h.get("max_inf_norm_site"), h.get("avg_kurtosis"), h.get("max_kurtosis"),
+                   (report.get("noop") or {}).get("flagged"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return dataclasses.asdict(self)
 
 
 def headline(sites: list[dict[str, Any]], width: int | None = None) -> dict[str, Any]:

@@ -29,10 +29,9 @@ TRAINABLE = ("bert", "opt", "vit")
 
 
 def _harm(r: dict[str, Any], metric: str, higher: bool) -> float | None:
-    f, q = r["float"].get(metric), r["quantized"].get(metric)
-    if f is None or q is None:
-        return None
-    return (f - q) if higher else (q - f)
+    from ..quant.evaluate import Measured
+
+    return Measured.of(r, metric).harm(higher)
 
 
 def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokenizer: str | None = None,
@@ -132,9 +131,11 @@ def _verdict(runs: list[dict[str, Any]], analysis: dict[str, Any], metric: str, 
     tol = 0.01 * abs(fl) if fl else 0.01  # within 1 % of float counts as "survives"
     ok = [r for r in runs if r.get("harm") is not None and r["harm"] <= tol]
     best = min((r for r in runs[2:] if r.get("harm") is not None), key=lambda r: r["harm"], default=None)
-    head = analysis.get("headline") or {}
-    where = (f"the largest activations sit at {head.get('max_inf_norm_site')} (max inf-norm "
-             f"{head.get('max_inf_norm', float('nan')):.3g})" if head else "no headline sites were found")
+    from ..analysis.analyze import Headline
+
+    head = Headline.of(analysis)
+    where = (f"the largest activations sit at {head.max_inf_norm_site} (max inf-norm {head.max_inf_norm:.3g})"
+             if head.max_inf_norm is not None else "no headline sites were found")
     if base.get("harm") is not None and base["harm"] <= tol:
         summary = (f"W8A8 (the paper's set) changes {metric} by {base['harm']:+.3g}, within 1 % of float: this model "
                    f"ships in 8 bits as it is.")

@@ -13,8 +13,10 @@ Metrics (every result dict carries the full quantization config under ``"config"
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -116,6 +118,44 @@ class Scores:
             r["cosine"] = self.cos_sum / self.cos_n
             r["pooled_cosine"] = self.pooled_cos_sum / self.pooled_n
         return r
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The headline numbers of one :func:`evaluate_quantized` result, typed: what ``reproduce``, ``release`` and
+    ``doctor`` read, so that no other package indexes the result dict by string keys.
+
+    ``scale`` multiplies every metric value (100 for top-1 in percent, as the paper reports it)."""
+
+    metric: str
+    float: float | None  # the float model's metric
+    quantized: float | None  # the simulated quantized model's metric
+    int8_ort: float | None = None  # the same model in real INT8 (ONNX Runtime), when it ran
+    output_sqnr_db: float | None = None
+
+    @classmethod
+    def of(cls, result: dict[str, Any], metric: str | None = None, scale: float = 1.0) -> "Measured":
+        """The record of ``result`` (a dict of :func:`evaluate_quantized`, or as read back from JSON)."""
+        metric = metric or task_metric(result["task"])[0]
+
+        def value(d: dict[str, Any] | None) -> float | None:
+            v = (d or {}).get(metric)
+            return None if v is None else float(v) * scale
+
+        ort = (result.get("onnxruntime") or {}).get("int8")
+        return cls(metric, value(result.get("float")), value(result.get("quantized")), value(ort),
+                   (result.get("quantized") or {}).get("output_sqnr_db"))
+
+    def harm(self, higher_is_better: bool) -> float | None:
+        """How much quantization costs (positive = worse): quantized - float, or float - quantized when higher is
+        better; None when either is missing."""
+        if self.float is None or self.quantized is None:
+            return None
+        return self.float - self.quantized if higher_is_better else self.quantized - self.float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return dataclasses.asdict(self)
 
 
 def task_metric(task: str) -> tuple[str, bool]:

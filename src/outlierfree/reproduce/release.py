@@ -72,14 +72,14 @@ def measure(model_dir: Path, spec: RunSpec, progress: bool = False) -> dict[str,
     """FP and simulated W8A8 (paper set) of ``model_dir`` in the spec's own setting: the numbers a release is
     checked against (the same batches, calibration and metric as reproduce's quant stage)."""
     from ..quant.config import paper_w8a8
-    from ..quant.evaluate import evaluate_quantized
+    from ..quant.evaluate import Measured, evaluate_quantized
 
     model, tok, task, batches = quant_inputs(spec, model_dir)
     r = evaluate_quantized(model, tok, batches.calib, batches.eval, paper_w8a8(), task, diagnostics=False,
                            progress=progress)
     metric = METRIC[spec.family]
-    pct = 100.0 if metric == "top1" else 1.0
-    return {"metric": metric, "fp": r["float"][metric] * pct, "w8a8": r["quantized"][metric] * pct}
+    m = Measured.of(r, metric, 100.0 if metric == "top1" else 1.0)
+    return {"metric": metric, "fp": m.float, "w8a8": m.quantized}
 
 
 def make_release(run_dir: str | Path, out: str | Path, dtype: str = "float16", note: str | None = None,

@@ -141,27 +141,26 @@ def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str,
               seconds: float, commit: str, preset: str, train_dir: Path | None = None) -> dict[str, Any]:
     """The run's result.json: every number the report shows, with how it was obtained. ``train_dir``: where the
     training log is (default ``run_dir/train``; a release keeps it beside its weights)."""
+    from ..analysis.analyze import Headline
+    from ..quant.evaluate import Measured
+
     metric = METRIC[spec.family]
     events = _track_events(train_dir or run_dir / "train", ("outliers", "eval", "train", "resume"))  # read once
     pct = 100.0 if metric == "top1" else 1.0  # top-1 in percent, as the paper reports it
-
-    def value(d: dict[str, Any]) -> float | None:
-        v = d.get(metric)
-        return None if v is None else v * pct
-
-    fp = value(quant["w8a8"]["float"])
+    paper, linear = Measured.of(quant["w8a8"], metric, pct), Measured.of(quant["w8a8_linear"], metric, pct)
+    head = Headline.of(analysis)
     res = {
         "name": spec.name, "family": spec.family, "variant": spec.variant, "seed": spec.seed, "preset": preset,
         "metric": metric,
-        "fp": fp,
-        "w8a8": value(quant["w8a8"]["quantized"]),
-        "w8a8_ort": value(quant["w8a8"].get("onnxruntime", {}).get("int8", {})),
-        "w8a8_linear": value(quant["w8a8_linear"]["quantized"]),
-        "max_inf_norm": analysis["headline"].get("max_inf_norm"),
-        "max_inf_norm_site": analysis["headline"].get("max_inf_norm_site"),
-        "avg_kurtosis": analysis["headline"].get("avg_kurtosis"),
-        "max_kurtosis": analysis["headline"].get("max_kurtosis"),
-        "noop_heads": analysis.get("noop", {}).get("flagged"),
+        "fp": paper.float,
+        "w8a8": paper.quantized,
+        "w8a8_ort": paper.int8_ort,
+        "w8a8_linear": linear.quantized,
+        "max_inf_norm": head.max_inf_norm,
+        "max_inf_norm_site": head.max_inf_norm_site,
+        "avg_kurtosis": head.avg_kurtosis,
+        "max_kurtosis": head.max_kurtosis,
+        "noop_heads": head.noop_heads,
         "per_layer_inf_norm": _per_layer(analysis),
         "track": [e for e in events if e["event"] in ("outliers", "eval")],
         "how": {"spec": spec.to_dict(), "commit": commit, "machine": machine(), "model_dir": str(model_dir),
