@@ -22,6 +22,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ def train(cfg: TrainConfig) -> Path:
     Works the same on one CPU, one GPU, or many processes under ``accelerate launch``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from rich.console import Console
 
     cfg = cfg.resolved()
@@ -87,13 +88,7 @@ def train(cfg: TrainConfig) -> Path:
         start = int(state["step"])
         run.log({"event": "resume", "step": start}, f"resumed from {resumed[0]} at step {start}")
     else:
-        n_params = sum(p.numel() for p in model.parameters())
-        run.log({"event": "start", "config": cfg.to_dict(), "parameters": n_params, "commit": git_commit(),
-                 "machine": machine(), "world_size": world, "precision": accelerator.mixed_precision,
-                 "train_rows": batches.n, "val_rows": batches.val_size()},
-                f"training {cfg.family}/{cfg.size} ({n_params:,} parameters, {describe(cfg)}) on {batches.n:,} "
-                f"{'images' if cfg.task == 'image' else 'sequences'} for {cfg.steps} steps x {cfg.batch_size}; "
-                f"{world} process(es), precision {accelerator.mixed_precision}")
+        _log_start(cfg, run, model, batches, accelerator)
     accelerator.wait_for_everyone()
 
     unit = "images" if cfg.task == "image" else "tokens"
@@ -155,23 +150,44 @@ def train(cfg: TrainConfig) -> Path:
         result = validate(task_model, batches, accelerator, cfg.batch_size)
         run.log({"event": "eval", "step": cfg.steps, **result}, f"step {cfg.steps}: " + format_validation(result))
 
-    final = accelerator.unwrap_model(task_model).model
-    if accelerator.distributed_type == DistributedType.FSDP:  # gather the shards (every process must call this)
-        full = accelerator.get_state_dict(task_model)
-        if main:
-            final = build_for_run(cfg, data)
-            final.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=False)
-    if main:
-        summary = {"steps": cfg.steps, **result, "train_seconds_this_process": time.perf_counter() - t_start,
-                   "world_size": world}
-        extra = {"train_config.json": cfg.to_dict(), "train_result.json": summary}
-        if cfg.task == "image":
-            extra["image_normalisation.json"] = {"mean": list(data.mean), "std": list(data.std),
-                                                 "classes": data.classes, "source": data.source}
-        run.finish(final, getattr(data, "tokenizer", None), extra, summary,
-                   {"event": "done", "step": cfg.steps, **result})
+    _save_final(cfg, accelerator, task_model, run, data, result, time.perf_counter() - t_start)
     accelerator.wait_for_everyone()
     return run.model_dir
+
+
+def _log_start(cfg: TrainConfig, run: RunDir, model: torch.nn.Module, batches: TrainingBatches,
+               accelerator: Any) -> None:
+    """The "start" event: the config, the model's size, the data's, and where this sitting runs."""
+    n_params = sum(p.numel() for p in model.parameters())
+    run.log({"event": "start", "config": cfg.to_dict(), "parameters": n_params, "commit": git_commit(),
+             "machine": machine(), "world_size": accelerator.num_processes, "precision": accelerator.mixed_precision,
+             "train_rows": batches.n, "val_rows": batches.val_size()},
+            f"training {cfg.family}/{cfg.size} ({n_params:,} parameters, {describe(cfg)}) on {batches.n:,} "
+            f"{'images' if cfg.task == 'image' else 'sequences'} for {cfg.steps} steps x {cfg.batch_size}; "
+            f"{accelerator.num_processes} process(es), precision {accelerator.mixed_precision}")
+
+
+def _save_final(cfg: TrainConfig, accelerator: Any, task_model: torch.nn.Module, run: RunDir, data: Any,
+                result: dict[str, float], seconds: float) -> None:
+    """Gather the weights (FSDP: every process must call this) and save the final model, its config, result and
+    image statistics, then DONE (main process)."""
+    from accelerate.utils import DistributedType
+
+    final = accelerator.unwrap_model(task_model).model
+    if accelerator.distributed_type == DistributedType.FSDP:
+        full = accelerator.get_state_dict(task_model)
+        if accelerator.is_main_process:
+            final = build_for_run(cfg, data)
+            final.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=False)
+    if not accelerator.is_main_process:
+        return
+    summary = {"steps": cfg.steps, **result, "train_seconds_this_process": seconds,
+               "world_size": accelerator.num_processes}
+    extra = {"train_config.json": cfg.to_dict(), "train_result.json": summary}
+    if cfg.task == "image":
+        extra["image_normalisation.json"] = {"mean": list(data.mean), "std": list(data.std),
+                                             "classes": data.classes, "source": data.source}
+    run.finish(final, getattr(data, "tokenizer", None), extra, summary, {"event": "done", "step": cfg.steps, **result})
 
 
 class Window:
