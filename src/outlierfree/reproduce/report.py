@@ -206,19 +206,33 @@ def effect_sentence(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) ->
     degradation at least 5x smaller than vanilla's) holds."""
     parts = []
     by = {(r["family"], r["variant"]): r for r in rows}
-    for c in checks:
-        v, r = by[(c["family"], "vanilla")], by[(c["family"], c["variant"])]
-        dv, dr = c["vanilla_degradation"], c["degradation"]
-        if dv is None or dr is None:
+    for family in dict.fromkeys(c["family"] for c in checks):  # one clause per family, vanilla named once
+        mine = [c for c in checks if c["family"] == family and c["vanilla_degradation"] is not None
+                and c["degradation"] is not None]
+        if not mine:
             continue
+        v, dv = by[(family, "vanilla")], mine[0]["vanilla_degradation"]
         unit = " points of top-1" if v["metric"] == "top1" else " perplexity"
-        times = f"{dv / dr:.0f}x less" if dr > 0 else "nothing"
-        parts.append(f"per-tensor W8A8 costs {c['family']} vanilla {dv:+.3g}{unit} (max inf-norm "
-                     f"{_fmt(v['max_inf_norm'], 3)}) and {c['variant']} {dr:+.3g} ({times}; max inf-norm "
-                     f"{_fmt(r['max_inf_norm'], 3)}), so {c['variant']} "
-                     f"{'removes' if c['degradation_one_fifth'] else 'does not remove'} the outliers that break 8 bits")
+        fixes = []
+        for c in mine:
+            dr = c["degradation"]
+            times = f"{dv / dr:.0f}x less" if dr > 0 else "nothing"
+            inf = _fmt(by[(family, c["variant"])]["max_inf_norm"], 3)
+            fixes.append(f"{c['variant']} {dr:+.3g} ({times}; max inf-norm {inf})")
+        good = [c["variant"] for c in mine if c["degradation_one_fifth"]]
+        bad = [c["variant"] for c in mine if not c["degradation_one_fifth"]]
+        verdict = ", and ".join(x for x in (
+            f"{_and(good)} remove{'s' if len(good) == 1 else ''} the outliers that break 8 bits" if good else "",
+            f"{_and(bad)} do{'es' if len(bad) == 1 else ''} not" if bad else "") if x)
+        parts.append(f"per-tensor W8A8 costs {family} vanilla {dv:+.3g}{unit} (max inf-norm "
+                     f"{_fmt(v['max_inf_norm'], 3)}), {_and(fixes)}: {verdict}")
     return ("On the released checkpoints, " + "; ".join(parts) + ".") if parts else \
         "The released checkpoints hold no vanilla and fix pair to compare."
+
+
+def _and(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str], dict[str, Any]]:
