@@ -134,8 +134,8 @@ def _verdict(runs: list[dict[str, Any]], analysis: dict[str, Any], metric: str, 
     from ..analysis.analyze import Headline
 
     head = Headline.of(analysis)
-    where = (f"the largest activations sit at {head.max_inf_norm_site} (max inf-norm {head.max_inf_norm:.3g})"
-             if head.max_inf_norm is not None else "no headline sites were found")
+    where = (f"The largest activations sit at {head.max_inf_norm_site} (max inf-norm {head.max_inf_norm:.3g})"
+             if head.max_inf_norm is not None else "No headline sites were found")
     if base.get("harm") is not None and base["harm"] <= tol:
         summary = (f"W8A8 (the paper's set) changes {metric} by {base['harm']:+.3g}, within 1 % of float: this model "
                    f"ships in 8 bits as it is.")
