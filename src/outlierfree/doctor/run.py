@@ -46,9 +46,8 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     from ..analysis.run import analyze_path
     from ..errors import OutlierfreeError
     from ..models import hf_compat
-    from ..quant.evaluate import evaluate_quantized, task_metric, model_output
-    from ..quant.run import load_for_quant
-    from ..quant.transforms import rotate, smoothquant
+    from ..quant.evaluate import evaluate_quantized, task_metric
+    from ..quant.run import apply_transforms, load_for_quant
 
     require(calib_batches >= 1 and eval_batches >= 1, "doctor needs calibration and evaluation batches",
             "pass --calib-batches >= 1 and --eval-batches >= 1")
@@ -85,13 +84,13 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     runs.append(run("per-token activations (dynamic)", model,
                     paper.replace(activation=QuantSpec(8, False, "per_token", "current_minmax", static=False))))
     smoothed = copy.deepcopy(model)
-    sq = smoothquant(smoothed, batches.calib, 0.5, forward=lambda m, b: model_output(m, b, task))
-    runs.append(run(f"SmoothQuant 0.5 ({sq.to_dict()['applied']} folds)", smoothed, paper))
+    [sq] = apply_transforms(smoothed, [("smoothquant", 0.5)], batches.calib, task)  # as quantize --transform does
+    runs.append(run(f"SmoothQuant 0.5 ({sq['applied']} folds)", smoothed, paper))
     rotated, not_applicable = copy.deepcopy(model), {}
     try:
-        rot = rotate(rotated, batches.calib[0], forward=lambda m, b: model_output(m, b, task))
-        runs.append(run("rotation (" + (f"residual {rot.kind} + " if rot.layers else "") +
-                        f"heads: Q/K {rot.heads_qk}, V/O {rot.heads_vo})", rotated, paper))
+        [rot] = apply_transforms(rotated, [("rotate", 0)], batches.calib, task)
+        runs.append(run("rotation (" + (f"residual {rot['rotation']} + " if rot["layers"] else "") +
+                        f"heads: Q/K {rot['heads_qk']}, V/O {rot['heads_vo']})", rotated, paper))
     except OutlierfreeError as e:  # the architecture's norms break the invariance: say so, measure nothing
         not_applicable["rotation"] = e.problem
         echo(f"    rotation: not applicable ({e.problem})")
@@ -113,7 +112,7 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
               "outliers": {"headline": analysis.get("headline"), "outlier_dims": analysis.get("outlier_dims"),
                            "top_activations": (analysis.get("top_activations") or [])[:5],
                            "noop": analysis.get("noop")},
-              "ablation": (runs[0].get("ablation") or [])[:10], "smoothquant": sq.to_dict(),
+              "ablation": (runs[0].get("ablation") or [])[:10], "smoothquant": sq,
               "not_applicable": not_applicable,
               "configs": [{k: v for k, v in r.items() if k in ("label", "quantized", "harm", "config", "seconds")}
                           for r in runs],
