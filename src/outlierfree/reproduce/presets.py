@@ -27,9 +27,11 @@ METRIC = {"bert": "perplexity", "opt": "perplexity", "vit": "top1"}  # lower per
 def degradation(metric: str, fp: float | None, w8a8: float | None) -> float | None:
     """W8A8's loss against float in the metric's units, positive when quantization hurts (perplexity up, top-1
     down); None when either number is missing."""
+    from ..quant.evaluate import Measured  # the one signed-harm rule (doctor uses it too)
+
     if not isinstance(fp, (int, float)) or not isinstance(w8a8, (int, float)):
         return None
-    return (w8a8 - fp) if metric == "perplexity" else (fp - w8a8)
+    return Measured(metric, fp, w8a8).harm(higher_is_better=metric != "perplexity")
 
 
 @dataclass
