@@ -60,7 +60,7 @@ from .config import AttentionConfig
 from .normalisers import clip_params, needs_rows, ramp_of
 from ..errors import require
 from .softmax import visible_keys
-from .two_pass import mexp_accumulate, mexp_lse, mexp_state
+from .two_pass import mexp_accumulate, mexp_clip_probs, mexp_lse, mexp_state
 
 # Largest key block streamed in one piece. Up to this many keys a query block's scores are computed once (one
 # pass in the forward and one in the backward); beyond it the two-pass streaming form runs.
@@ -220,11 +220,12 @@ class BlockedClippedAttention(torch.autograd.Function):
                 if len(kbs) == 1 and first_pass == "two_pass":  # one tile, its lse by (mantissa, exponent) pairs
                     (j0, j1), = kbs
                     s = ch.scores(q3, k3, i0, i1, j0, j1)  # (nb, nh, rows, cols)
-                    row_lse, ok = mexp_lse(mexp_accumulate(s, mexp_state((ch.nb, ch.nh, rows, 1), s)))
+                    state = mexp_accumulate(s, mexp_state((ch.nb, ch.nh, rows, 1), s))
+                    row_lse, ok = mexp_lse(state)
                     if ok:
                         lse3[:, i0:i1] = row_lse.view(ch.n, rows)
-                        # exp(-inf - lse) = 0 (masked keys; rows seeing nothing have lse = +inf): clip(g) = 0
-                        c = s.sub_(row_lse).exp_().mul_(kappa).add_(g).clamp_(0.0, 1.0)
+                        # pass 2 on the same tile: masked keys (and rows seeing nothing) give clip(g) = 0
+                        c = mexp_clip_probs(s, state, row_lse, kappa, g)
                         if dropout_p > 0:
                             c.mul_(_dropout_keep(c.shape, dropout_p, seed, tile, c.device, c.dtype))
                         o3[:, i0:i1].baddbmm_(c.view(ch.n, rows, j1 - j0), v3[:, j0:j1])
@@ -265,7 +266,11 @@ class BlockedClippedAttention(torch.autograd.Function):
                 lse3[:, i0:i1] = row_lse.view(ch.n, rows)
                 # pass 2: recompute, clip, accumulate
                 for j0, j1 in kbs:
-                    c = ch.scores(q3, k3, i0, i1, j0, j1).sub_(row_lse).exp_().mul_(kappa).add_(g).clamp_(0.0, 1.0)
+                    s = ch.scores(q3, k3, i0, i1, j0, j1)
+                    if ok:  # the paper's pass 2 (m / M * 2^(n - E)) with the clip fused
+                        c = mexp_clip_probs(s, state, row_lse, kappa, g)
+                    else:
+                        c = s.sub_(row_lse).exp_().mul_(kappa).add_(g).clamp_(0.0, 1.0)
                     if dropout_p > 0:
                         c.mul_(_dropout_keep(c.shape, dropout_p, seed, tile, c.device, c.dtype))
                     o3[:, i0:i1].baddbmm_(c.view(ch.n, rows, j1 - j0), v3[:, j0:j1])

@@ -92,6 +92,9 @@ def library() -> ctypes.CDLL | None:
     for name in ("of_mexp_accumulate_f32", "of_mexp_accumulate_f64"):
         getattr(lib, name).argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, c_int]
         getattr(lib, name).restype = None
+    for name in ("of_clip_probs_f32", "of_clip_probs_f64"):
+        getattr(lib, name).argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, c_int]
+        getattr(lib, name).restype = None
     for name in ("of_range", "of_zlim"):
         getattr(lib, name).restype = ctypes.c_double
     return lib

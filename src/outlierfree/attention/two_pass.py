@@ -141,13 +141,21 @@ def _rows(x: torch.Tensor, algorithm: str, backend: str) -> torch.Tensor:
         return _TORCH[algorithm](x)
     x = x.contiguous()
     y = torch.empty_like(x)  # (..., n)
+    return softmax_into(x, y, algorithm) if x.numel() else y
+
+
+def softmax_into(x: torch.Tensor, out: torch.Tensor, algorithm: str = "two_pass") -> torch.Tensor:
+    """softmax over the last dim of a contiguous float32/float64 CPU tensor ``x``, written into ``out`` (same shape,
+    contiguous) by the compiled kernel, without autograd or an allocation: what benchmarks/softmax.py times."""
+    require(compiled_available(), "the compiled softmax kernels are not available", "install g++ (or set CXX)")
+    require(x.is_contiguous() and out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype
+            and x.dtype in (torch.float32, torch.float64) and x.device.type == "cpu",
+            "softmax_into needs contiguous float32/float64 CPU tensors of one shape", "call .contiguous() first")
     n = x.shape[-1]
-    rows = x.numel() // max(n, 1)
-    if x.numel():
-        fn = native.library().of_softmax_f32 if x.dtype == torch.float32 else native.library().of_softmax_f64
-        fn(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), rows, n, _ALGO_ID[algorithm],
-           torch.get_num_threads())
-    return y
+    fn = native.library().of_softmax_f32 if x.dtype == torch.float32 else native.library().of_softmax_f64
+    fn(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(out.data_ptr()), x.numel() // max(n, 1), n,
+       _ALGO_ID[algorithm], torch.get_num_threads())
+    return out
 
 
 class _RowSoftmax(torch.autograd.Function):
@@ -236,3 +244,27 @@ def mexp_lse(state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[to
     seen = mx > -math.inf
     ok = bool((~seen | ((mx >= -RANGE) & (mx <= RANGE))).all())
     return torch.where(seen, torch.log(m) + e * math.log(2.0), math.inf), ok
+
+
+def mexp_clip_probs(s: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], lse: torch.Tensor,
+                    kappa: torch.Tensor | float, gamma: torch.Tensor | float, backend: str = "auto") -> torch.Tensor:
+    """Pass 2 of the blocked kernel, in place on a tile of scores ``s`` (..., rows, cols):
+    ``clip(kappa * exp(s - lse) + gamma, 0, 1)``, compiled as the paper's pass 2 (exp(s - lse) = m / M * 2^(n - E),
+    from the state of :func:`mexp_accumulate`) with the clip fused in one read and one write; in torch from ``lse``.
+    ``kappa`` and ``gamma`` are numbers or per-row tensors broadcastable to (..., rows, 1)."""
+    m, e, mx = state
+    if not (_use_compiled(s, backend) and s.is_contiguous() and all(t.is_contiguous() for t in state)):
+        return s.sub_(lse).exp_().mul_(kappa).add_(gamma).clamp_(0.0, 1.0)
+    cols = s.shape[-1]
+    rows = s.numel() // max(cols, 1)
+
+    def per_row(v):  # (value pointer, stride): one number (stride 0) or a contiguous column of rows
+        if isinstance(v, torch.Tensor):
+            return v.to(s.dtype).expand(m.shape).contiguous(), 1
+        return torch.tensor([float(v)], dtype=s.dtype), 0
+
+    (kt, ks), (gt, gs) = per_row(kappa), per_row(gamma)
+    fn = native.library().of_clip_probs_f32 if s.dtype == torch.float32 else native.library().of_clip_probs_f64
+    ptr = [ctypes.c_void_p(t.data_ptr()) for t in (s, m, e, mx, kt, gt)]
+    fn(ptr[0], rows, cols, ptr[1], ptr[2], ptr[3], ptr[4], ks, ptr[5], gs, torch.get_num_threads())
+    return s

@@ -199,6 +199,19 @@ template <typename T> MaxSum<T> online_reduce(const T* x, int64_t n) {
     return r;
 }
 
+// ---- the blocked clipped-softmax kernel's pass 2 -------------------------------------------------------------------
+// c = clip(kappa * p + gamma, 0, 1) with p = m * (1 / M) * 2^(n - E): the paper's pass 2 with the clip as epilogue,
+// in place on a tile of scores (one read, one write, instead of torch's five element-wise passes)
+template <typename T> void clip_row(T* x, int64_t n, T inv_m, T e, T kappa, T g) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        T m, k;
+        ext_exp(x[i], m, k);
+        T c = kappa * scale(m * inv_m, k - e) + g;
+        x[i] = c < T(0) ? T(0) : (c > T(1) ? T(1) : c);
+    }
+}
+
 // ---- float32 with AVX-512: the same maths as above, written with intrinsics --------------------------------------
 // vscalefps computes m * 2^n in one instruction (subnormal results rounded once, 2^-inf = 0), as the paper's AVX512
 // implementation does; the polynomial is a degree-6 minimax fit of exp on [-ln2/2, ln2/2] (relative error 1e-7 with
@@ -211,6 +224,7 @@ template <typename T> MaxSum<T> online_reduce(const T* x, int64_t n) {
 namespace v16 {
 const float XMIN = -2907270.0f;  // -2^22 ln 2
 inline __m512 c(float v) { return _mm512_set1_ps(v); }
+inline __m512 c16(float v) { return _mm512_set1_ps(v); }
 
 inline void ext_exp(__m512 x, __m512& m, __m512& n) {
     x = _mm512_max_ps(x, c(XMIN));  // NaN -> XMIN as well (vmaxps returns its second operand)
@@ -336,6 +350,17 @@ template <> MaxSum<float> online_reduce<float>(const float* x, int64_t n) {
     for (int l = 0; l < 64; ++l) r = ms_merge(r, MaxSum<float>{bm[l], bs[l]});
     return r;
 }
+template <> void clip_row<float>(float* x, int64_t n, float inv_m, float e, float kappa, float g) {
+    using namespace v16;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : tail(n - i);
+        __m512 m, kk;
+        ext_exp(_mm512_maskz_loadu_ps(k, x + i), m, kk);
+        __m512 c = _mm512_fmadd_ps(_mm512_scalef_ps(_mm512_mul_ps(m, c16(inv_m)), _mm512_sub_ps(kk, c16(e))),
+                                   c16(kappa), c16(g));
+        _mm512_mask_storeu_ps(x + i, k, _mm512_min_ps(_mm512_max_ps(c, c16(0.0f)), c16(1.0f)));
+    }
+}
 #endif
 
 // ---- rows ---------------------------------------------------------------------------------------------------------
@@ -437,6 +462,23 @@ template <typename T> void mexp_accumulate(const T* s, int64_t rows, int64_t col
     }
 }
 
+
+// Pass 2 of the blocked kernel on a tile (rows x cols, contiguous): kappa and gamma per row (stride 1) or one value
+// (stride 0); rows that saw no key (max -inf) give clip(gamma) = 0.
+template <typename T> void clip_probs(T* s, int64_t rows, int64_t cols, const T* m, const T* e, const T* mx,
+                                      const T* kappa, int64_t ks, const T* g, int64_t gs, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        T* x = s + r * cols;
+        if (mx[r] == -std::numeric_limits<T>::infinity()) {
+            T c = g[r * gs] < T(0) ? T(0) : (g[r * gs] > T(1) ? T(1) : g[r * gs]);
+            std::fill(x, x + cols, c);
+        } else {
+            clip_row(x, cols, T(1) / m[r], e[r], kappa[r * ks], g[r * gs]);
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -453,6 +495,14 @@ void of_mexp_accumulate_f32(const float* s, int64_t rows, int64_t cols, int64_t 
 void of_mexp_accumulate_f64(const double* s, int64_t rows, int64_t cols, int64_t ld, double* m, double* e,
                             double* mx, int nt) {
     mexp_accumulate(s, rows, cols, ld, m, e, mx, nt);
+}
+void of_clip_probs_f32(float* s, int64_t rows, int64_t cols, const float* m, const float* e, const float* mx,
+                       const float* kappa, int64_t ks, const float* g, int64_t gs, int nt) {
+    clip_probs(s, rows, cols, m, e, mx, kappa, ks, g, gs, nt);
+}
+void of_clip_probs_f64(double* s, int64_t rows, int64_t cols, const double* m, const double* e, const double* mx,
+                       const double* kappa, int64_t ks, const double* g, int64_t gs, int nt) {
+    clip_probs(s, rows, cols, m, e, mx, kappa, ks, g, gs, nt);
 }
 double of_range() { return RANGE; }
 double of_zlim() { return ZLIM; }
