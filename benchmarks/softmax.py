@@ -190,7 +190,7 @@ def main() -> None:
     setup = dict(command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), cpu=cpu, isa=native.isa(),
                  compiled_with=" ".join(native.FLAGS), machine=machine(), commit=git_commit(),
                  llc_mib=llc_bytes() / 2**20, repeats=a.repeats, dtype="float32", min_elems=MIN_ELEMS)
-    con = Console()
+    con = Console(width=200)
     for nt in threads:
         t = Table(title=f"softmax, float32, {nt} thread(s): fastest of {a.repeats}; x bound = time / (1.5 x copy time)")
         for col in ("N", "rows", "MiB", "cache", "copy GB/s", *(f"{c} ms" for c in CASES), "two/three",

@@ -6,7 +6,7 @@ The source includes no torch header, so it builds in about a second (a torch C++
 ``$OUTLIERFREE_CACHE/native`` (default ``~/.cache/outlierfree/native``), keyed by the source, the flags, the compiler
 and the CPU's instruction-set flags (it is built with ``-march=native``), written to a temporary name and renamed.
 Without a compiler, or with ``OUTLIERFREE_NATIVE=0``, :func:`library` returns None and callers use their pure-torch
-form. ``setup.sh`` builds it once at install time.
+form. ``setup.sh`` builds it once at install time (``two_pass.compiled_available()``).
 """
 
 from __future__ import annotations
@@ -99,6 +99,3 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = ctypes.c_double
     return lib
 
-
-if __name__ == "__main__":  # setup.sh: build once at install time
-    print("compiled softmax kernels:", "built" if library() is not None else "not available (pure-torch forms)")
