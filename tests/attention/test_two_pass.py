@@ -167,6 +167,18 @@ def test_mantissa_exponent_sum_does_not_overflow(backend):
     torch.testing.assert_close(mx, x.amax(-1, keepdim=True), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algorithm", list(FUNCS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_nan_gives_a_row_of_nan_as_torch(backend, algorithm, dtype):
+    x = torch.randn(3, 100, dtype=dtype)
+    x[1, 37] = math.nan
+    x[2, 99] = math.nan  # in the tail of the vector loop
+    y = FUNCS[algorithm](x, backend=backend)
+    assert torch.isnan(y[1:]).all()
+    assert_softmax_close(y[:1], x[:1], shifted=algorithm != "two_pass")
+
+
 def test_half_precision_is_computed_in_float32():
     x = torch.randn(4, 33) * 5
     for dtype in (torch.float16, torch.bfloat16):

@@ -241,7 +241,7 @@ def mexp_lse(state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[to
     key) get +inf, as the blocked kernel stores them. When the flag is False the caller recomputes without the
     (mantissa, exponent) reduction."""
     m, e, mx = state
-    seen = mx > -math.inf
+    seen = mx != -math.inf  # a NaN max counts as seen and out of range: the online pass then propagates it
     ok = bool((~seen | ((mx >= -RANGE) & (mx <= RANGE))).all())
     return torch.where(seen, torch.log(m) + e * math.log(2.0), math.inf), ok
 

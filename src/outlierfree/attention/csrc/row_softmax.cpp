@@ -93,12 +93,18 @@ template <typename T> inline T exp_neg(T u) {
 
 template <typename T> constexpr int lanes() { return 4 * 64 / int(sizeof(T)); }  // 4 AVX-512 registers of lanes
 
+// max that keeps a NaN (a row with a NaN gives a row of NaN, as torch.softmax): the reductions below carry the row's
+// max through this, and a NaN max sends the row to its NaN fill
+template <typename T> inline T nanmax(T a, T b) {
+    return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
 // ---- two-pass ----------------------------------------------------------------------------------------------------
 template <typename T> struct MExp { T m, e, mx; };  // sum = m * 2^e; mx = max(x) (the range guard)
 
 template <typename T> inline MExp<T> mexp_merge(MExp<T> a, MExp<T> b) {
     T e = std::max(a.e, b.e);
-    return {a.m * pow2(a.e - e) + b.m * pow2(b.e - e), e, std::max(a.mx, b.mx)};
+    return {a.m * pow2(a.e - e) + b.m * pow2(b.e - e), e, nanmax(a.mx, b.mx)};
 }
 
 template <typename T> MExp<T> mexp_reduce(const T* x, int64_t n) {
@@ -111,7 +117,7 @@ template <typename T> MExp<T> mexp_reduce(const T* x, int64_t n) {
         for (int l = 0; l < W; ++l) {
             T v = x[i + l], m, k;
             ext_exp(v, m, k);
-            amx[l] = v > amx[l] ? v : amx[l];
+            amx[l] = (v > amx[l] || v != v) ? v : amx[l];  // a NaN stays (nothing is greater than it)
             T e = k > ae[l] ? k : ae[l];
             am[l] = am[l] * pow2(ae[l] - e) + m * pow2(k - e);
             ae[l] = e;
@@ -141,9 +147,13 @@ template <typename T> inline bool in_range(T mx) { return mx >= T(-RANGE) && mx 
 // ---- three-pass and online ----------------------------------------------------------------------------------------
 template <typename T> T max_reduce(const T* x, int64_t n) {
     T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t i = 0; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
-    return mx;
+    int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+    for (int64_t i = 0; i < n; ++i) {
+        mx = x[i] > mx ? x[i] : mx;
+        nan |= x[i] != x[i];
+    }
+    return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
 
 template <typename T> T exp_store_sum(const T* x, T* y, int64_t n, T mx) {
@@ -173,7 +183,7 @@ template <typename T> struct MaxSum { T mx, s; };  // online: running max and su
 template <typename T> inline T diff(T a, T b) { return a == b ? T(0) : a - b; }
 
 template <typename T> inline MaxSum<T> ms_merge(MaxSum<T> a, MaxSum<T> b) {
-    T mx = std::max(a.mx, b.mx);
+    T mx = nanmax(a.mx, b.mx);
     return {mx, a.s * exp_neg(diff(a.mx, mx)) + b.s * exp_neg(diff(b.mx, mx))};
 }
 
@@ -187,7 +197,7 @@ template <typename T> MaxSum<T> online_reduce(const T* x, int64_t n) {
 #pragma omp simd aligned(amx, as : 64)
         for (int l = 0; l < W; ++l) {
             T v = x[i + l];
-            T mx = v > amx[l] ? v : amx[l];
+            T mx = (v > amx[l] || v != v) ? v : amx[l];  // a NaN stays
             // a lane still at -inf accumulates exp(0) = 1 here; the first finite value multiplies it by 0
             as[l] = as[l] * exp_neg(diff(amx[l], mx)) + exp_neg(diff(v, mx));
             amx[l] = mx;
@@ -249,7 +259,7 @@ inline __m512 load_or_ninf(const float* p, __mmask16 k) {
 inline void fold(__m512 x, __m512& am, __m512& ae, __m512& amx) {
     __m512 m, n;
     ext_exp(x, m, n);
-    amx = _mm512_max_ps(amx, x);
+    amx = _mm512_mask_mov_ps(_mm512_max_ps(amx, x), _mm512_cmp_ps_mask(amx, amx, _CMP_UNORD_Q), amx);  // NaN stays
     __m512 e = _mm512_max_ps(ae, n);
     am = _mm512_add_ps(_mm512_scalef_ps(am, _mm512_sub_ps(ae, e)), _mm512_scalef_ps(m, _mm512_sub_ps(n, e)));
     ae = e;
@@ -287,9 +297,19 @@ template <> float max_reduce<float>(const float* x, int64_t n) {
     using namespace v16;
     __m512 a[4] = {c(-INFINITY), c(-INFINITY), c(-INFINITY), c(-INFINITY)};
     int64_t i = 0;
+    __mmask16 nan = 0;
     for (; i + 64 <= n; i += 64)
-        for (int j = 0; j < 4; ++j) a[j] = _mm512_max_ps(a[j], _mm512_loadu_ps(x + i + 16 * j));
-    for (; i < n; i += 16) a[0] = _mm512_max_ps(a[0], load_or_ninf(x + i, n - i >= 16 ? 0xffff : tail(n - i)));
+        for (int j = 0; j < 4; ++j) {
+            __m512 v = _mm512_loadu_ps(x + i + 16 * j);
+            a[j] = _mm512_max_ps(a[j], v);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+    for (; i < n; i += 16) {
+        __m512 v = load_or_ninf(x + i, n - i >= 16 ? 0xffff : tail(n - i));
+        a[0] = _mm512_max_ps(a[0], v);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    if (nan) return NAN;
     return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a[0], a[1]), _mm512_max_ps(a[2], a[3])));
 }
 
@@ -336,7 +356,7 @@ template <> MaxSum<float> online_reduce<float>(const float* x, int64_t n) {
     for (int j = 0; j < 4; ++j) { am[j] = c(-INFINITY); as[j] = c(0); }
     // (-inf) - (-inf) = NaN is clamped to XMIN by ext_exp: exp gives 0 there, which is the right share
     auto step = [](__m512 v, __m512& mx, __m512& s) {
-        __m512 nm = _mm512_max_ps(mx, v);
+        __m512 nm = _mm512_mask_mov_ps(_mm512_max_ps(mx, v), _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q), mx);
         s = _mm512_fmadd_ps(s, exp_neg(_mm512_sub_ps(mx, nm)), exp_neg(_mm512_sub_ps(v, nm)));
         mx = nm;
     };
@@ -368,8 +388,11 @@ enum Algo { TWO_PASS = 0, THREE_PASS = 1, ONLINE = 2 };
 
 template <typename T> void zero_row(T* y, int64_t n) { std::fill(y, y + n, T(0)); }
 
+template <typename T> void nan_row(T* y, int64_t n) { std::fill(y, y + n, std::numeric_limits<T>::quiet_NaN()); }
+
 template <typename T> void three_pass_row(const T* x, T* y, int64_t n) {
     T mx = max_reduce(x, n);
+    if (mx != mx) return nan_row(y, n);
     if (mx == -std::numeric_limits<T>::infinity()) return zero_row(y, n);  // every entry masked: zeros
     T s = exp_store_sum(x, y, n, mx);
     scale_span(y, n, T(1) / s);
@@ -384,6 +407,7 @@ template <typename T> void row_serial(const T* x, T* y, int64_t n, int algo) {
         three_pass_row(x, y, n);
     } else {
         MaxSum<T> r = online_reduce(x, n);
+        if (r.mx != r.mx) return nan_row(y, n);
         if (r.mx == -std::numeric_limits<T>::infinity()) return zero_row(y, n);
         exp_write(x, y, n, r.mx, T(1) / r.s);
     }
@@ -418,15 +442,18 @@ template <typename T> void row_parallel(const T* x, T* y, int64_t n, int algo, i
 #pragma omp barrier
 #pragma omp single
             for (int i = 0; i < nth; ++i) tos = ms_merge(tos, ps[i]);
-            if (tos.mx == ninf) zero_row(y + b, e - b);
+            if (tos.mx != tos.mx) nan_row(y + b, e - b);
+            else if (tos.mx == ninf) zero_row(y + b, e - b);
             else exp_write(x + b, y + b, e - b, tos.mx, T(1) / tos.s);
         }
         if (algo == THREE_PASS || fallback) {
             px[t] = max_reduce(x + b, e - b);
 #pragma omp barrier
 #pragma omp single
-            for (int i = 0; i < nth; ++i) mx = std::max(mx, px[i]);
-            if (mx == ninf) {
+            for (int i = 0; i < nth; ++i) mx = nanmax(mx, px[i]);
+            if (mx != mx) {
+                nan_row(y + b, e - b);
+            } else if (mx == ninf) {
                 zero_row(y + b, e - b);
             } else {
                 px[t] = exp_store_sum(x + b, y + b, e - b, mx);
