@@ -190,6 +190,9 @@ def test_half_precision_is_computed_in_float32():
 def test_bad_input_is_one_line_error(monkeypatch):
     with pytest.raises(OutlierfreeError, match="floating-point"):
         two_pass_softmax(torch.arange(4))
+    with pytest.raises(OutlierfreeError, match="out of range"):
+        two_pass_softmax(torch.randn(3, 4), dim=2)
+    torch.testing.assert_close(two_pass_softmax(torch.tensor(2.5)), torch.tensor(1.0))  # 0-d: softmax of one value
     with pytest.raises(OutlierfreeError, match="unknown softmax algorithm"):
         tp.softmax_by(torch.randn(3), algorithm="four_pass")
     monkeypatch.setattr(native, "library", lambda: None)  # as without a compiler

@@ -185,7 +185,9 @@ def softmax_by(x: torch.Tensor, dim: int = -1, algorithm: str = "two_pass", back
     require(backend in BACKENDS, f"unknown softmax backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     if not x.is_floating_point():
         raise OutlierfreeError(f"softmax needs a floating-point tensor, got {x.dtype}", "convert it with .float()")
-    dim = dim % max(x.dim(), 1) if x.dim() else 0
+    nd = max(x.dim(), 1)
+    require(-nd <= dim < nd, f"dim {dim} is out of range for a {x.dim()}-d tensor", f"pass a dim in [{-nd}, {nd - 1}]")
+    dim = dim % nd
     if x.dim() == 0:
         x1 = x.reshape(1)
         return softmax_by(x1, 0, algorithm, backend).reshape(())
