@@ -19,4 +19,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
     || echo "setup: could not install dataset-fashion-mnist (ViT training needs it: apt-get install dataset-fashion-mnist)"
 fi
+# the compiled softmax kernels (attention/csrc, about a second with g++; without a compiler the torch forms run)
+"$PY" -c "from outlierfree.attention.two_pass import compiled_available as ok; print('setup: compiled softmax kernels',
+'built' if ok() else 'not built (the pure-torch forms run)')"
 echo "setup: done ($("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -8,7 +8,8 @@ so the one-pass online-softmax trick of FlashAttention / SDPA cannot be used: th
 before the row's final normaliser is known. The two-pass form (cf. the Two-Pass Softmax Algorithm) can:
 
     pass 1: stream over the key blocks of a query block, keep the running max m_i and sum l_i of exp(s_ij - m_i);
-            lse_i = m_i + log l_i
+            lse_i = m_i + log l_i   (``first_pass="two_pass"``: the sum as (mantissa, exponent) pairs instead, with
+            no running max, as the Two-Pass Softmax Algorithm writes it; attention/two_pass.py)
     pass 2: stream over the key blocks again, recompute s, form c = clip((zeta - gamma) exp(s - lse) + gamma, 0, 1)
             and accumulate O_i += c_ij v_j.
 
@@ -57,7 +58,9 @@ import torch
 
 from .config import AttentionConfig
 from .normalisers import clip_params, needs_rows, ramp_of
+from ..errors import require
 from .softmax import visible_keys
+from .two_pass import mexp_accumulate, mexp_clip_probs, mexp_lse, mexp_state
 
 # Largest key block streamed in one piece. Up to this many keys a query block's scores are computed once (one
 # pass in the forward and one in the backward); beyond it the two-pass streaming form runs.
@@ -65,6 +68,9 @@ MAX_KEY_BLOCK = 16384
 # Target number of score elements in one tile (all batch-heads of a chunk x query block x key block). Small
 # sequences batch many heads into one tile so Python overhead stays low; long ones go one head at a time.
 TILE_ELEMS = 1 << 19
+# How pass 1 gets the row log-sum-exp (the ``first_pass`` argument, ``cfg.extra["first_pass"]``): the online running
+# max (default) or the Two-Pass algorithm's (mantissa, exponent) sum.
+FIRST_PASSES = ("online", "two_pass")
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
@@ -193,7 +199,8 @@ class BlockedClippedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, gamma, zeta, keep, causal, scale, q_block, k_block, tile_elems, dropout_p, seed):
+    def forward(ctx, q, k, v, gamma, zeta, keep, causal, scale, q_block, k_block, tile_elems, dropout_p, seed,
+                first_pass="online"):
         B, H, Tq, D = q.shape
         Tk = k.shape[-2]
         plan = _Plan(B, H, Tq, Tk, causal, q_block, k_block, tile_elems, scale)
@@ -210,6 +217,21 @@ class BlockedClippedAttention(torch.autograd.Function):
                     continue
                 rows = i1 - i0
                 g, kappa = ch.gamma_kappa(zeta, i0, i1)
+                if len(kbs) == 1 and first_pass == "two_pass":  # one tile, its lse by (mantissa, exponent) pairs
+                    (j0, j1), = kbs
+                    s = ch.scores(q3, k3, i0, i1, j0, j1)  # (nb, nh, rows, cols)
+                    state = mexp_accumulate(s, mexp_state((ch.nb, ch.nh, rows, 1), s))
+                    row_lse, ok = mexp_lse(state)
+                    if ok:
+                        lse3[:, i0:i1] = row_lse.view(ch.n, rows)
+                        # pass 2 on the same tile: masked keys (and rows seeing nothing) give clip(g) = 0
+                        c = mexp_clip_probs(s, state, row_lse, kappa, g)
+                        if dropout_p > 0:
+                            c.mul_(_dropout_keep(c.shape, dropout_p, seed, tile, c.device, c.dtype))
+                        o3[:, i0:i1].baddbmm_(c.view(ch.n, rows, j1 - j0), v3[:, j0:j1])
+                        tile += 1
+                        continue
+                    # a row's max beyond +-2^21: the pair's range reduction would lose bits; the online form below
                 if len(kbs) == 1:  # the whole key range in one tile: softmax and clip on the same scores
                     (j0, j1), = kbs
                     s = ch.scores(q3, k3, i0, i1, j0, j1)  # (nb, nh, rows, cols)
@@ -224,20 +246,31 @@ class BlockedClippedAttention(torch.autograd.Function):
                     o3[:, i0:i1].baddbmm_(c.view(ch.n, rows, j1 - j0), v3[:, j0:j1])
                     tile += 1
                     continue
-                # pass 1: running max and normaliser over the key blocks
-                m = torch.full((ch.nb, ch.nh, rows, 1), -math.inf, dtype=q.dtype, device=q.device)
-                l = torch.zeros_like(m)  # (nb, nh, rows, 1)
-                for j0, j1 in kbs:
-                    s = ch.scores(q3, k3, i0, i1, j0, j1)
-                    m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-                    m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
-                    l = l * torch.exp(m - m_safe) + s.sub_(m_safe).exp_().sum(dim=-1, keepdim=True)
-                    m = m_new
-                row_lse = torch.where(l > 0, torch.where(m == -math.inf, 0.0, m) + torch.log(l), math.inf)
+                # pass 1: the row log-sum-exp over the key blocks
+                ok = False
+                if first_pass == "two_pass":  # sum of exp as (mantissa, exponent) pairs: one read of each tile
+                    state = mexp_state((ch.nb, ch.nh, rows, 1), q)
+                    for j0, j1 in kbs:
+                        state = mexp_accumulate(ch.scores(q3, k3, i0, i1, j0, j1), state)
+                    row_lse, ok = mexp_lse(state)  # not ok: a row's max beyond +-2^21, redone below
+                if not ok:  # online: running max and normaliser
+                    m = torch.full((ch.nb, ch.nh, rows, 1), -math.inf, dtype=q.dtype, device=q.device)
+                    l = torch.zeros_like(m)  # (nb, nh, rows, 1)
+                    for j0, j1 in kbs:
+                        s = ch.scores(q3, k3, i0, i1, j0, j1)
+                        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+                        m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
+                        l = l * torch.exp(m - m_safe) + s.sub_(m_safe).exp_().sum(dim=-1, keepdim=True)
+                        m = m_new
+                    row_lse = torch.where(l > 0, torch.where(m == -math.inf, 0.0, m) + torch.log(l), math.inf)
                 lse3[:, i0:i1] = row_lse.view(ch.n, rows)
                 # pass 2: recompute, clip, accumulate
                 for j0, j1 in kbs:
-                    c = ch.scores(q3, k3, i0, i1, j0, j1).sub_(row_lse).exp_().mul_(kappa).add_(g).clamp_(0.0, 1.0)
+                    s = ch.scores(q3, k3, i0, i1, j0, j1)
+                    if ok:  # the paper's pass 2 (m / M * 2^(n - E)) with the clip fused
+                        c = mexp_clip_probs(s, state, row_lse, kappa, g)
+                    else:
+                        c = s.sub_(row_lse).exp_().mul_(kappa).add_(g).clamp_(0.0, 1.0)
                     if dropout_p > 0:
                         c.mul_(_dropout_keep(c.shape, dropout_p, seed, tile, c.device, c.dtype))
                     o3[:, i0:i1].baddbmm_(c.view(ch.n, rows, j1 - j0), v3[:, j0:j1])
@@ -313,14 +346,15 @@ class BlockedClippedAttention(torch.autograd.Function):
             dk3.copy_(dkT.transpose(1, 2))
             dv3.copy_(dvT.transpose(1, 2))
             del dkT, dvT
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 def blocked_clipped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               gamma: torch.Tensor | float = -0.025, zeta: float = 1.0,
                               keep: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
                               q_block: int = 128, k_block: int | None = None, tile_elems: int = TILE_ELEMS,
-                              dropout_p: float = 0.0, seed: int | None = None) -> torch.Tensor:
+                              dropout_p: float = 0.0, seed: int | None = None,
+                              first_pass: str = "online") -> torch.Tensor:
     """Clipped-softmax attention ``clip((zeta - gamma) softmax(scale q k^T) + gamma, 0, 1) v`` in linear memory.
 
     Args:
@@ -335,9 +369,14 @@ def blocked_clipped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         tile_elems: target elements per tile; short sequences batch several heads into one tile.
         dropout_p: dropout on the clipped probabilities (training); the mask of each tile is regenerated in the
             backward from ``seed`` (drawn from torch's global generator when None).
+        first_pass: how pass 1 gets each row's log-sum-exp: ``"online"`` (running max, rescaled sum) or
+            ``"two_pass"`` (the sum as (mantissa, exponent) pairs, attention/two_pass.py, compiled on the CPU: one
+            read of each score tile, no max). Same outputs and gradients within float rounding.
     Returns:
         (B, H, Tq, D), in q's dtype (half precision is computed in float32).
     """
+    require(first_pass in FIRST_PASSES, f"unknown first pass {first_pass!r} for the blocked kernel",
+            f"use one of {', '.join(FIRST_PASSES)}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if keep is not None and keep.dim() < 4:
@@ -352,7 +391,7 @@ def blocked_clipped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
     out = BlockedClippedAttention.apply(q, k, v, gamma, float(zeta), keep, bool(causal), float(scale), int(q_block),
-                                        k_block, int(tile_elems), float(dropout_p), seed or 0)
+                                        k_block, int(tile_elems), float(dropout_p), seed or 0, first_pass)
     return out.to(dtype)
 
 
@@ -456,7 +495,8 @@ def blocked_kernel(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
 
     On CUDA with Triton (and no dropout) it runs :func:`flex_clipped_attention`; everywhere else the PyTorch
     :func:`blocked_clipped_attention`. ``cfg.block_size`` is the query block; ``cfg.extra["key_block"]`` may set
-    the key block (default: one pass up to ``MAX_KEY_BLOCK`` keys).
+    the key block (default: one pass up to ``MAX_KEY_BLOCK`` keys), ``cfg.extra["first_pass"]`` the first pass
+    (``"online"`` or ``"two_pass"``, see :func:`blocked_clipped_attention`; the FlexAttention path has its own).
     """
     Tq, Tk = query.shape[-2], key.shape[-2]
     gamma, zeta = clip_rows(cfg, keep, causal, Tq, Tk, query.device, ramp_of(module))
@@ -469,4 +509,4 @@ def blocked_kernel(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
             _flex_failed(e)
     return blocked_clipped_attention(query, key, value, gamma, zeta, keep, causal, scaling,
                                      q_block=cfg.block_size, k_block=cfg.extra.get("key_block"),
-                                     dropout_p=dropout)
+                                     dropout_p=dropout, first_pass=cfg.extra.get("first_pass", "online"))

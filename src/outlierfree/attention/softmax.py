@@ -108,3 +108,7 @@ def clipped_softmax(scores: torch.Tensor, gamma: torch.Tensor | float = 0.0, zet
     if mask is not None:
         probs = probs.masked_fill(~mask, 0.0)
     return probs
+
+
+# softmax by the Two-Pass algorithm (and its three-pass / online references): attention/two_pass.py
+from .two_pass import online_softmax, three_pass_softmax, two_pass_softmax  # noqa: E402,F401
