@@ -57,7 +57,7 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
     else:
         out_path.mkdir(parents=True, exist_ok=True)
         echo(f"reproduce preset {p.name}: {len(specs)} runs ({p.description}) -> {out_path}")
-        results = run_all(specs, out_path, p.name, progress=progress, echo=echo)
+        results = run_all(specs, out_path, p.name, progress=progress, echo=echo, held=missing)
     rel_results = None
     if p.released if released is None else released:
         releases = available()
