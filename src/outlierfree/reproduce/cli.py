@@ -78,7 +78,9 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
 @click.option("--out", default=None, help="output directory [default: runs/reproduce-<preset>]")
 @click.option("--families", default=None, help=f"comma-separated subset of {','.join(FAMILIES)}")
 @click.option("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANT_NAMES)} "
-                                               "(clipped_row: OPT's clipped softmax with per-row T)")
+                                               "(clipped_row: OPT's clipped softmax with per-row T; the zoo preset adds "
+                                               "gated_elementwise, osp_<variant> and its vanilla_lr*/vanilla_wu* "
+                                               "sweep)")
 @click.option("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 [default: the preset's]")
 @click.option("--max-steps", type=int, default=None, help="cap every run's training steps (e.g. to try `paper`)")
 @click.option("--quiet", is_flag=True, help="no progress bars, only the run lines")
@@ -103,7 +105,7 @@ def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: 
     """
     get_preset(preset)
     fams = _csv(families, "families", FAMILIES, "family")
-    vars_ = _csv(variants, "variants", VARIANT_NAMES, "variant")
+    vars_ = _csv(variants, "variants", get_preset(preset).variant_names, "variant")
     seed_list = None
     if seeds is not None:
         try:
