@@ -149,7 +149,8 @@ class Preset:
 #
 # The zoo variants (attention/normalisers.py, docs/variants.md) take their defaults: NCS eta 1.03, beta 1 (the
 # authors' code; a uniform row keeps summing to 1, so it trains at any width), the sink logit starting at 0, softpick
-# eps 1e-6, sigmoid with bias -log n, softplus with the log n / log d_head scale and no re-weighting. clipped_ramp is
+# eps 1e-6, sigmoid with bias -log n, softplus as the paper's LSSA (cosine scores times log d_head * log n,
+# arXiv:2501.13428 v4/v5) without the re-weighting. clipped_ramp is
 # the paper's strength (gamma = -0.025 at T = 128, which zeroes every row of these narrow models at initialisation)
 # reached by a gamma ramp from 0 over the first 10 % of the steps; osp is vanilla attention trained with the OSP
 # recipe (Muon, single-scale norms, embedding projection).
