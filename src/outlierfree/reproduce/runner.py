@@ -79,11 +79,15 @@ class RunLock:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return False
+        for attempt in range(3):  # a --report-only probe holds a shared lock for microseconds: look again
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 2:
+                    f.close()
+                    return False
+                time.sleep(0.05)
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
