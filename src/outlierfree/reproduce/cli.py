@@ -89,13 +89,16 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
                    "with them [default: on for the quick preset]")
 @click.option("--report-only", is_flag=True,
               help="train nothing: write the report from the selected runs that have finished, and list where "
-                   "the others stand (safe beside processes training into the same --out)")
+                   "the others stand (training by pid N, checkpoint at step k, not started); safe beside processes "
+                   "training into the same --out")
 def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: str | None, seeds: str | None,
                   max_steps: int | None, quiet: bool, released: bool | None, report_only: bool) -> None:
     """Train vanilla, clipped and gated models, measure their outliers, quantize them (paper's W8A8 and
     linear-only), and write the paper's table (report.md, results.json, plots) into --out.
 
-    Rerunning the same command skips finished runs and resumes killed ones from their checkpoints.
+    Rerunning the same command skips finished runs and resumes killed ones from their checkpoints. Several
+    processes may share one --out (e.g. one per core): each locks the run it works on and skips the runs that
+    another process holds, so no run is trained twice.
 
         outlierfree reproduce --preset quick
 
