@@ -76,8 +76,9 @@ def attention_options(f: Callable) -> Callable:
         click.option("--beta", type=float, default=None, help="ncs: a uniform row sums to beta (0..eta) [default: 1]"),
         click.option("--sink-init", type=float, default=None, help="sink: initial per-head sink logit [default: 0]"),
         click.option("--softpick-eps", type=float, default=None, help="softpick: denominator epsilon [default: 1e-6]"),
-        click.option("--softplus-scale", default=None, help=f"softplus: {'|'.join(SOFTPLUS_SCALES)} (lambda = log n / "
-                                                             f"log d_head, or 1) [default: entropy]"),
+        click.option("--softplus-scale", default=None, help=f"softplus: {'|'.join(SOFTPLUS_SCALES)} (paper: cosine scores "
+                                                             f"x log d_head log n; entropy: log n / log d_head; "
+                                                             f"none: 1) [default: paper]"),
         click.option("--softplus-power", type=float, default=None,
                      help="softplus: re-weighting power p >= 1 [default: off]"),
         click.option("--attention-impl", default=None, help=f"{'|'.join(IMPLS)} [default: auto]"),
@@ -161,7 +162,7 @@ def models_cmd() -> None:
     v.add_row("sink", f"softmax with a learned logit per head in the denominator (gpt-oss): --sink-init ({d.sink_init})")
     v.add_row("softpick", f"relu(exp(x) - 1) / sum |exp(x) - 1| (2025): --softpick-eps ({d.softpick_eps:g})")
     v.add_row("sigmoid", "sigmoid(x - log n), n = keys the row sees (Apple 2024; no flags; eager only)")
-    v.add_row("softplus", f"softplus(lambda x) / l1, lambda = log n / log d_head (2025): --softplus-scale "
+    v.add_row("softplus", f"softplus(lambda cos(q, k)) / l1, lambda = log d_head log n (2025): --softplus-scale "
                           f"{'|'.join(SOFTPLUS_SCALES)} ({d.softplus_scale}), --softplus-power (off)")
     v.add_row("(all)", f"--attention-impl {'|'.join(IMPLS)} ({d.impl}); eager for all; sdpa: vanilla, gated; "
                        f"blocked: clipped, ncs")

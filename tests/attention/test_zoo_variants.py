@@ -91,18 +91,73 @@ def test_sigmoid_bias_is_minus_log_of_the_visible_keys():
     torch.testing.assert_close(p, torch.sigmoid(x - torch.log(n)) * keep)
 
 
-def test_softplus_scale_l1_and_reweighting():
+def _lssa_reference(q, k, keep, power=None):
+    """The paper's formula written out in float64 from q and k (arXiv:2501.13428 v4/v5, eqs. of LSSA and LSSAR):
+    A = softplus((log d * log N) . Qn Kn^T) . M', rows l1-normalised; re-weighting relu(A . N - 1)^p, l1 again."""
+    d = q.shape[-1]
+    qn, kn = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    cos = qn @ kn.transpose(-1, -2)  # (B, H, Tq, Tk) in [-1, 1]
+    n = keep.sum(-1, keepdim=True).double()  # N: the keys each row sees
+    a = torch.log1p(torch.exp(math.log(d) * torch.log(n) * cos)) * keep
+    a = a / a.sum(-1, keepdim=True)
+    if power is None:
+        return a
+    r = torch.clamp(a * n - 1, min=0) ** power
+    return r / r.sum(-1, keepdim=True)
+
+
+def test_softplus_is_the_papers_lssa_and_lssar_in_float64():
+    from outlierfree.attention.eager import eager_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 5, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    keep = _pad_mask(2, 5, 5)
+    for power in (None, 3.0, 15.0):
+        cfg = AttentionConfig("softplus", softplus_power=power)
+        ctx, probs = eager_attention(_Module(), q, k, v, keep, 16 ** -0.5, 0.0, cfg)
+        ref = _lssa_reference(q, k, keep, power)
+        torch.testing.assert_close(probs, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ctx, ref @ v, rtol=1e-12, atol=1e-12)
+    # cosine scores: rescaling a query or a key row changes nothing (the dot-product readings all change)
+    p1 = eager_attention(_Module(), q * 7.0, k * 0.1, v, keep, 0.25, 0.0, AttentionConfig("softplus"))[1]
+    torch.testing.assert_close(p1, _lssa_reference(q, k, keep))
+    # a causal row with one key: lambda = 0, weight 1; with re-weighting it keeps that weight (nothing is above
+    # uniform there, and relu(1 * 1 - 1) = 0 would leave no weight at all)
+    causal = keep_mask(None, 5, 5, causal=True)
+    for power in (None, 15.0):
+        pc = eager_attention(_Module(), q, k, v, causal, 0.25, 0.0, AttentionConfig("softplus", softplus_power=power))[1]
+        assert torch.all(pc[..., 0, 0] == 1) and torch.isfinite(pc).all()
+        torch.testing.assert_close(pc.sum(-1), torch.ones_like(pc.sum(-1)))
+    # float64 gradients through the l2 normalisation of q and k, the scale, softplus and the re-weighting
+    small = [t[:1, :2, :4, :4].clone().requires_grad_(True) for t in (q, k, v)]
+    for power in (None, 3.0):
+        cfg = AttentionConfig("softplus", softplus_power=power)
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: eager_attention(_Module(), a, b, c, keep[:1, :, :4, :4], 0.5, 0.0, cfg)[0], small)
+    # the paper's rows sum to one, and the re-weighting only sharpens: the top weight never falls
+    sharp = eager_attention(_Module(), q, k, v, keep, 0.25, 0.0, AttentionConfig("softplus", softplus_power=3.0))[1]
+    plain = eager_attention(_Module(), q, k, v, keep, 0.25, 0.0, AttentionConfig("softplus"))[1]
+    assert torch.all(sharp.amax(-1) >= plain.amax(-1) - 1e-12)
+
+
+def test_softplus_other_scales_are_their_formulas():
     x, keep = _scores().detach(), _pad_mask()
     n = keep.sum(-1, keepdim=True).double()
-    lam = torch.log(n) / math.log(16)
+    lam = torch.log(n) / math.log(16)  # the project's earlier reading, kept as softplus_scale="entropy"
     a = F.softplus(lam * x) * keep
     ref = a / a.sum(-1, keepdim=True)
-    torch.testing.assert_close(normalise(_Module(), x, keep, AttentionConfig("softplus"), 16), ref)
+    torch.testing.assert_close(normalise(_Module(), x, keep, AttentionConfig("softplus", softplus_scale="entropy"),
+                                         16), ref)
     torch.testing.assert_close(softplus_attention(x, n, 16, "none", None, keep),
                                (F.softplus(x) * keep) / (F.softplus(x) * keep).sum(-1, keepdim=True))
     r = F.relu(n * ref - 1) ** 2
     torch.testing.assert_close(softplus_attention(x, n, 16, "entropy", 2.0, keep), r / r.sum(-1, keepdim=True))
     torch.testing.assert_close(ref.sum(-1), torch.ones_like(ref.sum(-1)))
+    # the paper's scale on given (cosine) scores: lambda = log d * log n
+    lam_p = math.log(16) * torch.log(n)
+    a = F.softplus(lam_p * x.clamp(-1, 1)) * keep
+    torch.testing.assert_close(softplus_attention(x.clamp(-1, 1), n, 16, "paper", None, keep),
+                               a / a.sum(-1, keepdim=True))
 
 
 # ---- gradients ---------------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_bad_zoo_flags_are_one_line_exit_2(args, needle, tmp_path):
 def test_zoo_preset_and_reproduce_variants():
     from outlierfree.reproduce.presets import PRESETS, VARIANT_NAMES, ZOO_BERT, ZOO_OPT
 
-    zoo = PRESETS["zoo"]
+    zoo = PRESETS["zoo-gpu"]
     runs = zoo.runs()
     assert {(r.family, r.variant) for r in runs} == {("bert", v) for v in ZOO_BERT} | {("opt", v) for v in ZOO_OPT}
     assert {r.seed for r in runs} == {0, 1, 2} and len(runs) == 3 * (len(ZOO_BERT) + len(ZOO_OPT))
@@ -179,6 +179,57 @@ def test_zoo_preset_and_reproduce_variants():
         assert {s.variant for s in specs} == set(VARIANT_NAMES)
         for s in PRESETS[name].runs():
             assert not {"gamma_ramp_steps", "optimizer", "norm", "embed_proj"} & set(s.train)
+
+
+def test_zoo_preset_is_the_gpu_recipe_cut_to_one_number_of_steps():
+    """Issue 26's zoo: bert/mini only, the gpu recipe with ZOO_STEPS steps, every variant of the table, OSP with
+    vanilla and with the chosen best, and the vanilla sweep changing only its lr or warm-up."""
+    from outlierfree.reproduce.presets import (PRESETS, VARIANT_NAMES, ZOO_LR_SWEEP, ZOO_OSP_WITH, ZOO_STEPS,
+                                               ZOO_TABLE, zoo_train)
+
+    zoo, gpu = PRESETS["zoo"], PRESETS["gpu"]
+    runs = {r.variant: r for r in zoo.runs()}
+    assert set(runs) == set(ZOO_TABLE) and {r.family for r in runs.values()} == {"bert"}
+    assert {r.seed for r in runs.values()} == {0}
+    assert {"gated", "gated_elementwise", "clipped", "clipped_ramp", "ncs", "softmax1", "sink", "softpick",
+            "sigmoid", "softplus", "osp", f"osp_{ZOO_OSP_WITH}"} <= set(runs) and len(ZOO_LR_SWEEP) >= 3
+    van = runs["vanilla"].train
+    assert van["steps"] == ZOO_STEPS and van["track_outliers"] <= ZOO_STEPS // 8
+    # the gpu recipe, but for the schedule's length and how often it tracks, evaluates and saves
+    same = ("size", "batch_size", "seq_len", "lr", "warmup_steps", "hidden_dropout", "attention_dropout", "precision")
+    assert {k: van[k] for k in same} == {k: gpu.train["bert"][k] for k in same}
+    assert zoo_train(123)["steps"] == 123 and zoo_train(123)["lr"] == van["lr"]  # one number chooses the recipe
+    for r in runs.values():
+        TrainConfig(**r.train).resolved()
+    assert runs["gated_elementwise"].train["attention"]["gate_type"] == "elementwise"
+    assert runs["gated"].train["attention"]["gate_type"] == "head_linear"
+    assert runs["clipped"].train["attention"]["gamma"] == -1 / 128  # alpha 1 per row at T = 128
+    assert runs["clipped_ramp"].train["attention"]["gamma"] == -0.025
+    assert runs["clipped_ramp"].train["gamma_ramp_steps"] == ZOO_STEPS // 10
+    osp, best = runs["osp"].train, runs[f"osp_{ZOO_OSP_WITH}"].train
+    assert osp["attention"] == {"variant": "vanilla"} and best["attention"] == runs[ZOO_OSP_WITH].train["attention"]
+    for t in (osp, best):
+        assert (t["optimizer"], t["norm"], t["embed_proj"]) == ("muon", "single-scale", True)
+    for name, change in ZOO_LR_SWEEP.items():  # each sweep row differs from vanilla in exactly what it names
+        t = runs[name].train
+        assert t["attention"] == {"variant": "vanilla"}
+        assert {k for k in set(t) | set(van) if t.get(k) != van.get(k)} == set(change)
+    # its own names are accepted by it and refused, with the valid list, by the presets that lack them
+    assert set(zoo.variant_names) == set(VARIANT_NAMES) | set(ZOO_TABLE)
+    with pytest.raises(OutlierfreeError, match="unknown variant 'vanilla_lr2e3' for the gpu preset"):
+        gpu.runs(variants=("vanilla_lr2e3",))
+
+
+def test_zoo_variant_names_from_the_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "outlierfree", "reproduce", "--preset", "cpu", "--variants",
+                        "gated_elementwise", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown variant 'gated_elementwise'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
+    r = subprocess.run([sys.executable, "-m", "outlierfree", "reproduce", "--preset", "zoo", "--variants",
+                        "gated_elementwise,vanilla_wu1000", "--out", str(tmp_path / "z"), "--report-only"],
+                       capture_output=True, text=True)
+    # accepted, then refused only because nothing was trained there
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
 
 
 def test_osp_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch):

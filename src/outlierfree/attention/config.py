@@ -20,13 +20,14 @@ VARIANTS = ("vanilla", "clipped", "gated", "ncs", "softmax1", "sink", "softpick"
 #   sink      softmax with a learned logit per head in the denominator (gpt-oss's attention sink)
 #   softpick  relu(exp(x) - 1) / sum |exp(x) - 1| (rectified softmax, 2025)
 #   sigmoid   sigmoid(x - log n) per entry, no normalisation (Apple 2024)
-#   softplus  softplus(lambda x) / l1 with an entropy-invariant scale lambda (Gao & Spratling 2025)
+#   softplus  softplus(lambda cos(q, k)) / l1, lambda = log d_head * log n (Gao et al. 2025, arXiv:2501.13428)
 # Variants that clip probabilities to exact zeros (share gamma machinery, the ramp and the blocked kernel).
 CLIP_VARIANTS = ("clipped", "ncs")
 # Variants whose probabilities are softmax itself, so torch's fused SDPA kernel computes them.
 SOFTMAX_VARIANTS = ("vanilla", "gated")
-# Scale of the softplus variant: log(n) / log(d_head) (entropy-invariant), or none (lambda = 1).
-SOFTPLUS_SCALES = ("entropy", "none")
+# Scale of the softplus variant: the paper's (l2-normalised q and k, lambda = log d_head * log n), this project's
+# earlier reading of the abstract (lambda = log n / log d_head on q k / sqrt(d_head)), or none (lambda = 1).
+SOFTPLUS_SCALES = ("paper", "entropy", "none")
 # Gate networks G(x) (see attention/gates.py for the maths):
 #   head_linear  per-head linear on that head's own slice of x (d_head -> 1)          [paper default]
 #   linear       linear on all features (d_model -> n_heads); Qwen's "head-wise" gate
@@ -46,7 +47,7 @@ IMPLS = ("auto", "eager", "sdpa", "blocked")
 
 # fields added with the zoo (issue 16), with their defaults: omitted from to_dict() at these values
 LATER_DEFAULTS: dict[str, Any] = {"eta": 1.03, "beta": 1.0, "sink_init": 0.0, "softpick_eps": 1e-6,
-                                  "softplus_scale": "entropy", "softplus_power": None}
+                                  "softplus_scale": "paper", "softplus_power": None}
 
 
 @dataclass
@@ -70,7 +71,8 @@ class AttentionConfig:
             summing to ``beta`` (0 <= beta <= eta), whatever the number of keys; eta = beta = 1 is softmax.
         sink_init: initial value of the learned per-head sink logit (``variant="sink"``).
         softpick_eps: the epsilon of softpick's denominator (> 0).
-        softplus_scale: ``entropy`` (lambda = log n / log d_head) or ``none`` (``variant="softplus"``).
+        softplus_scale: ``paper`` (cosine scores, lambda = log d_head * log n), ``entropy`` (lambda = log n /
+            log d_head on the scaled dot products) or ``none`` (``variant="softplus"``).
         softplus_power: re-weighting power p >= 1 of softplus attention (None: off).
         impl: ``auto``, ``eager``, ``sdpa`` or ``blocked``.
         block_size: key/query block for ``blocked``.
@@ -90,7 +92,7 @@ class AttentionConfig:
     beta: float = 1.0
     sink_init: float = 0.0
     softpick_eps: float = 1e-6
-    softplus_scale: str = "entropy"
+    softplus_scale: str = "paper"
     softplus_power: float | None = None
     impl: str = "auto"
     block_size: int = 128

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AttentionConfig
-from .normalisers import normalise
+from .normalisers import normalise, softplus_qk
 
 
 def eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -24,6 +24,7 @@ def eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 
     ``bias`` (an additive float mask, T5's position bias, ALiBi...) is added to the scores *after* the ``scores``
     probe, as the paper's reference code quantizes the scores before the mask: a bias is never a site."""
+    query, key, scaling = softplus_qk(cfg, query, key, scaling)  # the paper's softplus scores are cosines
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap

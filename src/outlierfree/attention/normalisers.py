@@ -24,15 +24,16 @@ attention weights. n is counted per row, so padding and causal masks are account
     sigmoid   Sigmoid attention (Ramapuram et al. 2024, Apple, "Theory, Analysis, and Best Practices for Sigmoid
               Self-Attention", arXiv:2409.04431): p_j = sigmoid(s_j + b) with b = -log n, so a uniform row of
               scores 0 sums to about 1 at any length. No normalisation over the row.
-    softplus  Length-scaled softplus attention (Gao & Spratling 2025, "Softplus Attention with Re-weighting Boosts
-              Length Extrapolation in Large Language Models", arXiv:2501.13428):
-                  p_j = softplus(lambda s_j) / sum_k softplus(lambda s_k),   lambda = log n / log d_head
-              (the entropy-invariant scale; ``softplus_scale='none'``: lambda = 1). Re-weighting with power p
-              (``softplus_power``) sharpens the row: weights above uniform are amplified, those below removed,
-                  r_j = relu(n p_j - 1) ** p,   p'_j = r_j / sum_k r_k.
-              The stored copies of the paper gave us its abstract, not its equations: this is our reading of
-              them (docs/variants.md); the re-weighting is meant for inference-time length extrapolation.
-
+    softplus  Length-scaled softplus attention, LSSA (Gao, Spratling & Gionfrida, "Softplus Attention with
+              Re-weighting Boosts Length Extrapolation in Large Language Models", arXiv:2501.13428, v4/v5 = ICML 2026):
+              queries and keys are l2-normalised per row (so the scores are cosines in [-1, 1], no 1/sqrt(d_head)),
+                  p_j = softplus(lambda c_j) / sum_k softplus(lambda c_k),   lambda = log d_head * log n,
+              with n the keys the row sees (the paper's matrix N, row i = i under its causal mask). Re-weighting,
+              LSSAR (``softplus_power`` p): r_j = relu(n p_j - 1) ** p,  p'_j = r_j / sum_k r_k  (weights above
+              uniform amplified, the rest removed); a row with no weight above uniform (a uniform row, a causal row
+              with one key) would be all zeros and keeps p instead (our guard; the paper does not say).
+              ``softplus_scale``: ``paper`` (the above, default), ``entropy`` (this project's earlier reading of the
+              abstract: lambda = log n / log d_head on the usual scaled dot products), ``none`` (lambda = 1).
 Clipped softmax and NCS share :func:`clip_params` (gamma and zeta per row, times the training ramp factor), which
 the eager path and the blocked kernel (attention/blocked.py) both use.
 """
@@ -138,21 +139,34 @@ def sigmoid_attention(scores: torch.Tensor, n: torch.Tensor | float, mask: torch
     return p.masked_fill(~mask, 0.0) if mask is not None else p
 
 
-def softplus_attention(scores: torch.Tensor, n: torch.Tensor | float, head_dim: int, scale: str = "entropy",
+def softplus_qk(cfg: AttentionConfig, query: torch.Tensor, key: torch.Tensor, scaling: float
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The query, key and score scaling a variant's scores are made from: for the paper's softplus attention
+    (``softplus_scale='paper'``), l2-normalised query and key rows with scaling 1, so that the scores are cosines;
+    for every other variant ``(query, key, scaling)`` unchanged."""
+    if cfg.variant == "softplus" and cfg.softplus_scale == "paper":
+        return F.normalize(query, dim=-1), F.normalize(key, dim=-1), 1.0  # (B, H, T, D), rows of norm 1
+    return query, key, scaling
+
+
+def softplus_attention(scores: torch.Tensor, n: torch.Tensor | float, head_dim: int, scale: str = "paper",
                        power: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Softplus attention with l1 normalisation, the length scale ``log n / log d_head`` and optional re-weighting
-    (see the module docstring)."""
-    if scale == "entropy":
-        logn = torch.log(n) if isinstance(n, torch.Tensor) else math.log(n)
-        lam = logn / math.log(max(head_dim, 2))  # (.., Tq, 1) or a number; 1 when n == d_head
-        scores = scores * lam
+    """Softplus attention with l1 normalisation, a length scale and optional re-weighting (see the module
+    docstring). With ``scale='paper'`` the scores must be the cosines of :func:`softplus_qk`."""
+    logn = torch.log(n) if isinstance(n, torch.Tensor) else math.log(n)
+    if scale == "paper":
+        scores = scores * (math.log(head_dim) * logn)  # lambda (.., Tq, 1) or a number; 0 for a row of one key
+    elif scale == "entropy":
+        scores = scores * (logn / math.log(max(head_dim, 2)))
     a = F.softplus(scores)  # (B, H, Tq, Tk), > 0
     if mask is not None:
         a = a.masked_fill(~mask, 0.0)
     p = a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     if power is not None:
         r = F.relu(n * p - 1.0) ** power  # above-uniform weights amplified, the rest removed
-        p = r / r.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(r.dtype).tiny)
+        total = r.sum(dim=-1, keepdim=True)  # (.., Tq, 1)
+        # a row with nothing above uniform keeps its LSSA weights rather than becoming all zeros
+        p = torch.where(total > 0, r / total.clamp_min(torch.finfo(r.dtype).tiny), p)
     return p
 
 

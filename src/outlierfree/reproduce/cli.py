@@ -57,7 +57,7 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
     else:
         out_path.mkdir(parents=True, exist_ok=True)
         echo(f"reproduce preset {p.name}: {len(specs)} runs ({p.description}) -> {out_path}")
-        results = run_all(specs, out_path, p.name, progress=progress, echo=echo)
+        results = run_all(specs, out_path, p.name, progress=progress, echo=echo, held=missing)
     rel_results = None
     if p.released if released is None else released:
         releases = available()
@@ -78,7 +78,9 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
 @click.option("--out", default=None, help="output directory [default: runs/reproduce-<preset>]")
 @click.option("--families", default=None, help=f"comma-separated subset of {','.join(FAMILIES)}")
 @click.option("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANT_NAMES)} "
-                                               "(clipped_row: OPT's clipped softmax with per-row T)")
+                                               "(clipped_row: OPT's clipped softmax with per-row T; the zoo preset adds "
+                                               "gated_elementwise, osp_<variant> and its vanilla_lr*/vanilla_wu* "
+                                               "sweep)")
 @click.option("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 [default: the preset's]")
 @click.option("--max-steps", type=int, default=None, help="cap every run's training steps (e.g. to try `paper`)")
 @click.option("--quiet", is_flag=True, help="no progress bars, only the run lines")
@@ -87,13 +89,16 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
                    "with them [default: on for the quick preset]")
 @click.option("--report-only", is_flag=True,
               help="train nothing: write the report from the selected runs that have finished, and list where "
-                   "the others stand (safe beside processes training into the same --out)")
+                   "the others stand (training by pid N, checkpoint at step k, not started); safe beside processes "
+                   "training into the same --out")
 def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: str | None, seeds: str | None,
                   max_steps: int | None, quiet: bool, released: bool | None, report_only: bool) -> None:
     """Train vanilla, clipped and gated models, measure their outliers, quantize them (paper's W8A8 and
     linear-only), and write the paper's table (report.md, results.json, plots) into --out.
 
-    Rerunning the same command skips finished runs and resumes killed ones from their checkpoints.
+    Rerunning the same command skips finished runs and resumes killed ones from their checkpoints. Several
+    processes may share one --out (e.g. one per core): each locks the run it works on and skips the runs that
+    another process holds, so no run is trained twice.
 
         outlierfree reproduce --preset quick
 
@@ -103,7 +108,7 @@ def reproduce_cmd(preset: str, out: str | None, families: str | None, variants: 
     """
     get_preset(preset)
     fams = _csv(families, "families", FAMILIES, "family")
-    vars_ = _csv(variants, "variants", VARIANT_NAMES, "variant")
+    vars_ = _csv(variants, "variants", get_preset(preset).variant_names, "variant")
     seed_list = None
     if seeds is not None:
         try:

@@ -11,13 +11,24 @@ Layout of ``OUT``:
 
 Every stage writes its file atomically and is skipped when the file exists, so a rerun of the same command
 continues where a killed one stopped (training itself resumes from its last checkpoint).
+
+Several processes may work into one ``OUT`` (one per core, or a second sitting beside a first): each holds a lock on
+``<run>/.lock`` while it trains, analyses and quantizes that run, and skips the runs another process holds, so no
+run is ever trained twice. The lock is an ``fcntl.flock`` on an open file: the operating system drops it when the
+process exits or dies (SIGKILL included), so a crashed process never leaves a run locked.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are then not locked (one process per --out there)
+    fcntl = None  # type: ignore[assignment]
 
 from ..errors import OutlierfreeError
 from ..records import git_commit, machine, read_json, read_log, write_json  # noqa: F401 (re-exported)
@@ -45,6 +56,72 @@ def check_spec(run_dir: Path, spec: RunSpec) -> None:
     if not refuse_other_config(run_dir, spec, "use another --out directory, or delete that run directory to redo it"):
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "spec.json", spec.to_dict())
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on one run directory, held by this process while it works on the run.
+
+    ``acquire()`` returns False when another process holds it. The holder's pid is written into the lock file so
+    that others can say who trains the run; the file itself stays (deleting a lock file races with its next taker).
+    The OS releases the lock when the file is closed, which happens at ``release()``, at exit, or when the process
+    is killed."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free; False if another process (or another RunLock of this one) holds it."""
+        if fcntl is None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        for attempt in range(3):  # a --report-only probe holds a shared lock for microseconds: look again
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 2:
+                    f.close()
+                    return False
+                time.sleep(0.05)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return True
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases it)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid of the process that holds ``run_dir``'s lock, 0 if held by a process that has not yet written its
+    pid, or None if nobody holds it. Takes nothing: a shared probe, dropped at once."""
+    path = Path(run_dir) / LOCK_FILE
+    if fcntl is None or not path.exists():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = f.read().strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
 
 
 def train_stage(spec: RunSpec, run_dir: Path, progress: bool) -> Path:
@@ -200,15 +277,21 @@ def _has_model(run_dir: Path) -> bool:
 
 
 def run_status(spec: RunSpec, run_dir: Path) -> str:
-    """Where an unfinished run stands, in words: not started, its last checkpoint's step, or trained."""
+    """Where an unfinished run stands, in words: not started, its last checkpoint's step, or trained; prefixed by
+    "training by pid N" while a process holds its lock."""
+    holder = lock_holder(run_dir)
+    who = "" if holder is None else f"training by pid {holder}" if holder else "training by another process"
     if not (run_dir / "spec.json").exists():
-        return "not started"
+        return who or "not started"
     train_dir = run_dir / "train"
     if (train_dir / "model").exists():
-        return "trained, analysis or quantization not done"
-    steps = [e["step"] for e in _track_events(train_dir, ("checkpoint",)) if isinstance(e.get("step"), int)]
-    total = spec.train.get("steps")
-    return f"checkpoint at step {max(steps)} of {total}" if steps else f"started, no checkpoint yet (of {total} steps)"
+        where = "trained, analysis or quantization not done"
+    else:
+        steps = [e["step"] for e in _track_events(train_dir, ("checkpoint",)) if isinstance(e.get("step"), int)]
+        total = spec.train.get("steps")
+        where = (f"checkpoint at step {max(steps)} of {total}" if steps
+                 else f"started, no checkpoint yet (of {total} steps)")
+    return f"{who}, {where}" if who else where
 
 
 def collect(specs: list[RunSpec], out: Path, echo: Callable[[str], None] = print
@@ -231,8 +314,9 @@ def collect(specs: list[RunSpec], out: Path, echo: Callable[[str], None] = print
 
 
 def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
-            echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run (or skip, or resume) every spec in order; returns their result dicts."""
+            echo: Callable[[str], None] = print, held: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run (or skip, or resume) every spec in order; returns their result dicts. A run whose lock another process
+    holds is skipped; those still unfinished at the end are put in ``held`` (name -> where it stands)."""
     runs_dir = out / "runs"
     commit = git_commit()
     results: list[dict[str, Any]] = []
@@ -240,37 +324,61 @@ def run_all(specs: list[RunSpec], out: Path, preset: str, progress: bool = True,
     for spec in specs:
         check_spec(runs_dir / spec.name, spec)
     spent: list[float] = []
+    skipped: list[tuple[int, RunSpec]] = []
     for i, spec in enumerate(specs, 1):
         run_dir = runs_dir / spec.name
-        result_path = run_dir / "result.json"
-        if result_path.exists():
-            res = read_json(result_path)
-            if not (stale_quant(res.get("how", {}).get("quant", {}).get("w8a8")) and _has_model(run_dir)):
-                results.append(res)
-                echo(f"[{i}/{len(specs)}] {spec.name}: done earlier, skipped")
-                continue
-            echo(f"[{i}/{len(specs)}] {spec.name}: W8A8 was simulated with the old site set; simulating it again "
-                 f"with the paper's")
-        left = len(specs) - i + 1
-        eta = f", ETA {_fmt_s(sum(spent) / len(spent) * left)} for the {left} left" if spent else ""
-        echo(f"[{i}/{len(specs)}] {spec.name}: training {spec.train.get('size')} for {spec.train.get('steps')} "
-             f"steps{eta}")
-        t0 = time.perf_counter()
-        model_dir = train_stage(spec, run_dir, progress)
-        echo(f"[{i}/{len(specs)}] {spec.name}: analysing outliers")
-        analysis = analysis_stage(spec, model_dir, run_dir, progress)
-        echo(f"[{i}/{len(specs)}] {spec.name}: W8A8 (paper set, simulated and in ONNX Runtime's integers, and "
-             f"linear only)")
-        quant = quant_stage(spec, model_dir, run_dir, progress)
-        dt = time.perf_counter() - t0
-        spent.append(dt)
-        res = summarise(spec, model_dir, run_dir, analysis, quant, dt, commit, preset)
-        write_json(result_path, res)
-        results.append(res)
-        echo(f"[{i}/{len(specs)}] {spec.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "
-             f"max inf-norm {_g(res['max_inf_norm'])} ({_fmt_s(dt)})")
+        lock = RunLock(run_dir)
+        if not lock.acquire():  # another process works on it: leave it alone, look again at the end
+            skipped.append((i, spec))
+            echo(f"[{i}/{len(specs)}] {spec.name}: {run_status(spec, run_dir)}; skipped here")
+            continue
+        with lock:
+            results.append(_run_one(i, spec, specs, run_dir, preset, progress, echo, spent, commit))
+    for i, spec in skipped:  # the other process may have finished them meanwhile
+        run_dir = runs_dir / spec.name
+        if (run_dir / "result.json").exists() and lock_holder(run_dir) is None:
+            results.append(read_json(run_dir / "result.json"))
+            echo(f"[{i}/{len(specs)}] {spec.name}: done by another process")
+        else:
+            status = run_status(spec, run_dir)
+            if held is not None:
+                held[spec.name] = status
+            echo(f"[{i}/{len(specs)}] {spec.name}: left to another process ({status})")
+    if skipped:
+        echo(f"{sum(1 for _, s in skipped if s.name in (held or {}))} of {len(specs)} runs were held by other "
+             f"processes; rerun this command (or --report-only) once they finish")
     return results
 
+
+def _run_one(i: int, spec: RunSpec, specs: list[RunSpec], run_dir: Path, preset: str, progress: bool,
+             echo: Callable[[str], None], spent: list[float], commit: str) -> dict[str, Any]:
+    """One run, its lock held: skip it if finished, else train / analyse / quantize it; its result dict."""
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        res = read_json(result_path)
+        if not (stale_quant(res.get("how", {}).get("quant", {}).get("w8a8")) and _has_model(run_dir)):
+            echo(f"[{i}/{len(specs)}] {spec.name}: done earlier, skipped")
+            return res
+        echo(f"[{i}/{len(specs)}] {spec.name}: W8A8 was simulated with the old site set; simulating it again "
+             f"with the paper's")
+    left = len(specs) - i + 1
+    eta = f", ETA {_fmt_s(sum(spent) / len(spent) * left)} for the {left} left" if spent else ""
+    echo(f"[{i}/{len(specs)}] {spec.name}: training {spec.train.get('size')} for {spec.train.get('steps')} "
+         f"steps{eta}")
+    t0 = time.perf_counter()
+    model_dir = train_stage(spec, run_dir, progress)
+    echo(f"[{i}/{len(specs)}] {spec.name}: analysing outliers")
+    analysis = analysis_stage(spec, model_dir, run_dir, progress)
+    echo(f"[{i}/{len(specs)}] {spec.name}: W8A8 (paper set, simulated and in ONNX Runtime's integers, and "
+         f"linear only)")
+    quant = quant_stage(spec, model_dir, run_dir, progress)
+    dt = time.perf_counter() - t0
+    spent.append(dt)
+    res = summarise(spec, model_dir, run_dir, analysis, quant, dt, commit, preset)
+    write_json(result_path, res)
+    echo(f"[{i}/{len(specs)}] {spec.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "
+         f"max inf-norm {_g(res['max_inf_norm'])} ({_fmt_s(dt)})")
+    return res
 
 def _g(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if isinstance(v, (int, float)) else "n/a"
