@@ -61,6 +61,40 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
 
 
+OUT_FIX = "pass a new directory path for --out (or move that file away)"
+
+
+def check_dir_path(path: str | os.PathLike, what: str = "the output directory", fix: str = OUT_FIX) -> Path:
+    """Refuse, as a one-line error, a directory path that cannot be created: ``path`` itself, or a folder above it,
+    is an existing file (``--out README.md/x``). Cheap: commands call it before their work, and :func:`make_dir`
+    calls it where the directory is made. ``what`` and ``fix`` word the message for other directories (a cache)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"is under {str(p)!r}, which is a file"
+                raise OutlierfreeError(f"{what} {str(path)!r} {where}, not a directory", fix)
+            break
+    return path
+
+
+def make_dir(path: str | os.PathLike, what: str = "the output directory", fix: str = OUT_FIX) -> Path:
+    """``mkdir -p path``; a file in the way, no permission or a full disk is a one-line error, never a traceback.
+    Every directory the package writes into is made here (or by ``atomic_dir``, which calls it)."""
+    path = check_dir_path(path, what, fix)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutlierfreeError(f"the disk is full while creating {str(path)!r}",
+                                   "free some space and rerun the same command: finished work is kept") from e
+        if isinstance(e, (FileExistsError, NotADirectoryError, PermissionError)) or e.errno == errno.EROFS:
+            check_dir_path(path, what, fix)  # a file made in the way since the check: name it
+            raise OutlierfreeError(f"cannot create {what} {str(path)!r} ({e.strerror})", fix) from e
+        raise
+    return path
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary name, then rename); a full disk is a one-line error."""
     path = Path(path)

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import require  # noqa: E402
 from ..models.io import atomic_dir  # noqa: E402
-from ..records import dumps, save_png  # noqa: E402
+from ..records import check_dir_path, dumps, save_png  # noqa: E402
 
 KIND_STYLE = {"ln_input": "-", "ffn_output": "--", "attn_output": ":", "ln_output": "-."}
 KIND_LABEL = {"ln_input": "LN input (residual sum)", "ffn_output": "FFN output", "attn_output": "attention output",
@@ -58,7 +58,7 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | os.PathLike,
 
 def check_out_dir(out: Path) -> None:
     """The output directory is replaced as a whole: refuse a file, or a directory holding anything but a report."""
-    require(not out.exists() or out.is_dir(), f"--out {str(out)!r} is a file", "pass a directory path")
+    check_dir_path(out)  # a file at or above it
     require(not out.exists() or not any(out.iterdir()) or (out / "report.json").is_file(),
             f"--out {str(out)!r} exists and is not an analysis report directory (it would be replaced)",
             "pass a new or empty directory, or a previous report's directory")
