@@ -134,7 +134,8 @@ def save_png(fig: Any, path: str | os.PathLike | None, dpi: int = 110) -> bool:
 
     if path is not None:
         path = Path(path)
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:  # a figure made with layout="constrained" keeps its own
+            fig.tight_layout()
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
         try:
             fig.savefig(tmp, dpi=dpi)
@@ -143,6 +144,19 @@ def save_png(fig: Any, path: str | os.PathLike | None, dpi: int = 110) -> bool:
             tmp.unlink(missing_ok=True)
     plt.close(fig)
     return path is not None
+
+
+def integer_ticks(axis: Any, at: Iterable[float] | None = None) -> None:
+    """Integer tick labels on one matplotlib axis (``ax.xaxis``) that counts things (layers, steps): at ``at`` (the
+    layers a plot has; grouped bars are centred on them), or, with many or none given, wherever matplotlib puts them
+    but on integers only. Without it a 4-layer bar chart is labelled 0.0, 0.5, ... 3.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    ticks = sorted({int(a) for a in at}) if at is not None else []
+    if 0 < len(ticks) <= 24:
+        axis.set_ticks(ticks, [str(t) for t in ticks])
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
 
 
 # ---- provenance: every record says where it was made ------------------------------------------------------------
