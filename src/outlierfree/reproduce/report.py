@@ -263,9 +263,11 @@ def provenance_line(r: dict[str, Any]) -> str:
     was trained (one line per release, not the notes run together)."""
     rel = r.get("released", {})
     t = rel.get("train_seconds")
-    recipe = f"{rel.get('preset')} preset" + (f", {t / 3600:.1f} h of training" if t else "")
-    note = " ".join(str(rel.get("note") or "no note in its card").split()).rstrip(".")
-    return f"- `{rel.get('name', r['name'])}` ({recipe}): {note[:1].upper() + note[1:]}."
+    recipe = [f"{rel['preset']} preset"] if rel.get("preset") else []
+    recipe += [f"{t / 3600:.1f} h of training"] if t else []
+    note = " ".join(str(rel.get("note") or "no note in its card").split()).rstrip(".")  # one line, whatever it held
+    return f"- `{rel.get('name', r['name'])}`" + (f" ({', '.join(recipe)})" if recipe else "") + \
+        f": {note[:1].upper() + note[1:]}."
 
 
 def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str], dict[str, Any]]:
