@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,37 @@ def test_patching_unsupported_model_is_one_line(tmp_path):
             "try:\n    of.patch_model(m, 'clipped')\nexcept of.OutlierfreeError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "llama")], capture_output=True, text=True)
     assert "cannot patch a 'llama' model" in r.stdout and "bert, opt and vit" in r.stdout
+
+
+
+RELEASED = str(Path(__file__).resolve().parents[1] / "src/outlierfree/released/bert-mini-vanilla")
+OUT_COMMANDS = [["analyze", RELEASED], ["quantize", RELEASED], ["doctor", RELEASED], ["export", RELEASED],
+                ["train", "--task", "mlm", "--steps", "1"], ["reproduce", "--preset", "quick"], ["release", "runs/none"]]
+
+
+@pytest.mark.parametrize("below", ["x", "x/y", ""])
+def test_out_under_a_file_is_one_line_before_any_work(tmp_path, capsys, below):
+    """Every command's --out is checked when parsed (cli._check_out_when_parsed): exit 2, one line, no work. In
+    process through the entry point (7 commands); the subprocess test below checks the same as a user sees it."""
+    from outlierfree.cli import main
+
+    blocker = tmp_path / "README.md"
+    blocker.write_text("a file\n")
+    for args in OUT_COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--out", str(blocker / below) if below else str(blocker)])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and out == "", (args, out, err)
+        assert err.startswith("error: the output directory") and str(blocker) in err and "--out" in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # nothing written
+
+
+def test_out_under_a_file_as_a_user_sees_it(tmp_path):
+    (tmp_path / "README.md").write_text("a file\n")
+    (tmp_path / "run.yaml").write_text(f"task: mlm\nsteps: 1\nout: {tmp_path / 'README.md' / 'x'}\n")
+    for args in (["analyze", RELEASED, "--out", str(tmp_path / "README.md" / "x")],
+                 ["train", "--config", str(tmp_path / "run.yaml")]):  # the config file's out: checked by RunDir
+        r = run(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "README.md" in r.stderr and "is under" in r.stderr and "--out" in r.stderr

@@ -52,3 +52,26 @@ def test_log_skips_a_torn_line_and_filters_events(tmp_path):
     assert [r["event"] for r in rows] == ["train", "outliers"] and math.isnan(rows[0]["loss"])
     assert records.read_log(log, ("outliers",)) == [{"event": "outliers", "step": 1, "max_inf_norm": 3.0}]
     assert records.read_log(tmp_path / "none.jsonl") == []
+
+
+@pytest.mark.parametrize("below", ["", "x", "x/y"])
+def test_a_file_in_the_way_of_a_directory_is_one_line(tmp_path, below):
+    from outlierfree.models.io import atomic_dir
+
+    blocker = tmp_path / "README.md"
+    blocker.write_text("a file\n")
+    target = blocker / below if below else blocker
+    for make in (records.check_dir_path, records.make_dir):
+        with pytest.raises(OutlierfreeError) as e:
+            make(target)
+        assert str(blocker) in str(e.value) and "--out" in e.value.fix
+    with pytest.raises(OutlierfreeError):
+        with atomic_dir(target) as tmp:  # refused on entry: nothing is written
+            (tmp / "x").write_text("never")
+    assert blocker.read_text() == "a file\n" and sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+
+
+def test_make_dir_makes_nested_directories_and_accepts_existing_ones(tmp_path):
+    d = records.make_dir(tmp_path / "a" / "b")
+    assert d.is_dir() and records.make_dir(d) == d and records.check_dir_path(tmp_path / "new" / "c") == \
+        tmp_path / "new" / "c"

@@ -1,7 +1,7 @@
 """outlierfree: train transformers that quantize well, and find and measure the outliers of those that do not.
 
     import outlierfree as of
-    model = of.build_model("bert", "tiny", of.AttentionConfig("clipped", gamma=-0.025))
+    model = of.build_model("bert", "tiny", of.AttentionConfig("clipped", alpha=1, alpha_t="row"))  # gamma = -1/T
     of.save_model(model, "out/bert")
     model = of.load_model("out/bert")
 """

@@ -17,6 +17,7 @@ import click
 
 from .attention.config import ALPHA_T, GATE_PER, GATE_TYPES, IMPLS, SOFTPLUS_SCALES, VARIANTS, AttentionConfig
 from .errors import OutlierfreeError
+from .records import check_dir_path
 
 # name -> "module:attribute" of a click command
 LAZY_COMMANDS: dict[str, str] = {
@@ -48,11 +49,28 @@ class LazyGroup(click.Group):
             return None
         mod, attr = target.split(":")
         try:
-            return getattr(importlib.import_module(mod), attr)
+            return _check_out_when_parsed(getattr(importlib.import_module(mod), attr))
         except (ModuleNotFoundError, AttributeError) as e:
             if mod.split(".")[-2] in str(e) or mod in str(e) or attr in str(e):
                 return None  # a command not built yet
             raise
+
+
+def _check_out_when_parsed(cmd: click.Command) -> click.Command:
+    """Give the command's ``--out`` a check when it is parsed: a file in the way (``--out README.md/x``) is then a
+    one-line error before any work, not after it (``records.make_dir`` refuses it again where the directory is
+    made, for library callers)."""
+    for param in cmd.params:
+        if param.name == "out" and not getattr(param, "_out_checked", False):
+            inner = param.callback
+
+            def check(ctx: click.Context, p: click.Parameter, value: Any, inner: Callable | None = inner) -> Any:
+                if value is not None:
+                    check_dir_path(value)
+                return inner(ctx, p, value) if inner is not None else value
+
+            param.callback, param._out_checked = check, True
+    return cmd
 
 
 # ---- the attention flags every model-building command shares ---------------------------------------------

@@ -61,6 +61,40 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
 
 
+OUT_FIX = "pass a new directory path for --out (or move that file away)"
+
+
+def check_dir_path(path: str | os.PathLike, what: str = "the output directory", fix: str = OUT_FIX) -> Path:
+    """Refuse, as a one-line error, a directory path that cannot be created: ``path`` itself, or a folder above it,
+    is an existing file (``--out README.md/x``). Cheap: commands call it before their work, and :func:`make_dir`
+    calls it where the directory is made. ``what`` and ``fix`` word the message for other directories (a cache)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"is under {str(p)!r}, which is a file"
+                raise OutlierfreeError(f"{what} {str(path)!r} {where}, not a directory", fix)
+            break
+    return path
+
+
+def make_dir(path: str | os.PathLike, what: str = "the output directory", fix: str = OUT_FIX) -> Path:
+    """``mkdir -p path``; a file in the way, no permission or a full disk is a one-line error, never a traceback.
+    Every directory the package writes into is made here (or by ``atomic_dir``, which calls it)."""
+    path = check_dir_path(path, what, fix)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutlierfreeError(f"the disk is full while creating {str(path)!r}",
+                                   "free some space and rerun the same command: finished work is kept") from e
+        if isinstance(e, (FileExistsError, NotADirectoryError, PermissionError)) or e.errno == errno.EROFS:
+            check_dir_path(path, what, fix)  # a file made in the way since the check: name it
+            raise OutlierfreeError(f"cannot create {what} {str(path)!r} ({e.strerror})", fix) from e
+        raise
+    return path
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary name, then rename); a full disk is a one-line error."""
     path = Path(path)
@@ -100,7 +134,8 @@ def save_png(fig: Any, path: str | os.PathLike | None, dpi: int = 110) -> bool:
 
     if path is not None:
         path = Path(path)
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:  # a figure made with layout="constrained" keeps its own
+            fig.tight_layout()
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
         try:
             fig.savefig(tmp, dpi=dpi)
@@ -109,6 +144,19 @@ def save_png(fig: Any, path: str | os.PathLike | None, dpi: int = 110) -> bool:
             tmp.unlink(missing_ok=True)
     plt.close(fig)
     return path is not None
+
+
+def integer_ticks(axis: Any, at: Iterable[float] | None = None) -> None:
+    """Integer tick labels on one matplotlib axis (``ax.xaxis``) that counts things (layers, steps): at ``at`` (the
+    layers a plot has; grouped bars are centred on them), or, with many or none given, wherever matplotlib puts them
+    but on integers only. Without it a 4-layer bar chart is labelled 0.0, 0.5, ... 3.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    ticks = sorted({int(a) for a in at}) if at is not None else []
+    if 0 < len(ticks) <= 24:
+        axis.set_ticks(ticks, [str(t) for t in ticks])
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
 
 
 # ---- provenance: every record says where it was made ------------------------------------------------------------

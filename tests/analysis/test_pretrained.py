@@ -45,7 +45,7 @@ def test_minilm_cli(minilm_path, tmp_path):
         assert e.code in (0, None)
     r = json.loads((out / "report.json").read_text())["reports"][0]
     assert r["model"]["class"] == "BertModel" and r["name"].endswith("model")
-    # the documented finding (README.md, "What it finds on real checkpoints"): a residual-sum dimension far above LLM.int8()'s threshold
+    # the documented finding (docs/analyze.md, "What it finds on real checkpoints"): a residual-sum dimension far above LLM.int8()'s threshold
     assert r["headline"]["max_inf_norm"] > 6 and r["outlier_dims"]["recurring"]
     assert (out / "noop_head.png").is_file()
 

@@ -100,6 +100,12 @@ def test_main_job_opens_its_report_with_the_releases(bert_runs, tmp_path, monkey
     assert rel["headline"].startswith("On the released checkpoints") and f"{c['vanilla_degradation']:+.3g}" in \
         rel["headline"]
     assert rel["headline"] in md
+    # where each release came from: one line per release, in the table's order, each naming its own card's note
+    how = md.split("\nHow: ", 1)[1].split("\n| family |", 1)[0]
+    bullets = [ln for ln in how.splitlines() if ln.startswith("- ")]
+    assert [b.split("`")[1] for b in bullets] == ["bert-tiny-vanilla", "bert-tiny-gated"], how
+    for b, r in zip(bullets, sorted(rel["runs"], key=lambda r: r["variant"] != "vanilla")):
+        assert r["released"]["name"] in b and b.endswith(".")
     for p in rel["plots"]:
         assert (out / p).is_file(), p
     # measured with the release's own settings, on its own validation data
@@ -140,3 +146,18 @@ def test_shipped_releases_keep_their_numbers_and_show_the_effect():
         assert f"--variants {spec.variant} --seeds {spec.seed}" in card
     for fix in ("gated", "clipped"):  # both training-time fixes keep W8A8 within 1/5 of vanilla's loss
         assert degradation["vanilla"] >= 5 * max(degradation[fix], 1e-9), (fix, degradation)
+
+
+def test_provenance_is_one_line_per_release_with_its_own_note():
+    from outlierfree.reproduce.report import provenance_line
+
+    runs = [{"family": "bert", "variant": v, "seed": 0, "name": f"bert-{v}-s0",
+             "released": {"name": f"bert-mini-{v}", "preset": "gpu", "train_seconds": 7200.0 + i * 360,
+                          "note": f"trained on machine {i},\nin one sitting."}}
+            for i, v in enumerate(("vanilla", "gated"))] + [
+        {"family": "bert", "variant": "clipped", "seed": 0, "name": "c", "released": {"name": "bert-mini-clipped"}}]
+    lines = [provenance_line(r) for r in runs]
+    assert lines[0] == "- `bert-mini-vanilla` (gpu preset, 2.0 h of training): Trained on machine 0, in one sitting."
+    assert lines[1] == "- `bert-mini-gated` (gpu preset, 2.1 h of training): Trained on machine 1, in one sitting."
+    assert lines[2] == "- `bert-mini-clipped`: No note in its card."
+    assert all("\n" not in ln for ln in lines)

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import require  # noqa: E402
 from ..models.io import atomic_dir  # noqa: E402
-from ..records import dumps, save_png  # noqa: E402
+from ..records import check_dir_path, dumps, integer_ticks, save_png  # noqa: E402
 
 KIND_STYLE = {"ln_input": "-", "ffn_output": "--", "attn_output": ":", "ln_output": "-."}
 KIND_LABEL = {"ln_input": "LN input (residual sum)", "ffn_output": "FFN output", "attn_output": "attention output",
@@ -58,7 +58,7 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | os.PathLike,
 
 def check_out_dir(out: Path) -> None:
     """The output directory is replaced as a whole: refuse a file, or a directory holding anything but a report."""
-    require(not out.exists() or out.is_dir(), f"--out {str(out)!r} is a file", "pass a directory path")
+    check_dir_path(out)  # a file at or above it
     require(not out.exists() or not any(out.iterdir()) or (out / "report.json").is_file(),
             f"--out {str(out)!r} exists and is not an analysis report directory (it would be replaced)",
             "pass a new or empty directory, or a previous report's directory")
@@ -97,8 +97,9 @@ def _site_label(s: dict[str, Any]) -> str:
 def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) -> bool:
     """Per layer, the largest inf-norm (mean over sequences) and kurtosis among the layer's sites of each kind
     (LayerNorm inputs: the headline sites only): one colour per model, one line style per kind."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), layout="constrained")
     drawn = False
+    layers_seen: set[int] = set()
     for i, (r, name) in enumerate(zip(reports, names)):
         headline_sites = set((r.get("headline") or {}).get("site_names") or [])
         for kind, style in KIND_STYLE.items():
@@ -107,6 +108,7 @@ def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) 
             if not ss:
                 continue
             layers = sorted({s["layer"] for s in ss})
+            layers_seen.update(layers)
             inf = [max(s["inf_norm_mean"] for s in ss if s["layer"] == k) for k in layers]
             kur = [max((s["kurtosis_mean"] or 0) for s in ss if s["layer"] == k) for k in layers]
             axes[0].plot(layers, inf, style, color=f"C{i}", marker=".", label=f"{name}: {KIND_LABEL[kind]}")
@@ -121,8 +123,9 @@ def plot_per_layer(reports: list[dict[str, Any]], names: list[str], path: Path) 
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0].legend(fontsize=7)
+        integer_ticks(ax.xaxis, layers_seen)
+    n = len(axes[0].get_lines())
+    fig.legend(loc="outside lower center", ncol=min(4, n), fontsize=7)  # below the plots: never over a line
     return save_png(fig, path)
 
 
@@ -237,6 +240,7 @@ def plot_tracks(tracks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     axes[0].set(title="max inf-norm (LN inputs) during training", xlabel="step", ylabel="max |x|")
     axes[1].set(title="max kurtosis (LN inputs) during training", xlabel="step", ylabel="kurtosis")
     for ax in axes:
+        integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return save_png(fig, path)

@@ -15,12 +15,16 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ..records import make_dir
+
+CACHE_FIX = "point $OUTLIERFREE_CACHE at a directory (or move that file away)"
+
 
 def cache_dir(*parts: str) -> Path:
     """``$OUTLIERFREE_CACHE`` (default ``~/.cache/outlierfree``) joined with ``parts``, created."""
     root = Path(os.environ.get("OUTLIERFREE_CACHE") or Path.home() / ".cache" / "outlierfree")
     d = root.joinpath(*parts)
-    d.mkdir(parents=True, exist_ok=True)
+    make_dir(d, "the cache directory", CACHE_FIX)
     return d
 
 
@@ -37,7 +41,7 @@ def hash_texts(texts: Iterable[str], *extra: Any) -> str:
 
 def save_array(path: Path, array: np.ndarray) -> None:
     """``np.save`` to a temporary sibling, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "the cache directory", CACHE_FIX)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
     os.close(fd)
     try:

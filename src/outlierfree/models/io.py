@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import OutlierfreeError
-from ..records import dumps
+from ..records import check_dir_path, dumps, make_dir
 from . import hf_compat
 from .build import patch_model
 
@@ -33,7 +33,8 @@ class _AtomicDir:
         self.target = target
 
     def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        check_dir_path(self.target)  # a file in the way is a one-line error, before anything is written
+        make_dir(self.target.parent)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
         return self.tmp
 

@@ -58,7 +58,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 
 DESCRIPTIONS: dict[str, str] = {
     "bert/tiny": "2 layers, 64 wide: seconds per step on a CPU (tests, quick preset)",
-    "bert/mini": "4 layers, 128 wide, 2 heads (the probe in shared/measurements.md)",
+    "bert/mini": "4 layers, 128 wide, 2 heads (the developers' reference probe)",
     "bert/small": "4 layers, 256 wide, 4 heads",
     "bert/6l": "the reference code's 6-layer BERT (768 wide, 12 heads, 256 positions)",
     "bert/base": "BERT-base (12 layers, 768 wide)",

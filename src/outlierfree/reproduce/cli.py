@@ -11,6 +11,7 @@ from typing import Any, Callable
 import click
 
 from ..errors import OutlierfreeError, require
+from ..records import check_dir_path, make_dir
 from .presets import FAMILIES, PRESETS, VARIANT_NAMES, get_preset
 
 
@@ -45,7 +46,7 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
         require(max_steps > 0, f"--max-steps must be positive, got {max_steps}", "pass e.g. --max-steps 100")
     specs = p.runs(families, variants, seeds, max_steps)
     out_path = Path(out)
-    require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory")
+    check_dir_path(out_path)  # a file at or above it: one line now, not after the training
     t0 = time.perf_counter()
     missing: dict[str, str] = {}
     if report_only:
@@ -55,7 +56,7 @@ def run_reproduce(preset: str, out: str, families: Any = None, variants: Any = N
         require(len(results) > 0, f"none of the {len(specs)} selected runs in {out!r} has finished",
                 "run the same command without --report-only first")
     else:
-        out_path.mkdir(parents=True, exist_ok=True)
+        make_dir(out_path)
         echo(f"reproduce preset {p.name}: {len(specs)} runs ({p.description}) -> {out_path}")
         results = run_all(specs, out_path, p.name, progress=progress, echo=echo, held=missing)
     rel_results = None

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import require
-from ..records import read_json, read_log, write_json, write_text
+from ..records import make_dir, read_json, read_log, write_json, write_text
 from .presets import METRIC, RunSpec, degradation
 from .runner import _fmt_s, _g, analysis_stage, git_commit, machine, quant_inputs, quant_stage, summarise
 
@@ -100,7 +100,7 @@ def make_release(run_dir: str | Path, out: str | Path, dtype: str = "float16", n
             "rerun the reproduce command: it writes the model at the end of training")
     result = read_json(run_dir / "result.json")
     spec = release_spec(run_dir)  # a run directory holds the same spec.json
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         for f in MODEL_FILES:
@@ -253,7 +253,7 @@ def evaluate_releases(releases: list[Path], out: Path, progress: bool = True,
         if run_dir.exists() and stale:
             for f in ("analysis.json", "quant.json", "result.json"):  # a newer release: measure it again
                 (run_dir / f).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir)
         write_json(run_dir / "release.json", info)
         if (run_dir / "result.json").exists():
             results.append(read_json(run_dir / "result.json"))

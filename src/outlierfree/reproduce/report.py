@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from ..records import write_text
+from ..records import integer_ticks, write_text
 from .presets import METRIC, PAPER, degradation
 from .runner import machine, write_json
 
@@ -134,10 +134,20 @@ def _family_panels(fams: list[str], path: Path, draw: Callable[[Any, str], None]
     from ..analysis.report import plt  # lazy: matplotlib only when a plot is drawn
     from ..records import save_png
 
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class Plain(LogFormatterSciNotation):
+        """Matplotlib's choice of which log ticks to label, written as plain numbers (40, 0.74; not 4 x 10^1)."""
+
+        def __call__(self, x: float, pos: Any = None) -> str:
+            return f"{x:.3g}" if super().__call__(x, pos) else ""
+
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         draw(ax, fam)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(Plain())
+        ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False))
         ax.legend(fontsize=7)
     return save_png(fig, path)
 
@@ -146,8 +156,10 @@ def plot_per_layer(results: list[dict[str, Any]], path: Path) -> bool:
     """Per-layer max inf-norm of each variant, side by side, one panel per family (seed-averaged)."""
 
     def draw(ax: Any, fam: str) -> None:
-        variants = sorted({r["variant"] for r in results if r["family"] == fam})
+        # vanilla first, so each variant has the same colour here, in the growth plot and in the analysis plots
+        variants = sorted({r["variant"] for r in results if r["family"] == fam}, key=lambda v: (v != "vanilla", v))
         width = 0.8 / max(1, len(variants))
+        all_layers: set[int] = set()
         for j, var in enumerate(variants):
             per: dict[int, list[float]] = {}
             for r in results:
@@ -155,7 +167,10 @@ def plot_per_layer(results: list[dict[str, Any]], path: Path) -> bool:
                     for row in r.get("per_layer_inf_norm", []):
                         per.setdefault(row["layer"], []).append(row["inf_norm"])
             layers = sorted(per)
-            ax.bar([l + j * width for l in layers], [statistics.fmean(per[l]) for l in layers], width, label=var)
+            all_layers.update(layers)
+            offset = (j - (len(variants) - 1) / 2) * width  # the group of bars centred on its layer
+            ax.bar([l + offset for l in layers], [statistics.fmean(per[l]) for l in layers], width, label=var)
+        integer_ticks(ax.xaxis, all_layers)
         ax.set_title(f"{fam}: max inf-norm of LayerNorm inputs")
         ax.set_xlabel("layer")
 
@@ -166,11 +181,14 @@ def plot_growth(results: list[dict[str, Any]], path: Path) -> bool:
     """Max inf-norm over training steps (train --track-outliers), one panel per family, one line per run."""
 
     def draw(ax: Any, fam: str) -> None:
-        for r in sorted((r for r in results if r["family"] == fam), key=lambda r: (r["variant"], r["seed"])):
+        runs = sorted((r for r in results if r["family"] == fam), key=lambda r: (r["variant"] != "vanilla",
+                                                                                r["variant"], r["seed"]))
+        for r in runs:  # vanilla first: the same colour per variant as the per-layer plot
             pts = [(t["step"], t.get("max_inf_norm")) for t in r.get("track", [])
                    if t.get("event") == "outliers" and t.get("max_inf_norm") is not None]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=f"{r['variant']} s{r['seed']}")
+        integer_ticks(ax.xaxis)
         ax.set_title(f"{fam}: outlier growth")
         ax.set_xlabel("training step")
         ax.set_ylabel("max inf-norm")
@@ -235,6 +253,23 @@ def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _table_order(r: dict[str, Any]) -> tuple:
+    """Family, then vanilla first, then the fixes by name, then seed: the order of the report's tables."""
+    return r["family"], r["variant"] != "vanilla", r["variant"], r["seed"]
+
+
+def provenance_line(r: dict[str, Any]) -> str:
+    """One markdown bullet: a release's name, its recipe and training time, and its card's note on where and how it
+    was trained (one line per release, not the notes run together)."""
+    rel = r.get("released", {})
+    t = rel.get("train_seconds")
+    recipe = [f"{rel['preset']} preset"] if rel.get("preset") else []
+    recipe += [f"{t / 3600:.1f} h of training"] if t else []
+    note = " ".join(str(rel.get("note") or "no note in its card").split()).rstrip(".")  # one line, whatever it held
+    return f"- `{rel.get('name', r['name'])}`" + (f" ({', '.join(recipe)})" if recipe else "") + \
+        f": {note[:1].upper() + note[1:]}."
+
+
 def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str], dict[str, Any]]:
     """The report's opening section on the released checkpoints (markdown lines) and its JSON: the table, the
     checks against vanilla, the plots (per-layer inf-norm, outlier growth while they trained, vanilla's no-op head
@@ -250,7 +285,7 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
     lines = ["## The paper's effect on released checkpoints", "", effect_sentence(rows, checks), "",
              "| checkpoint | FP | W8A8 (paper set) | W8A8 real (ORT) | W8A8 degradation | max inf-norm | "
              "avg kurtosis | no-op heads | trained |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["family"], r["variant"] != "vanilla", r["variant"], r["seed"])):
+    for r in sorted(results, key=_table_order):
         rel = r.get("released", {})
         deg = degradation(r["metric"], r.get("fp"), r.get("w8a8"))
         t = rel.get("train_seconds")
@@ -259,12 +294,11 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
                      f"{_fmt({'mean': r.get('w8a8')})} | {_fmt({'mean': r.get('w8a8_ort')})} | "
                      f"{_fmt({'mean': deg}, 3)} | {_fmt({'mean': r.get('max_inf_norm')}, 3)} | "
                      f"{_fmt({'mean': r.get('avg_kurtosis')}, 3)} | {r.get('noop_heads')} | {trained} |")
-    notes = sorted({r.get("released", {}).get("note") or "" for r in results} - {""})
     lines += ["", "How: each checkpoint (package `outlierfree/released/`; its `README.md` is the card) analysed and "
               "quantized just now, by this command, exactly as its own reproduce run was: its validation split, "
               "the paper's W8A8 site set calibrated on its training split, ONNX Runtime's integers on the same "
-              "batches. Where and how each was trained is in its card" + (": " + " / ".join(notes) if notes else "") +
-              ".", ""]
+              "batches. Where and how each was trained, as its card says:", ""]
+    lines += [provenance_line(r) for r in sorted(results, key=_table_order)] + [""]
     if checks:
         lines += ["| family | fix | max inf-norm ratio (vanilla / fix) | W8A8 degradation (vanilla -> fix) | "
                   "<= 1/5 of vanilla's |", "|---|---|---|---|---|"]

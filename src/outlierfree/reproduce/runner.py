@@ -31,7 +31,7 @@ except ImportError:  # Windows: no flock; runs are then not locked (one process 
     fcntl = None  # type: ignore[assignment]
 
 from ..errors import OutlierfreeError
-from ..records import git_commit, machine, read_json, read_log, write_json  # noqa: F401 (re-exported)
+from ..records import git_commit, machine, make_dir, read_json, read_log, write_json  # noqa: F401 (re-exported)
 from .presets import METRIC, RunSpec
 
 
@@ -54,7 +54,7 @@ def refuse_other_config(run_dir: Path, spec: RunSpec, fix: str) -> bool:
 def check_spec(run_dir: Path, spec: RunSpec) -> None:
     """Record ``spec`` in ``run_dir``, or refuse if the directory holds a run of a different config."""
     if not refuse_other_config(run_dir, spec, "use another --out directory, or delete that run directory to redo it"):
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir)
         write_json(run_dir / "spec.json", spec.to_dict())
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import OutlierfreeError, require
-from ..records import LOG_FILE, append_log, write_json
+from ..records import LOG_FILE, append_log, check_dir_path, make_dir, write_json
 from .config import TrainConfig, config_difference
 
 CHECKPOINT = "checkpoint"
@@ -40,6 +40,7 @@ class RunDir:
 
     def __init__(self, out: str | os.PathLike, identity: dict[str, Any], main: bool = True, console: Any = None):
         self.out, self.identity, self.main, self.console = Path(out).expanduser(), identity, main, console
+        check_dir_path(self.out)  # a file in the way (from --out or a config file): one line before the data work
         self.log_path = self.out / LOG_FILE
         self.model_dir = self.out / MODEL_DIR
 
@@ -87,7 +88,7 @@ class RunDir:
         back to the checkpoint. Fresh: an empty log, no stale model or checkpoint, the tokenizer saved."""
         if not self.main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_dir(self.out)
         if state is not None:  # drop what a killed run logged after its last checkpoint
             with open(self.log_path, "a+b") as f:
                 f.truncate(int(state.get("log_bytes", 0)))
