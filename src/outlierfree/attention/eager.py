@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AttentionConfig
-from .normalisers import normalise
+from .softmax import visible_keys
 
 
 def eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -31,7 +31,7 @@ def eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         scores = probe(module, "scores", scores)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
-    probs = normalise(module, scores, keep, cfg, query.shape[-1])  # every variant: attention/normalisers.py
+    probs = normalise(module, scores, keep, cfg, query.shape[-1])  # every variant: its normalise()
     if probe is not None:
         probs = probe(module, "probs", probs)
     if dropout > 0.0 and module.training:
@@ -40,3 +40,19 @@ def eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         probs_d = probs
     context = torch.matmul(probs_d, value)  # (B, H, Tq, D)
     return context, probs
+
+
+def normalise(module: torch.nn.Module, scores: torch.Tensor, mask: torch.Tensor | None, cfg: AttentionConfig,
+              head_dim: int) -> torch.Tensor:
+    """The attention weights of any variant from the (masked, biased) scores (B, H, Tq, Tk): the variant's
+    ``normalise`` with the keys each row sees (when it needs them), half precision normalised in float32."""
+    variant = cfg.params
+    Tk = scores.shape[-1]
+    n = visible_keys(mask, Tk) if variant.needs_rows() else float(Tk)
+    if not variant.upcast:
+        return variant.normalise(module, scores, mask, n, head_dim)
+    low = scores.dtype in (torch.float16, torch.bfloat16)
+    x = scores.float() if low else scores  # half precision is normalised in float32, as softmax is
+    if isinstance(n, torch.Tensor):
+        n = n.to(x.dtype)
+    return variant.normalise(module, x, mask, n, head_dim).to(scores.dtype)
