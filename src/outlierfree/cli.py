@@ -139,7 +139,8 @@ def models_cmd() -> None:
     v.add_row("(all)", "", f"--attention-impl {'|'.join(IMPLS)} (auto)", "")
     ramped = ", ".join(n for n, cls in REGISTRY.items() if cls.ramps)
     v.add_row("(train)", "", f"--gamma-ramp-steps N ({ramped}: gamma from 0 to its target over N steps); OSP: "
-                             "--optimizer adamw|muon (adamw), --norm layernorm|single-scale (layernorm), --embed-proj", "")
+                             "--optimizer adamw|muon (adamw), --norm layernorm|single-scale (layernorm), "
+                             "--embed-proj", "")
     console.print(v)
 
 

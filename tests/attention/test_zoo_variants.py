@@ -1,4 +1,4 @@
-"""The attention zoo (attention/normalisers.py): each normaliser's formula, its softmax limit, float64 gradients,
+"""The attention zoo (attention/variants/): each normaliser's formula, its softmax limit, float64 gradients,
 the blocked kernel for NCS, the gamma ramp, the dead-at-initialisation warning, and save/load in BERT, OPT, ViT."""
 
 import math
@@ -11,8 +11,12 @@ import torch.nn.functional as F
 from outlierfree import load_model, save_model
 from outlierfree.attention import AttentionConfig
 from outlierfree.attention.blocked import blocked_clipped_attention, blocked_kernel
-from outlierfree.attention.normalisers import (clip_params, normalise, set_gamma_ramp, sigmoid_attention,
-                                                softmax_with_sink, softplus_attention, softpick)
+from outlierfree.attention.eager import normalise
+from outlierfree.attention.ramp import set_gamma_ramp
+from outlierfree.attention.variants.sigmoid import sigmoid_attention
+from outlierfree.attention.variants.sink import AttentionSink, softmax_with_sink
+from outlierfree.attention.variants.softplus import softplus_attention
+from outlierfree.attention.variants.softpick import softpick
 from outlierfree.attention.softmax import clipped_softmax, keep_mask
 from outlierfree.errors import OutlierfreeError
 from outlierfree.models.build import DeadAttentionWarning, build_model
@@ -113,8 +117,6 @@ def test_gradcheck_float64(variant):
     cfg = AttentionConfig(variant, **({"softplus_power": 2.0} if variant == "softplus" else {}))
     m = _Module()
     if variant == "sink":
-        from outlierfree.attention.normalisers import AttentionSink
-
         m.outlierfree_sink = AttentionSink(3, 0.3).double()
         assert torch.autograd.gradcheck(lambda s, b: softmax_with_sink(s, b.view(1, 3, 1, 1), keep),
                                         (x, torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64, requires_grad=True)))
@@ -146,7 +148,7 @@ def test_ncs_blocked_kernel_matches_eager(causal):
 # ---- gamma ramp --------------------------------------------------------------------------------------------
 def test_gamma_ramp_scales_gamma_and_zero_is_softmax():
     cfg = AttentionConfig("clipped", gamma=-0.2)
-    assert clip_params(cfg, 8.0, 0.25) == (-0.05, 1.0)
+    assert cfg.params.clip_params(8.0, 0.25) == (-0.05, 1.0)
     model = build_model("bert", "tiny", cfg, seed=0).eval()
     ref = build_model("bert", "tiny", "vanilla", seed=0).eval()
     ids = torch.randint(5, 100, (2, 16))

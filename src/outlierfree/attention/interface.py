@@ -55,8 +55,8 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         kwargs: transformers' (``is_causal``, ``softcap``, ``position_bias``, ``output_attentions``...), and for the
             gated variant ``outlierfree_gate_input``, the layer input x (B, Tq, d_model).
     Returns:
-        context (B, Tq, H, D) (after the variant's ``after_attention``: gated if it is gated) and the probabilities (B, H, Tq, Tk) when they were
-        materialised, else None.
+        context (B, Tq, H, D) (after the variant's ``after_attention``: gated if it is gated) and the probabilities
+        (B, H, Tq, Tk) when they were materialised, else None.
     """
     cfg: AttentionConfig = getattr(module, "outlierfree", None) or VANILLA
     x = kwargs.pop(GATE_INPUT, None)  # the gate's input; popped so that the sdpa kernel gets transformers' kwargs
