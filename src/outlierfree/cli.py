@@ -16,7 +16,8 @@ from typing import Any, Callable
 import click
 
 from .attention.config import IMPLS, AttentionConfig
-from .attention.variants import REGISTRY, all_flags, variant_class
+from .attention import variants
+from .attention.variants import all_flags, variant_class
 from .errors import OutlierfreeError
 
 # name -> "module:attribute" of a click command
@@ -66,7 +67,7 @@ def attention_options(f: Callable) -> Callable:
     """Decorator adding ``--attention`` and the flags every variant declares (attention/variants/<name>.py); read
     them back with :func:`attention_from_flags`."""
     opts = [click.option("--attention", "attention", default="vanilla", show_default=True,
-                         help=f"attention variant: {'|'.join(REGISTRY)}")]
+                         help=f"attention variant: {'|'.join(variants.REGISTRY)}")]
     for variant, flag in all_flags():
         default = flag.default if flag.default is not None else _field_default(variant, flag.name)
         if flag.type is bool:
@@ -81,7 +82,7 @@ def attention_options(f: Callable) -> Callable:
 
 
 def _field_default(variant: str, name: str) -> Any:
-    return REGISTRY[variant].__dataclass_fields__[name].default
+    return variant_class(variant).__dataclass_fields__[name].default
 
 
 def attention_from_flags(kwargs: dict[str, Any]) -> AttentionConfig:
@@ -132,12 +133,12 @@ def models_cmd() -> None:
     v = Table(title="attention variants (--attention)")
     for col in ("variant", "computes", "flags (default)", "kernels"):
         v.add_column(col)
-    for name, cls in REGISTRY.items():
+    for name, cls in variants.REGISTRY.items():
         flags = ", ".join(f"{f.option} ({f.default if f.default is not None else _field_default(name, f.name)})"
                           for f in cls.flags)
         v.add_row(name, cls.summary, flags or "(none)", ", ".join(cls.kernels))
     v.add_row("(all)", "", f"--attention-impl {'|'.join(IMPLS)} (auto)", "")
-    ramped = ", ".join(n for n, cls in REGISTRY.items() if cls.ramps)
+    ramped = ", ".join(n for n, cls in variants.REGISTRY.items() if cls.ramps)
     v.add_row("(train)", "", f"--gamma-ramp-steps N ({ramped}: gamma from 0 to its target over N steps); OSP: "
                              "--optimizer adamw|muon (adamw), --norm layernorm|single-scale (layernorm), "
                              "--embed-proj", "")

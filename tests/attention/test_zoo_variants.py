@@ -1,5 +1,6 @@
 """The attention zoo (attention/variants/): each normaliser's formula, its softmax limit, float64 gradients,
-the blocked kernel for NCS, the gamma ramp, the dead-at-initialisation warning, and save/load in BERT, OPT, ViT."""
+the blocked kernel for NCS, the gamma ramp, the dead-at-initialisation warning. What every variant must do in BERT,
+OPT and ViT (train, save and load...) is test_variant_suite.py's."""
 
 import math
 import warnings
@@ -8,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from outlierfree import load_model, save_model
 from outlierfree.attention import AttentionConfig
 from outlierfree.attention.blocked import blocked_clipped_attention, blocked_kernel
 from outlierfree.attention.eager import normalise
@@ -201,40 +201,6 @@ def test_bad_parameters_name_the_fix(kw, needle):
 
 
 # ---- inside the models -----------------------------------------------------------------------------------------
-def _inputs(family, model):
-    torch.manual_seed(0)
-    if family == "vit":
-        c = model.config
-        return {"pixel_values": torch.randn(2, c.num_channels, c.image_size, c.image_size)}
-    ids = torch.randint(5, 200, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
-@pytest.mark.parametrize("variant", ZOO)
-def test_variant_runs_and_round_trips_through_save_and_load(family, variant, tmp_path):
-    model = build_model(family, "tiny", variant, seed=0).eval()
-    if variant == "sink":
-        with torch.no_grad():  # trained-looking sinks, so the round trip must really load them
-            for n, p in model.named_parameters():
-                if "outlierfree_sink" in n:
-                    p.copy_(torch.linspace(-1, 2, p.numel()))
-    batch = _inputs(family, model)
-    with torch.no_grad():
-        out = model(**batch, output_attentions=True)
-    logits = out.logits
-    assert torch.isfinite(logits).all() and len(out.attentions) == model.config.num_hidden_layers
-    probs = out.attentions[0]
-    assert (probs >= 0).all() and (probs <= 1).all()
-    save_model(model, tmp_path / "m")
-    back = load_model(tmp_path / "m")
-    assert AttentionConfig.from_dict(back.config.outlierfree) == AttentionConfig.from_dict(model.config.outlierfree)
-    with torch.no_grad():
-        torch.testing.assert_close(back(**batch).logits, logits)
-
-
 def test_elementwise_gate_is_qwen3_next_output_gate():
     """Qwen3-Next (transformers' modeling_qwen3_next): gate = the second half of q_proj(hidden_states), where
     hidden_states is the attention module's input (after input_layernorm); attn_output.reshape(B, T, H * D) *

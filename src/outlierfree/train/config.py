@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attention.config import AttentionConfig
-from ..attention.variants import REGISTRY
+from ..attention import variants
 from ..data import defaults
 from ..errors import OutlierfreeError, require
 
@@ -194,7 +194,7 @@ class TrainConfig:
                 f"integer >= 0, got {r!r}", "pass e.g. --gamma-ramp-steps 1000 (0 = off)")
         if r:
             variant = AttentionConfig.from_dict(c.attention).params
-            ramped = [n for n, cls in REGISTRY.items() if cls.ramps]
+            ramped = [n for n, cls in variants.REGISTRY.items() if cls.ramps]
             require(variant.ramps, f"--gamma-ramp-steps does not apply to --attention {variant.name}",
                     f"drop it, or use --attention {' or '.join(ramped)}")
             # the last step must train at the full gamma: the saved model runs with it
