@@ -141,7 +141,7 @@ class Gated(Variant):
         Flag("gate_per", f"gate conditioning: {'|'.join(GATE_PER)}", str),
         Flag("gate_init", "initial gate probability in (0, 1)"),
         Flag("gate_finetune", "zero-init gate weights and rescale by 1/p: a patched pretrained model is unchanged",
-             bool),
+             bool, default="off"),
     )
     kernels: ClassVar[tuple[str, ...]] = ("eager", "sdpa")
     modules: ClassVar[tuple[str, ...]] = (GATE,)
