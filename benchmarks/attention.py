@@ -43,7 +43,7 @@ def _step_fn(case: str, q, k, v, causal: bool):
 
     from outlierfree.attention import AttentionConfig
     from outlierfree.attention.blocked import blocked_kernel
-    from outlierfree.attention.interface import eager_attention
+    from outlierfree.attention.eager import eager_attention
     from outlierfree.attention.softmax import keep_mask
 
     cfg = AttentionConfig("clipped", gamma=GAMMA, zeta=ZETA, impl="blocked")

@@ -15,7 +15,9 @@ from typing import Any, Callable
 
 import click
 
-from .attention.config import ALPHA_T, GATE_PER, GATE_TYPES, IMPLS, SOFTPLUS_SCALES, VARIANTS, AttentionConfig
+from .attention.config import IMPLS, AttentionConfig
+from .attention import variants
+from .attention.variants import all_flags, variant_class
 from .errors import OutlierfreeError
 from .records import check_dir_path
 
@@ -74,68 +76,50 @@ def _check_out_when_parsed(cmd: click.Command) -> click.Command:
 
 
 # ---- the attention flags every model-building command shares ---------------------------------------------
+def attention_flag_names() -> tuple[str, ...]:
+    """The keyword names of the attention flags: ``attention``, every variant's flags, ``attention_impl``."""
+    return ("attention", *(f.name for _, f in all_flags()), "attention_impl")
+
+
 def attention_options(f: Callable) -> Callable:
-    """Decorator adding ``--attention`` and its parameters; read them back with :func:`attention_from_flags`."""
-    opts = [
-        click.option("--attention", "attention", default="vanilla", show_default=True,
-                     help=f"attention variant: {'|'.join(VARIANTS)}"),
-        click.option("--gamma", type=float, default=None, help="clipped softmax gamma (<= 0) [default: -0.025]"),
-        click.option("--zeta", type=float, default=None, help="clipped softmax zeta (>= 1) [default: 1]"),
-        click.option("--alpha", type=float, default=None, help="clipped softmax: gamma = -alpha / T"),
-        click.option("--alpha-t", default=None, help=f"T for --alpha: {'|'.join(ALPHA_T)} [default: fixed]"),
-        click.option("--max-len", type=int, default=None, help="T for --alpha-t fixed [default: model max length]"),
-        click.option("--gate-type", default=None, help=f"gate network: {'|'.join(GATE_TYPES)} [default: head_linear]"),
-        click.option("--gate-per", default=None, help=f"gate conditioning: {'|'.join(GATE_PER)} [default: token]"),
-        click.option("--gate-init", type=float, default=None, help="initial gate probability in (0, 1) [default: 0.25]"),
-        click.option("--gate-finetune", is_flag=True, default=False,
-                     help="zero-init gate weights and rescale by 1/p: a patched pretrained model is unchanged"),
-        click.option("--eta", type=float, default=None, help="ncs: a probability of 1 maps to eta (>= 1) "
-                                                              "[default: 1.03]"),
-        click.option("--beta", type=float, default=None, help="ncs: a uniform row sums to beta (0..eta) [default: 1]"),
-        click.option("--sink-init", type=float, default=None, help="sink: initial per-head sink logit [default: 0]"),
-        click.option("--softpick-eps", type=float, default=None, help="softpick: denominator epsilon [default: 1e-6]"),
-        click.option("--softplus-scale", default=None, help=f"softplus: {'|'.join(SOFTPLUS_SCALES)} (paper: cosine scores "
-                                                             f"x log d_head log n; entropy: log n / log d_head; "
-                                                             f"none: 1) [default: paper]"),
-        click.option("--softplus-power", type=float, default=None,
-                     help="softplus: re-weighting power p >= 1 [default: off]"),
-        click.option("--attention-impl", default=None, help=f"{'|'.join(IMPLS)} [default: auto]"),
-    ]
+    """Decorator adding ``--attention`` and the flags every variant declares (attention/variants/<name>.py); read
+    them back with :func:`attention_from_flags`."""
+    opts = [click.option("--attention", "attention", default="vanilla", show_default=True,
+                         help=f"attention variant: {'|'.join(variants.REGISTRY)}")]
+    for variant, flag in all_flags():
+        default = flag.default if flag.default is not None else _field_default(variant, flag.name)
+        if flag.type is bool:
+            opts.append(click.option(flag.option, flag.name, is_flag=True, default=False, help=flag.help))
+        else:
+            opts.append(click.option(flag.option, flag.name, type=flag.type, default=None,
+                                     help=f"{flag.help} [default: {default}]"))
+    opts.append(click.option("--attention-impl", default=None, help=f"{'|'.join(IMPLS)} [default: auto]"))
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-ATTENTION_FLAG_NAMES = ("attention", "gamma", "zeta", "alpha", "alpha_t", "max_len", "gate_type", "gate_per",
-                        "gate_init", "gate_finetune", "eta", "beta", "sink_init", "softpick_eps", "softplus_scale",
-                        "softplus_power", "attention_impl")
-# which variant each variant-specific flag belongs to (the AttentionConfig field names)
-FLAG_VARIANTS = {**{k: ("clipped",) for k in ("gamma", "zeta", "alpha", "alpha_t", "max_len")},
-                 **{k: ("gated",) for k in ("gate_type", "gate_per", "gate_init", "gate_finetune")},
-                 "eta": ("ncs",), "beta": ("ncs",), "sink_init": ("sink",), "softpick_eps": ("softpick",),
-                 "softplus_scale": ("softplus",), "softplus_power": ("softplus",)}
-# --attention clipped without --gamma / --alpha: gamma = -1 / T with T the keys of each row, the strongest clip that
-# still trains narrow models (the paper's gamma = -0.025 clips every near-uniform row of T >= 41 keys to zero)
-CLIPPED_CLI_DEFAULT = {"alpha": 1.0, "alpha_t": "row"}
+def _field_default(variant: str, name: str) -> Any:
+    return variant_class(variant).__dataclass_fields__[name].default
 
 
 def attention_from_flags(kwargs: dict[str, Any]) -> AttentionConfig:
-    """Pop the attention flags out of a command's kwargs and validate them into an :class:`AttentionConfig`."""
-    flags = {k: kwargs.pop(k, None) for k in ATTENTION_FLAG_NAMES}
-    fields = {k: flags[k] for k in ATTENTION_FLAG_NAMES if k not in ("attention", "attention_impl")}
-    fields.update(variant=flags["attention"] or "vanilla", impl=flags["attention_impl"],
-                  gate_finetune=flags["gate_finetune"] or None)
-    variant = fields["variant"]
-    given = {k for k, v in fields.items() if v is not None and k not in ("variant", "impl")}
-    if variant in VARIANTS:
-        stray = sorted(k for k in given if variant not in FLAG_VARIANTS[k])
-        if stray:
-            flag = "--" + stray[0].replace("_", "-")
-            raise OutlierfreeError(f"{flag} does not apply to --attention {variant}",
-                                   f"drop it, or pick the variant it belongs to ({FLAG_VARIANTS[stray[0]][0]})")
-        if variant == "clipped" and not given & {"gamma", "alpha"}:
-            fields.update({k: v for k, v in CLIPPED_CLI_DEFAULT.items() if fields.get(k) is None})
-    return AttentionConfig(**{k: v for k, v in fields.items() if v is not None})
+    """Pop the attention flags out of a command's kwargs and validate them into an :class:`AttentionConfig`.
+
+    A flag left out takes the variant's default (the Python default: one default per parameter); a flag of another
+    variant is a one-line error."""
+    flags = {k: kwargs.pop(k, None) for k in attention_flag_names()}
+    variant = flags.pop("attention") or "vanilla"
+    impl = flags.pop("attention_impl") or "auto"
+    given = {k: v for k, v in flags.items() if v is not None and v is not False}
+    owners = {f.name: n for n, f in all_flags()}
+    params = variant_class(variant).__dataclass_fields__
+    stray = sorted(k for k in given if k not in params)
+    if stray:
+        flag = "--" + stray[0].replace("_", "-")
+        raise OutlierfreeError(f"{flag} does not apply to --attention {variant}",
+                               f"drop it, or pick the variant it belongs to ({owners[stray[0]]})")
+    return AttentionConfig(variant, impl=impl, **given)
 
 
 # ---- commands ------------------------------------------------------------------------------------------------
@@ -164,28 +148,18 @@ def models_cmd() -> None:
             n = parameter_count(fam, size)
             t.add_row(fam, FAMILIES[fam].task, size, f"{n / 1e6:.2f} M", DESCRIPTIONS.get(f"{fam}/{size}", ""))
     console.print(t)
-    d = AttentionConfig()
     v = Table(title="attention variants (--attention)")
-    for col in ("variant", "flags (default)"):
+    for col in ("variant", "computes", "flags (default)", "kernels"):
         v.add_column(col)
-    v.add_row("vanilla", "softmax; same outputs as stock transformers")
-    v.add_row("clipped", f"--gamma or --alpha with --alpha-t fixed|row (default: --alpha 1 --alpha-t row, gamma = "
-                         f"-1/T_row; Python's AttentionConfig default gamma = {d.gamma}), --zeta ({d.zeta}); "
-                         f"gamma = -alpha/T, fixed T = --max-len (default the model's max length)")
-    v.add_row("gated", f"--gate-type {'|'.join(GATE_TYPES)} ({d.gate_type}), --gate-per {'|'.join(GATE_PER)} "
-                       f"({d.gate_per}), --gate-init ({d.gate_init}), --gate-finetune")
-    v.add_row("ncs", f"normalised clipped softmax (Liao & Monz 2024): --eta ({d.eta}) --beta ({d.beta}); per-row "
-                     f"stretch, any length, causal too")
-    v.add_row("softmax1", "softmax with an extra logit 0 in the denominator (no flags)")
-    v.add_row("sink", f"softmax with a learned logit per head in the denominator (gpt-oss): --sink-init ({d.sink_init})")
-    v.add_row("softpick", f"relu(exp(x) - 1) / sum |exp(x) - 1| (2025): --softpick-eps ({d.softpick_eps:g})")
-    v.add_row("sigmoid", "sigmoid(x - log n), n = keys the row sees (Apple 2024; no flags; eager only)")
-    v.add_row("softplus", f"softplus(lambda cos(q, k)) / l1, lambda = log d_head log n (2025): --softplus-scale "
-                          f"{'|'.join(SOFTPLUS_SCALES)} ({d.softplus_scale}), --softplus-power (off)")
-    v.add_row("(all)", f"--attention-impl {'|'.join(IMPLS)} ({d.impl}); eager for all; sdpa: vanilla, gated; "
-                       f"blocked: clipped, ncs")
-    v.add_row("(train)", "--gamma-ramp-steps N (clipped, ncs: gamma from 0 to its target over N steps); OSP: "
-                         "--optimizer adamw|muon (adamw), --norm layernorm|single-scale (layernorm), --embed-proj")
+    for name, cls in variants.REGISTRY.items():
+        flags = ", ".join(f"{f.option} ({f.default if f.default is not None else _field_default(name, f.name)})"
+                          for f in cls.flags)
+        v.add_row(name, cls.summary, flags or "(none)", ", ".join(cls.kernels))
+    v.add_row("(all)", "", f"--attention-impl {'|'.join(IMPLS)} (auto)", "")
+    ramped = ", ".join(n for n, cls in variants.REGISTRY.items() if cls.ramps)
+    v.add_row("(train)", "", f"--gamma-ramp-steps N ({ramped}: gamma from 0 to its target over N steps); OSP: "
+                             "--optimizer adamw|muon (adamw), --norm layernorm|single-scale (layernorm), "
+                             "--embed-proj", "")
     console.print(v)
 
 
@@ -202,7 +176,7 @@ def demo_cmd(family: str, size: str, seed: int, **kw: Any) -> None:
 
     from .models.build import build_model, count_parameters
 
-    if kw.get("attention") == "vanilla" and all(kw.get(k) in (None, False) for k in ATTENTION_FLAG_NAMES[1:]):
+    if kw.get("attention") == "vanilla" and all(kw.get(k) in (None, False) for k in attention_flag_names()[1:]):
         kw["attention"] = "clipped"
     cfg = attention_from_flags(kw)
     model = build_model(family, size, cfg, seed=seed)

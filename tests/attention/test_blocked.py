@@ -12,8 +12,7 @@ from outlierfree import AttentionConfig
 from outlierfree.attention import blocked as bl
 from outlierfree.attention import kernels
 from outlierfree.attention.blocked import blocked_clipped_attention
-from outlierfree.attention.normalisers import clip_params
-from outlierfree.attention.softmax import clipped_softmax, gamma_for, keep_mask, visible_keys
+from outlierfree.attention.softmax import clipped_softmax, keep_mask, visible_keys
 
 
 def swap_kernel(monkeypatch, name, **changes):
@@ -82,25 +81,27 @@ def test_matches_eager_float64(case, gamma_kind, zeta):
     if gamma_kind == "fixed":
         gamma = -0.1
     else:  # alpha / T with T = the keys each row can see
-        gamma = gamma_for(AttentionConfig("clipped", alpha=1.5, alpha_t="row"), keep, Tk, causal, Tq)
+        clipped = AttentionConfig("clipped", alpha=1.5, alpha_t="row").params
+        gamma = clipped.gamma_at(visible_keys(keep, Tk, causal, Tq))
         gamma = gamma.double() if torch.is_tensor(gamma) else gamma  # a number when nothing is masked
     compare(q, k, v, gamma, zeta, keep, causal, q_block=qb, k_block=kb, tile_elems=te)
 
 
 def test_causal_flag_counts_equal_the_materialised_mask():
-    """visible_keys / gamma_for with the causal mask as a flag (the blocked kernel) and as a T x T tensor (eager)."""
+    """visible_keys / gamma_at with the causal mask as a flag (the blocked kernel) and as a T x T tensor (eager)."""
     keep = padding_keep(2, 9, 9, per_row=True)
     tri = keep_mask(None, 9, 9, True)
     for m, causal in ((None, True), (keep, False), (keep, True)):
         full = tri if m is None else (m & tri if causal else m)
         assert torch.equal(visible_keys(m, 9, causal, 9), visible_keys(full, 9))
     cfg = AttentionConfig("clipped", alpha=2.0, alpha_t="row")
-    assert torch.equal(gamma_for(cfg, keep, 9, True, 9), gamma_for(cfg, keep & tri, 9))
-    assert gamma_for(cfg, None, 9) == -2.0 / 9
+    gamma_at = cfg.params.gamma_at
+    assert torch.equal(gamma_at(visible_keys(keep, 9, True, 9)), gamma_at(visible_keys(keep & tri, 9)))
+    assert cfg.params.gamma_at(visible_keys(None, 9)) == -2.0 / 9
     # the kernel's (gamma, zeta) of clipped softmax and NCS are the eager path's
     for c in (cfg, AttentionConfig("ncs", eta=1.05, beta=0.9)):
         g, z = bl.clip_rows(c, keep, True, 9, 9)
-        g_ref, z_ref = clip_params(c, visible_keys(keep & tri, 9))
+        g_ref, z_ref = c.params.clip_params(visible_keys(keep & tri, 9))
         assert torch.equal(g, g_ref) and z == z_ref
 
 
@@ -166,7 +167,8 @@ def test_flex_two_call_form_maths_on_cpu(monkeypatch):
     monkeypatch.setattr(fa, "_validate_device", lambda *a, **k: None)  # it refuses CPU + requires_grad
     q, k, v = qkv(2, 2, 9, 9, 8)
     keep = padding_keep(2, 9, 9)
-    gamma = gamma_for(AttentionConfig("clipped", alpha=1.0, alpha_t="row"), keep, 9, True, 9).double()
+    clipped = AttentionConfig("clipped", alpha=1.0, alpha_t="row").params
+    gamma = clipped.gamma_at(visible_keys(keep, 9, True, 9)).double()
     for m, causal, g in ((None, False, -0.1), (keep, True, gamma)):
         ref = eager_ref(q, k, v, g, 1.05, m, causal)
         out = bl.flex_clipped_attention(q, k, v, g, 1.05, m, causal, compiled=False)

@@ -102,7 +102,7 @@ def test_no_registries_left():
 ATTENTION_DIR = pathlib.Path(kernels.__file__).parent
 
 
-@pytest.mark.parametrize("path", sorted(ATTENTION_DIR.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(ATTENTION_DIR.rglob("*.py")), ids=lambda p: str(p.relative_to(ATTENTION_DIR)))
 def test_no_module_level_mutation(path):
     """No top-level statement of an attention module writes into another object (a registry, a function's
     attribute): importing a module must not change what another one does."""

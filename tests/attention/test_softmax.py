@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from outlierfree.attention import AttentionConfig, clipped_softmax, gamma_for, keep_mask
+from outlierfree.attention import AttentionConfig, clipped_softmax, keep_mask, visible_keys
 
 
 def reference(scores, gamma, zeta, keep):
@@ -65,7 +65,7 @@ def test_causal_rows_and_per_row_T():
     x = torch.randn(1, 2, Tq, Tk, dtype=torch.float64)
     keep = keep_mask(None, Tq, Tk, causal=True)
     cfg = AttentionConfig("clipped", alpha=0.5, alpha_t="row")
-    gamma = gamma_for(cfg, keep, Tk)
+    gamma = cfg.params.gamma_at(visible_keys(keep, Tk))
     # a causal row i sees i + 1 keys
     torch.testing.assert_close(gamma.flatten(), torch.tensor([-0.5 / (i + 1) for i in range(Tq)]).to(gamma))
     p = clipped_softmax(x, gamma, 1.0, keep)
@@ -76,9 +76,10 @@ def test_causal_rows_and_per_row_T():
 def test_per_row_T_with_padding_and_fixed_T():
     attn = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     keep = keep_mask(attn[:, None, None, :], 4, 4, causal=False)
-    g = gamma_for(AttentionConfig("clipped", alpha=2.0, alpha_t="row"), keep, 4)
+    g = AttentionConfig("clipped", alpha=2.0, alpha_t="row").params.gamma_at(visible_keys(keep, 4))
     assert g[0].unique().item() == -0.5 and g[1].unique().item() == -1.0
-    assert gamma_for(AttentionConfig("clipped", alpha=12.0, max_len=512), keep, 4) == -12.0 / 512
+    fixed = AttentionConfig("clipped", alpha=12.0, max_len=512).params
+    assert fixed.gamma_at(visible_keys(keep, 4)) == -12.0 / 512
 
 
 def test_fully_masked_row_is_zero_not_nan():

@@ -92,9 +92,9 @@ def test_every_variant_trains_and_round_trips(family, name, tmp_path):
 
 def test_clipped_alpha_fixed_T_defaults_to_model_length():
     m = of.build_model("opt", "tiny", AttentionConfig("clipped", alpha=12.0))
-    cfg = attention_config_of(m)
+    cfg = attention_config_of(m).params
     assert cfg.max_len == m.config.max_position_embeddings
-    assert cfg.fixed_gamma() == pytest.approx(-12.0 / cfg.max_len)
+    assert cfg.gamma_at(3.0) == pytest.approx(-12.0 / cfg.max_len)  # the same gamma whatever the row's length
 
 
 def test_attention_probs_in_model_follow_clipped_formula_with_per_row_T():

@@ -287,4 +287,7 @@ def test_runs_made_before_the_zoo_still_match_their_config():
     # a zoo setting does change the identity
     assert config_difference(_OLD_IDENTITY, cfg.replace(optimizer="muon").identity()) == ["optimizer: None -> 'muon'"]
     ncs = cfg.replace(attention={"variant": "ncs", "eta": 1.1}).resolved().identity()
-    assert ncs["attention"]["eta"] == 1.1 and "beta" not in ncs["attention"]
+    assert ncs["attention"]["eta"] == 1.1
+    # a record that left beta out at its default (as configs written before issue 25 did) is the same run
+    no_beta = {**ncs, "attention": {k: v for k, v in ncs["attention"].items() if k != "beta"}}
+    assert config_difference(no_beta, ncs) == [] and config_difference(no_beta, cfg.identity()) != []

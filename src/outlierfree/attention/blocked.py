@@ -57,8 +57,8 @@ from typing import Iterator
 import torch
 
 from .config import AttentionConfig
-from .normalisers import clip_params, needs_rows, ramp_of
 from ..errors import require
+from .ramp import ramp_of
 from .softmax import visible_keys
 from .two_pass import mexp_accumulate, mexp_clip_probs, mexp_lse, mexp_state
 
@@ -184,10 +184,10 @@ def _dropout_keep(shape: torch.Size, p: float, seed: int, tile_id: int, device: 
 def clip_rows(cfg: AttentionConfig, keep: torch.Tensor | None, causal: bool, Tq: int, Tk: int,
               device: torch.device | None = None, ramp: float = 1.0) -> tuple[torch.Tensor | float, float]:
     """(gamma, zeta) of a clipped-softmax or NCS config: gamma a number or per query row, like the eager path's
-    ``normalisers.clip_params(cfg, visible_keys(keep_mask(...)))`` with the causal mask given as a flag instead of a
+    ``cfg.params.clip_params(visible_keys(keep_mask(...)))`` with the causal mask given as a flag instead of a
     T x T tensor; ``ramp`` scales gamma (training's gamma ramp)."""
-    n = visible_keys(keep, Tk, causal, Tq, device) if needs_rows(cfg) else float(Tk)
-    return clip_params(cfg, n, ramp)
+    n = visible_keys(keep, Tk, causal, Tq, device) if cfg.params.needs_rows() else float(Tk)
+    return cfg.params.clip_params(n, ramp)
 
 
 # ---- the autograd function ---------------------------------------------------------------------------------------
@@ -488,7 +488,7 @@ def blocked_kernel(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                    keep: torch.Tensor | None, scaling: float, dropout: float, cfg: AttentionConfig,
                    causal: bool = False) -> torch.Tensor:
     """The "blocked" kernel (attention/kernels.py): context (B, H, Tq, D) of a clipped-softmax or NCS layer without a
-    T x T tensor (NCS is clipped softmax with zeta = eta and a per-row gamma, see attention/normalisers.py).
+    T x T tensor (NCS is clipped softmax with zeta = eta and a per-row gamma, see attention/variants/ncs.py).
 
     ``causal=True`` (with ``keep`` None where the model passed no mask) stands for the causal mask, which it applies
     tile by tile instead of reading a T x T tensor.

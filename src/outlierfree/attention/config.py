@@ -1,240 +1,151 @@
-"""`AttentionConfig`: the one serialisable description of an attention variant.
+"""`AttentionConfig`: which attention variant a model runs, its parameters, and the kernel choice.
 
-It is stored as a plain dict under ``config.outlierfree`` inside the Hugging Face model config, so that
-``save_pretrained`` / :func:`outlierfree.load_model` round-trip the variant and all its parameters.
+    AttentionConfig("clipped", gamma=-0.025)                  the variant's name and its parameters as keywords
+    AttentionConfig(Clipped(alpha=1.0, alpha_t="row"))         or its parameters as the variant's own dataclass
+    cfg.variant, cfg.params, cfg.impl                          "clipped", Clipped(...), "auto"
+
+The parameters are the variant's dataclass (attention/variants/<name>.py), typed and validated there. The config is a
+dict only on disk: :meth:`AttentionConfig.to_dict` is stored under ``config.outlierfree`` inside the Hugging Face
+model config, so that ``save_pretrained`` / :func:`outlierfree.load_model` round-trip it, and under ``attention`` in
+``train_config.json``. It holds the variant's name, its parameters, ``impl``, ``block_size`` and ``extra``.
+Configs written before issue 25 held every variant's parameters (18 flat fields): :meth:`AttentionConfig.from_dict`
+reads them, keeping the variant's own and dropping the others, which never had an effect.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import OutlierfreeError, require
+from .variants import VARIANTS, Variant, computed_by, owner_of, variant_class
 
-VARIANTS = ("vanilla", "clipped", "gated", "ncs", "softmax1", "sink", "softpick", "sigmoid", "softplus")
-# The normalisers of attention/normalisers.py, beside softmax (vanilla, gated) and clipped softmax:
-#   ncs       normalised clipped softmax (Liao & Monz 2024): clipped softmax whose stretch follows each row's keys
-#   softmax1  softmax with an extra logit 0 in the denominator ("softmax plus one")
-#   sink      softmax with a learned logit per head in the denominator (gpt-oss's attention sink)
-#   softpick  relu(exp(x) - 1) / sum |exp(x) - 1| (rectified softmax, 2025)
-#   sigmoid   sigmoid(x - log n) per entry, no normalisation (Apple 2024)
-#   softplus  softplus(lambda cos(q, k)) / l1, lambda = log d_head * log n (Gao et al. 2025, arXiv:2501.13428)
-# Variants that clip probabilities to exact zeros (share gamma machinery, the ramp and the blocked kernel).
-CLIP_VARIANTS = ("clipped", "ncs")
-# Variants whose probabilities are softmax itself, so torch's fused SDPA kernel computes them.
-SOFTMAX_VARIANTS = ("vanilla", "gated")
-# Scale of the softplus variant: the paper's (l2-normalised q and k, lambda = log d_head * log n), this project's
-# earlier reading of the abstract (lambda = log n / log d_head on q k / sqrt(d_head)), or none (lambda = 1).
-SOFTPLUS_SCALES = ("paper", "entropy", "none")
-# Gate networks G(x) (see attention/gates.py for the maths):
-#   head_linear  per-head linear on that head's own slice of x (d_head -> 1)          [paper default]
-#   linear       linear on all features (d_model -> n_heads); Qwen's "head-wise" gate
-#   mlp          small MLP per head on its slice (d_head -> d_head/4 -> 1)
-#   elementwise  linear on all features to one gate per output element (d_model -> n_heads*d_head); Qwen's
-#                "element-wise" gate
-#   scalar       unconditional: one learned scalar per head
-GATE_TYPES = ("head_linear", "linear", "mlp", "elementwise", "scalar")
-# Conditioning of the conditional gates: one gate per token, or per head and sequence (mean over tokens).
-GATE_PER = ("token", "head")
-# Where T in gamma = -alpha / T comes from: a fixed length (the paper), or the keys each row can see.
-ALPHA_T = ("fixed", "row")
-# How attention is computed: eager materialises probabilities; sdpa is torch's fused kernel (vanilla / gated
-# only); blocked is the two-pass linear-memory clipped-softmax kernel; auto picks the fastest valid one.
+# How attention is computed: eager materialises probabilities; sdpa is torch's fused kernel (the softmax variants);
+# blocked is the two-pass linear-memory clipped-softmax kernel; auto picks the fastest valid one (attention/kernels.py).
 IMPLS = ("auto", "eager", "sdpa", "blocked")
+# Variants the blocked kernel computes (clipped softmax with some gamma), and those whose probabilities are softmax
+# itself, so torch's fused SDPA kernel computes them: views of the variant table (each variant declares its kernels).
+CLIP_VARIANTS = computed_by("blocked")
+SOFTMAX_VARIANTS = computed_by("sdpa")
+# The fields every config has beside the variant's parameters.
+COMMON_FIELDS = ("impl", "block_size", "extra")
+# The parameter fields of configs written before issue 25 (each variant's, all stored in every config).
+LEGACY_FIELDS = frozenset({"gamma", "zeta", "alpha", "alpha_t", "max_len", "gate_type", "gate_per", "gate_init",
+                           "gate_finetune", "eta", "beta", "sink_init", "softpick_eps", "softplus_scale",
+                           "softplus_power"})
 
 
-# fields added with the zoo (issue 16), with their defaults: omitted from to_dict() at these values
-LATER_DEFAULTS: dict[str, Any] = {"eta": 1.03, "beta": 1.0, "sink_init": 0.0, "softpick_eps": 1e-6,
-                                  "softplus_scale": "paper", "softplus_power": None}
-
-
-@dataclass
+@dataclass(frozen=True, init=False)
 class AttentionConfig:
-    """Which attention variant a model runs, with its parameters.
+    """Which attention variant a model runs, with its parameters and the kernel choice.
 
     Attributes:
-        variant: ``vanilla`` (softmax), ``clipped`` (clipped softmax) or ``gated`` (gated attention).
-        gamma: clipped softmax lower stretch, ``<= 0``. Ignored when ``alpha`` is set.
-        zeta: clipped softmax upper stretch, ``>= 1``.
-        alpha: if set, ``gamma = -alpha / T`` with T from ``alpha_t``.
-        alpha_t: ``fixed`` (T = ``max_len``, the paper) or ``row`` (T = keys each query row can see, so padding
-            and causal masks are accounted for: causal row i sees i + 1 keys).
-        max_len: T for ``alpha_t="fixed"``; filled from the model's maximum length when a model is patched.
-        gate_type: gate network, one of :data:`GATE_TYPES`.
-        gate_per: ``token`` (a gate per token) or ``head`` (one per head and sequence: mean over tokens).
-        gate_init: initial gate probability ``p`` in (0, 1): the gate bias starts at ``logit(p)``.
-        gate_finetune: for patching a pretrained model: gate weights start at zero and the output is divided by
-            ``p``, so the patched model computes exactly what it did before at initialisation.
-        eta, beta: NCS (``variant="ncs"``): a probability of 1 maps to ``eta`` (>= 1) and a uniform row to rows
-            summing to ``beta`` (0 <= beta <= eta), whatever the number of keys; eta = beta = 1 is softmax.
-        sink_init: initial value of the learned per-head sink logit (``variant="sink"``).
-        softpick_eps: the epsilon of softpick's denominator (> 0).
-        softplus_scale: ``paper`` (cosine scores, lambda = log d_head * log n), ``entropy`` (lambda = log n /
-            log d_head on the scaled dot products) or ``none`` (``variant="softplus"``).
-        softplus_power: re-weighting power p >= 1 of softplus attention (None: off).
-        impl: ``auto``, ``eager``, ``sdpa`` or ``blocked``.
-        block_size: key/query block for ``blocked``.
+        variant: the variant's name, one of :data:`VARIANTS` (``vanilla``, ``clipped``, ``gated``, ``ncs``...).
+        params: its parameters, the variant's dataclass (``Clipped(gamma=-0.025, zeta=1.0)``...); it also knows
+            how the variant computes (see attention/variants/base.py).
+        impl: ``auto``, ``eager``, ``sdpa`` or ``blocked`` (attention/kernels.py).
+        block_size: query block of the ``blocked`` kernel.
+        extra: rarely used settings (``key_block`` of the blocked kernel).
+
+    ``AttentionConfig(name, **parameters)`` builds the variant's parameters from keywords; a keyword that is not
+    one of them is a one-line error naming the variant it belongs to.
     """
 
-    variant: str = "vanilla"
-    gamma: float = -0.025
-    zeta: float = 1.0
-    alpha: float | None = None
-    alpha_t: str = "fixed"
-    max_len: int | None = None
-    gate_type: str = "head_linear"
-    gate_per: str = "token"
-    gate_init: float = 0.25
-    gate_finetune: bool = False
-    eta: float = 1.03
-    beta: float = 1.0
-    sink_init: float = 0.0
-    softpick_eps: float = 1e-6
-    softplus_scale: str = "paper"
-    softplus_power: float | None = None
-    impl: str = "auto"
-    block_size: int = 128
-    extra: dict[str, Any] = field(default_factory=dict)
+    variant: str
+    params: Variant
+    impl: str
+    block_size: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def __init__(self, variant: str | Variant = "vanilla", *, params: Variant | None = None, impl: str = "auto",
+                 block_size: int = 128, extra: Mapping[str, Any] | None = None, **parameters: Any):
+        if isinstance(variant, Variant):
+            variant, params = variant.name, variant
+        cls = variant_class(variant)
+        if params is None:
+            for k in parameters:
+                if k not in cls.__dataclass_fields__:
+                    owner = owner_of(k)
+                    raise OutlierfreeError(f"{k} is not a parameter of {variant} attention",
+                                           f"drop it, or use the variant it belongs to ({owner})" if owner else
+                                           f"valid parameters are {sorted(cls.__dataclass_fields__) or 'none'}")
+            params = cls(**parameters)
+        else:
+            require(type(params) is cls and not parameters, f"params of {variant} attention must be one "
+                    f"{cls.__name__} and no other parameters", f"pass AttentionConfig({variant!r}, **parameters)")
+        object.__setattr__(self, "variant", variant)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "impl", impl)
+        object.__setattr__(self, "block_size", block_size)
+        object.__setattr__(self, "extra", dict(extra or {}))
         self.validate()
 
     def validate(self) -> "AttentionConfig":
-        """Check every field; raise :class:`OutlierfreeError` naming the bad value and the fix."""
-        require(self.variant in VARIANTS, f"unknown attention variant {self.variant!r}",
-                f"use one of {', '.join(VARIANTS)}")
-        require(_finite(self.gamma) and self.gamma <= 0, f"gamma must be <= 0, got {self.gamma}",
-                "pass a gamma such as -0.025 (gamma = 0 with zeta = 1 is plain softmax)")
-        require(_finite(self.zeta) and self.zeta >= 1, f"zeta must be >= 1, got {self.zeta}", "pass a zeta such as 1.0")
-        if self.alpha is not None:
-            require(_finite(self.alpha) and self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}",
-                    "pass an alpha such as 12 (gamma = -alpha / T)")
-        require(self.alpha_t in ALPHA_T, f"unknown alpha T mode {self.alpha_t!r}", f"use one of {', '.join(ALPHA_T)}")
-        if self.max_len is not None:
-            require(int(self.max_len) > 0, f"max_len must be positive, got {self.max_len}", "pass the training length")
-        require(self.gate_type in GATE_TYPES, f"unknown gate type {self.gate_type!r}",
-                f"use one of {', '.join(GATE_TYPES)}")
-        require(self.gate_per in GATE_PER, f"unknown gate conditioning {self.gate_per!r}",
-                f"use one of {', '.join(GATE_PER)}")
-        require(_finite(self.gate_init) and 0 < self.gate_init < 1,
-                f"gate init probability must be in (0, 1), got {self.gate_init}", "pass a value such as 0.25")
-        require(_finite(self.eta) and self.eta >= 1, f"eta must be >= 1, got {self.eta}",
-                "pass an eta such as 1.03 (eta = beta = 1 is plain softmax)")
-        require(_finite(self.beta) and 0 <= self.beta <= self.eta, f"beta must be in [0, eta = {self.eta}], got "
-                f"{self.beta}", "pass beta = 1 (a uniform row keeps summing to 1, so attention trains)")
-        require(_finite(self.sink_init), f"sink init must be a finite logit, got {self.sink_init}", "pass e.g. 0")
-        require(_finite(self.softpick_eps) and self.softpick_eps > 0, f"softpick eps must be > 0, got "
-                f"{self.softpick_eps}", "pass e.g. 1e-6")
-        require(self.softplus_scale in SOFTPLUS_SCALES, f"unknown softplus scale {self.softplus_scale!r}",
-                f"use one of {', '.join(SOFTPLUS_SCALES)}")
-        if self.softplus_power is not None:
-            require(_finite(self.softplus_power) and self.softplus_power >= 1, f"softplus re-weighting power must "
-                    f"be >= 1, got {self.softplus_power}", "pass e.g. 2 (or leave it out: no re-weighting)")
+        """Check the kernel choice (the parameters were checked by the variant); raise :class:`OutlierfreeError`
+        naming the bad value and the fix."""
+        kernels = self.params.kernels
         require(self.impl in IMPLS, f"unknown attention implementation {self.impl!r}", f"use one of {', '.join(IMPLS)}")
         if self.impl == "sdpa":
-            require(self.variant in SOFTMAX_VARIANTS, f"{self.variant} attention cannot run on the fused SDPA kernel",
-                    "use --attention-impl eager or auto" + (" (or blocked)" if self.variant in CLIP_VARIANTS else ""))
-        if self.impl == "blocked":
-            require(self.variant in SOFTMAX_VARIANTS + CLIP_VARIANTS, f"the blocked kernel does not compute "
+            require("sdpa" in kernels, f"{self.variant} attention cannot run on the fused SDPA kernel",
+                    "use --attention-impl eager or auto" + (" (or blocked)" if "blocked" in kernels else ""))
+        if self.impl == "blocked":  # on a softmax variant, sdpa serves it (attention/kernels.py)
+            require("blocked" in kernels or "sdpa" in kernels, f"the blocked kernel does not compute "
                     f"{self.variant} attention", "use --attention-impl eager or auto (docs/variants.md says why)")
         require(int(self.block_size) > 0, f"block size must be positive, got {self.block_size}", "pass e.g. 128")
         return self
 
-    # ---- derived values -------------------------------------------------------------------------------
-    @property
-    def gate_bias_init(self) -> float:
-        """``logit(gate_init)``: the bias that makes ``sigmoid(G(x)) = gate_init`` when the weights are zero."""
-        return math.log(self.gate_init / (1 - self.gate_init))
-
-    def fixed_gamma(self) -> float | None:
-        """Gamma as a number when it does not depend on the row (``None`` in ``alpha_t='row'`` mode)."""
-        if self.alpha is None:
-            return self.gamma
-        if self.alpha_t == "row":
-            return None
-        require(self.max_len is not None, "alpha with a fixed T needs max_len",
-                "pass --max-len (the training sequence length) or use --alpha-t row")
-        return -self.alpha / float(self.max_len)
-
-    def dead_at_init(self, T: int) -> str | None:
-        """Why this config zeroes every attention row of T keys at initialisation, or ``None``.
-
-        A near-uniform row has p = 1/T on each key; clipped softmax maps it to (zeta - gamma) / T + gamma, which is
-        <= 0 (every entry clipped, the row sums to 0 and gets no gradient) exactly when -gamma >= zeta / (T - 1),
-        i.e. alpha >= zeta * T / (T - 1) with gamma = -alpha / T. NCS maps a uniform row to beta / T per key: dead
-        only when beta = 0. Rows of 1 key (T = 1) never die.
-        """
-        if T <= 1:
-            return None
-        if self.variant == "ncs":
-            return "beta = 0 maps a uniform row to all zeros" if self.beta <= 0 else None
-        if self.variant != "clipped":
-            return None
-        if self.alpha is not None:
-            g = -self.alpha / (T if self.alpha_t == "row" else float(self.max_len or T))
-        else:
-            g = self.gamma
-        if (self.zeta - g) / T + g > 0:
-            return None
-        return f"clipped softmax with gamma = {g:.4g} zeroes every near-uniform row of {T} keys at initialisation " \
-               f"((zeta - gamma) / T + gamma <= 0)"
-
+    # ---- what the variant says ------------------------------------------------------------------------------
     def describe(self) -> str:
         """A short human-readable summary, e.g. ``clipped(gamma=-0.025, zeta=1)``."""
-        if self.variant == "vanilla":
-            return "vanilla"
-        if self.variant == "clipped":
-            g = f"alpha={self.alpha:g}/T[{self.alpha_t}{'=' + str(self.max_len) if self.alpha_t == 'fixed' else ''}]" \
-                if self.alpha is not None else f"gamma={self.gamma:g}"
-            return f"clipped({g}, zeta={self.zeta:g})"
-        if self.variant == "ncs":
-            return f"ncs(eta={self.eta:g}, beta={self.beta:g})"
-        if self.variant == "sink":
-            return f"sink(init={self.sink_init:g})"
-        if self.variant == "softpick":
-            return f"softpick(eps={self.softpick_eps:g})"
-        if self.variant == "sigmoid":
-            return "sigmoid(bias=-log n)"
-        if self.variant == "softplus":
-            p = f", power={self.softplus_power:g}" if self.softplus_power is not None else ""
-            return f"softplus(scale={self.softplus_scale}{p})"
-        if self.variant == "softmax1":
-            return "softmax1"
-        return f"gated({self.gate_type}, per={self.gate_per}, init={self.gate_init:g}" \
-               f"{', finetune' if self.gate_finetune else ''})"
+        return self.params.describe()
 
-    # ---- (de)serialisation ----------------------------------------------------------------------------
+    def dead_at_init(self, T: int) -> str | None:
+        """Why this config zeroes every attention row of T keys at initialisation, or ``None``."""
+        return self.params.dead_at_init(T)
+
+    # ---- (de)serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (what is stored under ``config.outlierfree``). The zoo's fields are left out at
-        their defaults, so configs saved before they existed (checkpoints, finished runs) compare equal."""
-        d = dataclasses.asdict(self)
-        for k, default in LATER_DEFAULTS.items():
-            if d.get(k) == default:
-                d.pop(k)
-        return d
+        """A JSON-serialisable dict (what is stored under ``config.outlierfree``): the variant's name, its set
+        parameters, and the kernel fields."""
+        return {"variant": self.variant, **self.params.to_fields(), "impl": self.impl, "block_size": self.block_size,
+                "extra": dict(self.extra)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | "AttentionConfig" | None) -> "AttentionConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error (they would be silently ignored otherwise)."""
+    def from_dict(cls, d: Mapping[str, Any] | "AttentionConfig" | None) -> "AttentionConfig":
+        """Inverse of :meth:`to_dict`, also for configs written before issue 25 (see the module docstring). A key
+        that is neither the variant's nor an old config's is an error (it would be silently ignored otherwise)."""
         if d is None:
             return cls()
         if isinstance(d, AttentionConfig):
             return d
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        d = dict(d)
+        vcls = variant_class(d.pop("variant", "vanilla"))
+        common = {k: d.pop(k) for k in COMMON_FIELDS if k in d}
+        own = set(vcls.__dataclass_fields__)
+        unknown = sorted(set(d) - own - LEGACY_FIELDS)
         if unknown:
-            raise OutlierfreeError(f"unknown attention config keys {unknown}", f"valid keys are {sorted(names)}")
-        return cls(**d)
+            raise OutlierfreeError(f"unknown attention config keys {unknown}",
+                                   f"valid keys are {sorted({'variant', *COMMON_FIELDS, *own})}")
+        if vcls.name == "softplus" and set(d) & (LEGACY_FIELDS - own):
+            # a config written before issue 25 left softplus_scale out at its then default, the earlier reading
+            d.setdefault("softplus_scale", "entropy")
+        return cls(vcls.name, params=vcls.from_fields({k: v for k, v in d.items() if k in own}), **common)
 
     def replace(self, **changes: Any) -> "AttentionConfig":
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+        """A validated copy with some fields changed: ``impl``, ``block_size``, ``extra`` or the variant's
+        parameters (``replace(variant=...)`` starts from that variant's defaults)."""
+        if "variant" in changes:
+            return AttentionConfig(changes.pop("variant"), **{k: getattr(self, k) for k in COMMON_FIELDS}, **changes)
+        common = {k: changes.pop(k) for k in COMMON_FIELDS if k in changes}
+        params = self.params.replace(**changes) if changes else self.params
+        return dataclasses.replace(self, params=params, **common)
+
+    def for_model(self, max_len: int | None) -> "AttentionConfig":
+        """The config with what the model decides filled in (clipped softmax's fixed T = the model's length)."""
+        params = self.params.for_model(max_len)
+        return self if params is self.params else dataclasses.replace(self, params=params)
 
 
-def _finite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
+__all__ = ["AttentionConfig", "CLIP_VARIANTS", "COMMON_FIELDS", "IMPLS", "LEGACY_FIELDS", "SOFTMAX_VARIANTS",
+           "VARIANTS"]

@@ -7,15 +7,16 @@ inside the stock modeling code. It picks a kernel from attention/kernels.py's ta
 dispatches. Per-module state lives on the attention module itself:
 
     module.outlierfree        AttentionConfig of this layer (absent: vanilla)
-    module.outlierfree_gate   AttentionGate (gated variant only)
-    module.outlierfree_sink   AttentionSink (sink variant only): the learned per-head sink logits
-    module.outlierfree_ramp   gamma ramp factor in [0, 1] set by training (clipped / NCS; absent: 1)
+    module.outlierfree_gate   the submodules the variant declares (``Variant.modules``, made by its
+    module.outlierfree_sink   ``submodules()``): the gated variant's AttentionGate, the sink variant's AttentionSink
+    module.outlierfree_ramp   gamma ramp factor in [0, 1] set by training (attention/ramp.py; absent: 1)
     module.outlierfree_probe  optional callable ``probe(module, name, tensor) -> tensor`` used by analysis and the
                               quantization simulator to observe or replace q/k/v/scores/probs/context
 
-The gated variant's layer input x is not state: a forward pre-hook of the attention module (``models/build.py``)
-adds it to the module's keyword arguments as ``outlierfree_gate_input``, which transformers' attention modules pass
-on to the attention function with their other ``**kwargs``.
+A variant's layer input x (``Variant.needs_layer_input``: the gate's) is not state: a forward pre-hook of the
+attention module (``models/build.py``) adds it to the module's keyword arguments as ``outlierfree_gate_input``, which
+transformers' attention modules pass on to the attention function with their other ``**kwargs``. What a variant does
+after attention (the gate) is its ``after_attention``.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ import torch
 
 from . import kernels
 from .config import AttentionConfig
-from .eager import eager_attention  # noqa: F401  (re-exported: benchmarks/attention.py imports it from here)
 from .softmax import keep_mask
+from .variants.gated import GATE_INPUT
 
 VANILLA = AttentionConfig()
-# The keyword argument that carries the gated variant's layer input x (B, T, d_model) to outlierfree_attention.
-GATE_INPUT = "outlierfree_gate_input"
 
 
 def _attentions_requested() -> bool:
@@ -56,8 +55,8 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         kwargs: transformers' (``is_causal``, ``softcap``, ``position_bias``, ``output_attentions``...), and for the
             gated variant ``outlierfree_gate_input``, the layer input x (B, Tq, d_model).
     Returns:
-        context (B, Tq, H, D) (gated if the variant is gated) and the probabilities (B, H, Tq, Tk) when they were
-        materialised, else None.
+        context (B, Tq, H, D) (after the variant's ``after_attention``: gated if it is gated) and the probabilities
+        (B, H, Tq, Tk) when they were materialised, else None.
     """
     cfg: AttentionConfig = getattr(module, "outlierfree", None) or VANILLA
     x = kwargs.pop(GATE_INPUT, None)  # the gate's input; popped so that the sdpa kernel gets transformers' kwargs
@@ -94,16 +93,5 @@ def outlierfree_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             context = probe(module, "context", context)
         out = context.transpose(1, 2)  # (B, Tq, H, D)
 
-    if cfg.variant == "gated":
-        if x is None or x.shape[1] != Tq:
-            raise RuntimeError(f"gated attention needs the layer input; was the model patched with outlierfree? (the "
-                               f"{type(module).__name__} module must pass its keyword arguments, which carry "
-                               f"{GATE_INPUT}, on to the attention function)")
-        token_mask = None
-        if cfg.gate_per == "head" and attention_mask is not None and Tk == Tq:
-            token_mask = keep_mask(attention_mask, Tq, Tk, False)[:, 0].any(dim=-2)  # (B, Tk): real tokens
-        gate = module.outlierfree_gate(x, token_mask)  # (B, Tq|1, H, 1|D)
-        if probe is not None:
-            gate = probe(module, "gate", gate)
-        out = out * gate.to(out.dtype)
+    out = cfg.params.after_attention(module, out, x, attention_mask, Tk, probe)  # e.g. the gate
     return out.contiguous(), probs

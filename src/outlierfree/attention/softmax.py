@@ -1,18 +1,18 @@
-"""Clipped softmax and the mask helpers every attention path shares.
+"""Clipped softmax and the mask helpers every attention path and variant shares.
 
     clipped_softmax(x) = clip((zeta - gamma) * softmax(x) + gamma, 0, 1),   gamma <= 0 <= 1 <= zeta
 
 With gamma < 0 a head reaches an *exact* zero probability at finite logits (softmax(x) <= -gamma / (zeta - gamma)),
 so it no longer needs to push its logits to extremes to "do nothing" (Bondarenko et al., 2023, eq. 4.1).
-Gamma may be ``-alpha / T`` with T either fixed or the number of keys each query row can see.
+Which gamma a variant uses is the variant's (attention/variants/clipped.py, ncs.py: ``gamma_at``).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-
-from .config import AttentionConfig
 
 
 def keep_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool,
@@ -70,17 +70,6 @@ def visible_keys(mask: torch.Tensor | None, k_len: int, causal: bool = False, q_
     return torch.cat(out, dim=2).clamp_min(1).to(torch.float32)
 
 
-def gamma_for(cfg: AttentionConfig, mask: torch.Tensor | None, k_len: int, causal: bool = False,
-              q_len: int | None = None, device: torch.device | None = None) -> torch.Tensor | float:
-    """Gamma for a clipped-softmax config: a number, or one value per query row (alpha with ``alpha_t='row'``).
-
-    ``causal``/``q_len`` add a causal mask given as a flag, as in :func:`visible_keys`."""
-    g = cfg.fixed_gamma()
-    if g is not None:
-        return g
-    return -cfg.alpha / visible_keys(mask, k_len, causal, q_len, device)
-
-
 def clipped_softmax(scores: torch.Tensor, gamma: torch.Tensor | float = 0.0, zeta: float = 1.0,
                     mask: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
     """``clip((zeta - gamma) * softmax(scores) + gamma, 0, 1)`` over ``dim``, with masked entries exactly zero.
@@ -108,6 +97,13 @@ def clipped_softmax(scores: torch.Tensor, gamma: torch.Tensor | float = 0.0, zet
     if mask is not None:
         probs = probs.masked_fill(~mask, 0.0)
     return probs
+
+
+def masked_max(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Row max over visible keys, (.., Tq, 1); -inf for a row that sees nothing."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return scores.amax(dim=-1, keepdim=True)
 
 
 # softmax by the Two-Pass algorithm (and its three-pass / online references): attention/two_pass.py

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from ..attention.config import AttentionConfig
-from ..attention.gates import AttentionGate
 from ..attention.interface import GATE_INPUT
-from ..attention.normalisers import RAMP_ATTR, AttentionSink
+from ..attention.ramp import RAMP_ATTR
+from ..attention.variants import module_names
 from ..errors import OutlierfreeError, require
 from . import hf_compat
 from .sizes import SIZES
@@ -63,11 +63,11 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
                 **kw: Any) -> nn.Module:
     """Put an attention variant into an existing Hugging Face model, in place; returns the model.
 
-    Every attention module then runs through the ``outlierfree`` attention function; gated variants get an
-    :class:`AttentionGate` per layer (``<attention module>.outlierfree_gate``) and a forward pre-hook that hands the
-    layer input to the attention function as a keyword argument (refused for a module whose forward takes no
-    ``**kwargs``), the sink variant an
-    :class:`AttentionSink` (``<attention module>.outlierfree_sink``). A clipped or NCS config that zeroes every
+    Every attention module then runs through the ``outlierfree`` attention function and gets the submodules the
+    variant declares (``Variant.submodules``: the gated variant's ``outlierfree_gate``, the sink variant's
+    ``outlierfree_sink``); a variant that needs the layer input (gated) gets a forward pre-hook that hands it to the
+    attention function as a keyword argument (refused for a module whose forward takes no ``**kwargs``), its handle
+    kept in ``<attention module>._outlierfree_hooks``. A clipped or NCS config that zeroes every
     near-uniform row of the model's maximum length at initialisation warns (:class:`DeadAttentionWarning`). The
     variant is recorded in ``model.config.outlierfree`` so that :func:`save_model` / :func:`load_model` round-trip
     it. Patching again replaces the previous variant.
@@ -83,30 +83,26 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
         mt = getattr(config, "model_type", type(model).__name__)
         raise OutlierfreeError(f"cannot patch a {mt!r} model: variants are supported for bert, opt and vit",
                                "pass a BERT, OPT or ViT checkpoint (or strict=False in Python, untested)")
-    if cfg.alpha is not None and cfg.alpha_t == "fixed" and cfg.max_len is None:
-        cfg = cfg.replace(max_len=hf_compat.max_length(config))
+    cfg = cfg.for_model(hf_compat.max_length(config))  # clipped softmax's fixed T: the model's length
     modules = hf_compat.attention_modules(model)
     require(len(modules) > 0, f"found no attention modules in {type(model).__name__}",
             "pass a transformers model whose attention uses the attention interface")
     warn_if_dead(cfg, hf_compat.max_length(config))
-    if cfg.variant == "gated":  # checked before any module changes, so a refused patch leaves the model as it was
+    if cfg.params.needs_layer_input:  # checked before any module changes: a refused patch leaves the model as it was
         for path, module in modules:
-            require(hf_compat.takes_keyword_arguments(module), f"gated attention cannot be patched into "
+            require(hf_compat.takes_keyword_arguments(module), f"{cfg.variant} attention cannot be patched into "
                     f"{path or type(model).__name__} ({type(module).__name__}): its forward takes no **kwargs to "
-                    f"pass the gate its input through", "use another variant for this model")
+                    f"pass the layer input through", "use another variant for this model")
     for _, module in modules:
         unpatch_module(module)
         module.outlierfree = cfg
-        if cfg.variant == "sink":
-            ref = next(module.parameters())
-            module.outlierfree_sink = AttentionSink(hf_compat.attention_dims(module).n_heads, cfg.sink_init).to(
-                device=ref.device, dtype=ref.dtype)
-        if cfg.variant == "gated":
+        if cfg.params.modules:
             dims = hf_compat.attention_dims(module)
             ref = next(module.parameters())
-            module.outlierfree_gate = AttentionGate(dims.d_model, dims.n_heads, dims.head_dim, cfg).to(
-                device=ref.device, dtype=ref.dtype)
-            module._outlierfree_hook = module.register_forward_pre_hook(_pass_layer_input, with_kwargs=True)
+            for name, sub in cfg.params.submodules(dims.d_model, dims.n_heads, dims.head_dim).items():
+                module.add_module(name, sub.to(device=ref.device, dtype=ref.dtype))
+        if cfg.params.needs_layer_input:
+            module._outlierfree_hooks = [module.register_forward_pre_hook(_pass_layer_input, with_kwargs=True)]
     config.outlierfree = cfg.to_dict()
     hf_compat.set_attention_implementation(model, hf_compat.IMPL_NAME)
     return model
@@ -124,27 +120,25 @@ def warn_if_dead(cfg: AttentionConfig, T: int | None) -> None:
     why = cfg.dead_at_init(int(T)) if T else None
     if why is None:
         return
-    fix = "pass beta = 1" if cfg.variant == "ncs" else \
-        f"pass --alpha 1 --alpha-t row (alpha <= 1, i.e. gamma >= -1/T = {-1 / T:.4g}) or train with " \
-        f"--gamma-ramp-steps N (gamma grows from 0)"
-    warnings.warn(f"{why}, so attention gets no gradient; {fix}", DeadAttentionWarning, stacklevel=3)
+    warnings.warn(f"{why}, so attention gets no gradient; {cfg.params.dead_fix(int(T))}", DeadAttentionWarning,
+                  stacklevel=3)
 
 
 def unpatch_module(module: nn.Module) -> None:
-    """Remove a previous variant from one attention module (gate, hook, config)."""
-    hook = getattr(module, "_outlierfree_hook", None)
-    if hook is not None:
+    """Remove a previous variant from one attention module (its submodules, hooks, config, ramp)."""
+    for hook in module.__dict__.get("_outlierfree_hooks", ()):
         hook.remove()
-    for name in ("outlierfree_gate", "outlierfree_sink"):
+    for name in module_names():
         if name in module._modules:
             del module._modules[name]
-    for name in ("outlierfree", "_outlierfree_hook", RAMP_ATTR):
+    for name in ("outlierfree", "_outlierfree_hooks", RAMP_ATTR):
         if name in module.__dict__:
             delattr(module, name)
 
 
 def _pass_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook of a gated attention module: adds its input x to its keyword arguments as ``GATE_INPUT``.
+    """Forward pre-hook of an attention module whose variant needs the layer input (gated): adds its input x to its
+    keyword arguments as ``GATE_INPUT``.
 
     The gate needs x, which transformers does not give the attention function; the attention module passes its
     ``**kwargs`` on to it, so x arrives there explicitly and nothing is kept on the module after the forward."""

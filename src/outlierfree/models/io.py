@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..attention.variants import module_names
 from ..errors import OutlierfreeError
 from ..records import check_dir_path, dumps, make_dir
 from . import hf_compat
@@ -278,18 +279,22 @@ def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + f", ... {len(keys)} tensors"
 
 
-# modules outlierfree adds to a stock model (gates, sink logits, the embedding projection): not in the stock class,
-# so transformers skips them on load and _load_gates reads them
-_EXTRA_MARKERS = ("outlierfree_gate.", "outlierfree_sink.", "outlierfree_embed_proj.")
+# modules outlierfree adds to a stock model: the variants' (gates, sink logits: attention/variants/) and the recipe's
+# embedding projection. They are not in the stock class, so transformers skips them on load and _load_gates reads them
+RECIPE_MODULES = ("outlierfree_embed_proj",)
+
+
+def _extra_markers() -> tuple[str, ...]:
+    return tuple(f"{name}." for name in (*module_names(), *RECIPE_MODULES))
 
 
 def _is_extra(key: str) -> bool:
-    return any(m in key for m in _EXTRA_MARKERS)
+    return any(m in key for m in _extra_markers())
 
 
 def _extra_key(key: str, layer_index: Any) -> tuple:
     """(layer index, marker + parameter name): how an added parameter is matched between model and file."""
-    marker = next(m for m in _EXTRA_MARKERS if m in key)
+    marker = next(m for m in _extra_markers() if m in key)
     return layer_index(key), marker + key.split(marker, 1)[1]
 
 

@@ -147,7 +147,7 @@ class Preset:
 # alpha = 0.5 (gamma = -0.5 / T), so that uniform attention survives and the clip only removes what falls below
 # half of uniform.
 #
-# The zoo variants (attention/normalisers.py, docs/variants.md) take their defaults: NCS eta 1.03, beta 1 (the
+# The zoo variants (attention/variants/, docs/variants.md) take their defaults: NCS eta 1.03, beta 1 (the
 # authors' code; a uniform row keeps summing to 1, so it trains at any width), the sink logit starting at 0, softpick
 # eps 1e-6, sigmoid with bias -log n, softplus as the paper's LSSA (cosine scores times log d_head * log n,
 # arXiv:2501.13428 v4/v5) without the re-weighting. clipped_ramp is

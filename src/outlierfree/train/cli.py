@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ..cli import ATTENTION_FLAG_NAMES, attention_from_flags, attention_options
+from ..cli import attention_flag_names, attention_from_flags, attention_options
 from .config import PRECISIONS, SCHEDULES, TASKS, TrainConfig, parse_set
 
 _D = TrainConfig()
@@ -113,8 +113,9 @@ def build_config(ctx: click.Context, config_file: str | None, set_items: tuple[s
 
     cfg = TrainConfig.from_file(config_file) if config_file else TrainConfig()
     given = {k for k in kw if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-    attention_given = bool(given & set(ATTENTION_FLAG_NAMES))
-    att_kw = {k: kw.pop(k) for k in ATTENTION_FLAG_NAMES if k in kw}
+    names = attention_flag_names()
+    attention_given = bool(given & set(names))
+    att_kw = {k: kw.pop(k) for k in names if k in kw}
     changes: dict[str, Any] = {k: v for k, v in kw.items() if k in given and v is not None}
     if attention_given:  # the flags describe the whole variant; unset parameters take their defaults
         changes["attention"] = attention_from_flags(att_kw).to_dict()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attention.config import AttentionConfig
+from ..attention import variants
 from ..data import defaults
 from ..errors import OutlierfreeError, require
 
@@ -192,9 +193,10 @@ class TrainConfig:
         require(isinstance(r, int) and not isinstance(r, bool) and r >= 0, f"--gamma-ramp-steps must be an "
                 f"integer >= 0, got {r!r}", "pass e.g. --gamma-ramp-steps 1000 (0 = off)")
         if r:
-            variant = c.attention.get("variant")
-            require(variant in ("clipped", "ncs"), f"--gamma-ramp-steps does not apply to --attention {variant}",
-                    "drop it, or use --attention clipped or ncs")
+            variant = AttentionConfig.from_dict(c.attention).params
+            ramped = [n for n, cls in variants.REGISTRY.items() if cls.ramps]
+            require(variant.ramps, f"--gamma-ramp-steps does not apply to --attention {variant.name}",
+                    f"drop it, or use --attention {' or '.join(ramped)}")
             # the last step must train at the full gamma: the saved model runs with it
             require(r < c.steps, f"--gamma-ramp-steps {r} is not below --steps {c.steps}, so the model would be "
                     f"saved with a gamma it never trained at", f"pass at most --gamma-ramp-steps {c.steps - 1}")
@@ -227,12 +229,25 @@ class TrainConfig:
 
 
 def config_difference(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two config dicts (``identity()`` dicts), as ``key: a -> b`` strings."""
+    """Keys whose values differ between two config dicts (``identity()`` dicts), as ``key: a -> b`` strings.
+
+    Attention configs are compared as configs, so one written before issue 25 (every variant's fields) equals the
+    same config written now (the variant's own)."""
     out = []
     for k in sorted(set(a) | set(b)):
+        if k == "attention" and _same_attention(a.get(k), b.get(k)):
+            continue
         if a.get(k) != b.get(k):
             out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
     return out
+
+
+def _same_attention(a: Any, b: Any) -> bool:
+    """Whether two stored attention dicts describe the same config (False when either is not a valid one)."""
+    try:
+        return AttentionConfig.from_dict(a) == AttentionConfig.from_dict(b)
+    except (OutlierfreeError, TypeError, AttributeError):
+        return False
 
 
 def parse_set(items: tuple[str, ...] | list[str]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..attention.normalisers import set_gamma_ramp
+from ..attention.ramp import set_gamma_ramp
 from ..data.training import TrainingBatches, load_training_data, split_rows
 from ..errors import OutlierfreeError, require
 from ..records import git_commit, machine, progress
