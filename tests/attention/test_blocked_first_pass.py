@@ -11,7 +11,7 @@ import torch
 from outlierfree import AttentionConfig
 from outlierfree.attention import two_pass as tp
 from outlierfree.attention.blocked import blocked_clipped_attention, blocked_kernel
-from outlierfree.attention.softmax import gamma_for
+from outlierfree.attention.softmax import visible_keys
 from outlierfree.errors import OutlierfreeError
 
 BACKENDS = ["torch"] + (["compiled"] if tp.compiled_available() else [])
@@ -61,7 +61,7 @@ def test_two_pass_first_pass_equals_online(monkeypatch, backend, dtype, gamma_ki
     if gamma_kind == "fixed":
         gamma, zeta = -0.1, 1.0
     else:
-        gamma = gamma_for(AttentionConfig("clipped", alpha=1.5, alpha_t="row"), keep, Tk, causal, Tq)
+        gamma = AttentionConfig("clipped", alpha=1.5, alpha_t="row").params.gamma_at(visible_keys(keep, Tk, causal, Tq))
         gamma = gamma.to(dtype) if torch.is_tensor(gamma) else gamma
         zeta = 1.05
     d_out = torch.randn(B, H, Tq, D, dtype=dtype)
