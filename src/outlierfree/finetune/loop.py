@@ -257,7 +257,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
             dist = distill_loss(out, target, task, mask)
             loss = dist + cfg.penalty_weight * pen
             accelerator.backward(loss)
-            require(math.isfinite(float(loss)), f"the fine-tuning loss became {float(loss)} at step {step + 1}",
+            require(math.isfinite(float(loss.detach())), f"the fine-tuning loss became {float(loss.detach())} at step {step + 1}",
                     "lower --lr or --range-lr and fine-tune again with another --out")
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(task_student.parameters(), cfg.grad_clip)
