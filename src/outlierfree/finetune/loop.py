@@ -265,9 +265,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             s = step + 1
-            sums["loss"] += float(loss)
-            sums["distill"] += float(dist)
-            sums["penalty"] += float(pen)
+            sums["loss"] += float(loss.detach())
+            sums["distill"] += float(dist.detach())
+            sums["penalty"] += float(pen.detach())
             sums["n"] += 1
             if step_delay:
                 time.sleep(step_delay)
