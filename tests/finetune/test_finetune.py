@@ -218,7 +218,18 @@ def test_cli_end_to_end_card_and_quantize_reads_the_cured_model(tiny_bert, tmp_p
           "--eval-batches", "2", "--batch-size", "4", "--seq-len", "32", "--diag-batches", "0", "--quiet",
           "--out", str(tmp_path / "q")])
     q = json.loads((tmp_path / "q" / "quant.json").read_text())["runs"][0]
-    assert q["quantized"]["perplexity"] > 0
+    assert q["quantized"]["perplexity"] > 0 and q["learned_ranges"] == res["after"]["learned_ranges_used"]
     # another run's directory is refused
     code, err = _cli(small_flags(tiny_bert, out, "--steps", "4"), capsys)
     assert code == 2 and "other settings" in err
+
+
+def test_per_channel_weight_ranges_are_learned_and_simulated_but_not_exported(tiny_bert, tmp_path):
+    out = finetune(_tiny_cfg(tiny_bert, tmp_path / "pc", method="qat", steps=2, weight_granularity="per_channel",
+                             measure=True, real_int8=True))
+    saved = load_ranges(out)
+    per_channel = [lo for lo, _ in saved.weight.values() if lo.dim() == 1 and lo.numel() > 1]
+    assert per_channel and saved.weight_spec.granularity == "per_channel"
+    res = json.loads((out / "finetune_result.json").read_text())["after"]
+    assert res["learned_ranges_used"] == len(saved.act) + len(saved.weight)
+    assert res["int8"] is None and "per-tensor" in res["int8_note"]
