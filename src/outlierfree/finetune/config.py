@@ -33,6 +33,8 @@ class FinetuneConfig:
         sites: site set quantized during QAT and measured: ``paper``, ``full``, ``linear``.
         weight_granularity: ``per_tensor`` or ``per_channel`` weight ranges.
         attention: the retrofitted variant (``AttentionConfig`` dict); gated gets ``gate_finetune``.
+        float_weight: QAT only: also distil the student's float forward (same weights, no quantization) with this
+            weight, so that the cured model's float quality is kept while its W8A8 quality improves (0: off).
         penalty, penalty_weight: outlier penalty on the residual sums (LayerNorm inputs): ``kurtosis`` or
             ``infnorm`` (see losses.py).
         batch_size, seq_len, seed: batches of the run; ``seq_len`` None: the model's training length, else 128.
@@ -55,6 +57,7 @@ class FinetuneConfig:
     sites: str = "paper"
     weight_granularity: str = "per_tensor"
     attention: dict[str, Any] = field(default_factory=lambda: {"variant": "gated"})
+    float_weight: float = 0.0
     penalty: str = "none"
     penalty_weight: float = 0.0
     batch_size: int = 8
@@ -86,6 +89,7 @@ class FinetuneConfig:
                 f"{self.weight_granularity!r}", f"use {' or '.join(WEIGHT_GRANULARITIES)}")
         require(self.penalty in PENALTIES, f"unknown --outlier-penalty {self.penalty!r}",
                 f"use one of {'|'.join(PENALTIES)}")
+        require(self.float_weight >= 0, f"--float-weight {self.float_weight} is negative", "pass 0 or more")
         require(self.penalty_weight >= 0, f"--penalty-weight {self.penalty_weight} is negative", "pass 0 or more")
         require(self.penalty == "none" or self.penalty_weight > 0, f"--outlier-penalty {self.penalty} needs a weight",
                 "pass --penalty-weight w > 0 (e.g. 1e-3 for infnorm)")

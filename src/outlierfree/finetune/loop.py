@@ -256,6 +256,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
                 out, pen = task_student(mine), torch.zeros(())
             dist = distill_loss(out, target, task, mask)
             loss = dist + cfg.penalty_weight * pen
+            if qm is not None and cfg.float_weight > 0:  # keep the float model close to the original too
+                with qm.float_mode():
+                    loss = loss + cfg.float_weight * distill_loss(task_student(mine), target, task, mask)
             accelerator.backward(loss)
             require(math.isfinite(float(loss.detach())), f"the fine-tuning loss became {float(loss.detach())} at step {step + 1}",
                     "lower --lr or --range-lr and fine-tune again with another --out")
