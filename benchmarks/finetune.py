@@ -68,6 +68,7 @@ def main() -> None:
     for r, cfg, res in runs:
         label = cfg["method"] + (f" ({cfg['attention']['variant']})" if cfg.get("attention") else "") + \
             (f", {cfg['penalty']} x {cfg['penalty_weight']}" if cfg.get("penalty", "none") != "none" else "") + \
+            (f", float distillation x {cfg['float_weight']}" if cfg.get("float_weight") else "") + \
             f", {cfg['steps']} steps"
         rows.append({"row": label, **_cells(res["after"]), "cpu_min": res["train_seconds"] / 60, "run": r})
     keys = [k for k in rows[0] if k not in ("row", "cpu_min", "run")]
