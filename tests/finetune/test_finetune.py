@@ -1,7 +1,6 @@
 """outlierfree finetune: retrofit leaves outputs unchanged at step 0, gradients reach weights and ranges, a killed
 run resumes bit-identically, learned ranges survive save/load and reach the ONNX export, bad input is one line."""
 
-import copy
 import json
 
 import pytest

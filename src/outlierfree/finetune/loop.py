@@ -157,6 +157,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     from rich.console import Console
 
     from ..models.build import patch_model
+    from ..quant.evaluate import model_output
     from ..quant.learned import attach_ranges, collect, make_trainable
     from ..quant.simulator import quantize
 
@@ -185,7 +186,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     with accelerator.main_process_first():
         q = _load(cfg)
     model, task = q.model, q.task
-    pool, held_out = q.batches.calib, q.batches.eval
+    pool = q.batches.calib  # the fine-tuning batches (training side); q.batches.eval is held out for _finish
     _check_output(model, pool[0], task)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.retrofit:
@@ -194,8 +195,6 @@ def finetune(cfg: FinetuneConfig) -> Path:
     qcfg = qat_config(cfg)
     qm, ranges, names = None, nn.ModuleDict(), {}
     if cfg.qat:
-        from ..quant.evaluate import model_output
-
         qm = quantize(model, qcfg, task)
         qm.calibrate(pool[:cfg.calib_batches], lambda m, b: model_output(m, b, task), progress=cfg.progress and main)
         ranges, names = make_trainable(qm)
@@ -243,8 +242,6 @@ def finetune(cfg: FinetuneConfig) -> Path:
             batch = pool[batch_order(step, len(pool), cfg.seed)]
             mine = {k: v.to(accelerator.device) for k, v in _rows(batch, world, rank).items()}
             mask = mine.get("attention_mask")
-            from ..quant.evaluate import model_output
-
             with torch.no_grad():
                 target = model_output(teacher, mine, task)
             if tap is not None:
