@@ -32,6 +32,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "export": "outlierfree.export.cli:export_cmd",
     "reproduce": "outlierfree.reproduce.cli:reproduce_cmd",
     "release": "outlierfree.reproduce.cli:release_cmd",
+    "finetune": "outlierfree.finetune.cli:finetune_cmd",
 }
 
 

@@ -315,6 +315,8 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
                                "calib_batches": n_cal, "eval_batches": len(eval_batches),
                                "uninstrumented": qm.uninstrumented}
         out["seconds"]["calibration"] = t_cal
+        if qm.learned_used:  # sites and weights quantized on ranges learned by `outlierfree finetune`
+            out["learned_ranges"] = len(qm.learned_used)
         if diagnostics:
             out["sites"] = qm.sites_table()
             out["aliases"] = dict(qm.aliases)

@@ -102,6 +102,7 @@ class Quantizer:
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
         self.frozen = False
+        self.fixed = False  # a range given from outside (learned by QAT, see learned.py): calibration keeps it
         self.calls = 0
         self.values = 0  # elements quantized so far (the integer share of a mixed-precision model)
         self.record = False
@@ -113,14 +114,17 @@ class Quantizer:
 
     # ---- range ----------------------------------------------------------------------------------------------
     def observe(self, x: torch.Tensor) -> None:
-        """Update the range estimate with a calibration tensor (in float32 or float64, whatever its dtype)."""
+        """Update the range estimate with a calibration tensor (in float32 or float64, whatever its dtype); a
+        ``fixed`` range is left as it is."""
+        if self.fixed:
+            return
         x = _wide(x.detach())
         self.estimator.update(x)
         self.lo, self.hi = self._shape(*self.estimator.range(final=False), x)
 
     def freeze(self) -> None:
         """Fix the range after calibration (runs the final search of the MSE / histogram estimators)."""
-        if self.estimator.seen:
+        if self.estimator.seen and not self.fixed:
             lo, hi = self.estimator.range(final=True)
             self.lo, self.hi = lo, hi
         self.frozen = True

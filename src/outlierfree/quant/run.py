@@ -39,16 +39,21 @@ def load_for_quant(model_path: str | Path, *, tokenizer: str | None = None,
                    batch_size: int = defaults.BATCH_SIZE, seq_len: int | None = None, seed: int = defaults.SEED,
                    data: str | None = None, max_sequences: int | None = None) -> QuantInputs:
     """Load the float model at ``model_path`` (non-finite weights are a one-line error), its tokenizer (from
-    ``tokenizer`` or beside the model; none for images) and its batches (see ``quant/data.py`` for which data)."""
+    ``tokenizer`` or beside the model; none for images) and its batches (see ``quant/data.py`` for which data).
+
+    Quantization ranges learned by ``outlierfree finetune`` (``quant_ranges.safetensors`` beside the weights) are
+    attached to the model, so every simulator put on it uses them where the spec matches (``quant/learned.py``)."""
     from transformers.utils import logging as hf_logging
 
     from ..models.io import load_model, load_tokenizer
     from .data import make_batches, task_of
+    from .learned import attach_ranges, load_ranges
     from .simulator import check_finite_weights
 
     hf_logging.disable_progress_bar()  # our own progress bars only; keeps errors on one line
     model = load_model(str(model_path))
     check_finite_weights(model)
+    attach_ranges(model, load_ranges(model_path))
     tok = None
     if getattr(model, "main_input_name", "input_ids") != "pixel_values":
         tok = load_tokenizer(str(tokenizer or model_path))
@@ -63,7 +68,14 @@ def apply_transforms(model: nn.Module, transforms: Sequence[tuple[str, float]], 
     fold that would change the float output is undone). ``transforms`` as :func:`transforms.parse_transforms`
     gives them. Returns each transform's record (for the report)."""
     from .evaluate import model_output
+    from .learned import attach_ranges, ranges_of
     from .transforms import rotate, smoothquant
+
+    if transforms and ranges_of(model) is not None:  # ranges learned for the untransformed weights are wrong now
+        attach_ranges(model, None)
+        if echo:
+            echo("the transforms change weights and activations: the learned quantization ranges beside the model "
+                 "are not used, ranges are calibrated")
 
     def forward(m: nn.Module, b: dict[str, Any]) -> Any:
         return model_output(m, b, task)

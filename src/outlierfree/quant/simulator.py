@@ -92,6 +92,14 @@ class QuantizedModel:
         self.calibrated = False
         self.export = False  # inside exporting(): quantizers emit traceable torch.fake_quantize_* ops
         self._late: list[str] = []  # sites first met after calibration, in the running forward
+        # ranges learned by quantization-aware training (quant/learned.py), used where the spec matches
+        from .learned import ranges_of
+
+        learned = ranges_of(model)
+        self.learned_act = learned.act if learned is not None and learned.act_matches(config.activation) else {}
+        self.learned_weight = learned.weight if learned is not None and learned.weight_matches(config.weight) else {}
+        self.learned_used: set[str] = set()  # sites and weights quantized on a learned range
+        self.weight_override: dict[str, Any] = {}  # parameter name -> its LearnedQuantizer (QAT's trainable ones)
         self._stack = contextlib.ExitStack()
         self._attach()
 
@@ -157,6 +165,10 @@ class QuantizedModel:
                 self._late.append(site.name)
                 return None
             q = self.act[site.name] = Quantizer(self.config.activation, site.name)
+            if site.name in self.learned_act:  # learned by QAT: calibration leaves it as it is
+                q.lo, q.hi = (t.clone() for t in self.learned_act[site.name])
+                q.fixed = True
+                self.learned_used.add(site.name)
             self.site_of[site.name] = site
             self.aliases.pop(site.name, None)
         return q(x, calibrate=self.mode == "calibrate")
@@ -169,6 +181,13 @@ class QuantizedModel:
         if reason is not None:
             self.float_weights.setdefault(pname, reason)
             return None
+        own = self.weight_override.get(pname)
+        if own is not None:  # a trainable (QAT) quantizer: fake quantization with gradients to w and its range
+            if self.export:
+                own.sync()  # its current learned range, frozen
+                return mark(own.export_quant(w, own.lo, own.hi), pname)
+            wq = own(w.t() if func == "addmm" else w)
+            return mark(wq.t() if func == "addmm" else wq, pname)
         key = (id(w), func == "addmm")
         cached = self.weights.get(key)
         if cached is not None and cached[0] == w._version:
@@ -179,6 +198,10 @@ class QuantizedModel:
         if w.dim() == 1 and spec.granularity != "per_tensor":
             spec = replace(spec, granularity="per_tensor")  # a norm gain is one "channel"
         qz = Quantizer(spec, pname)
+        if pname in self.learned_weight:  # learned by QAT: used instead of the weight's min-max
+            qz.lo, qz.hi = (t.clone() for t in self.learned_weight[pname])
+            qz.fixed = True
+            self.learned_used.add(pname)
         src = w.detach().t() if func == "addmm" else w.detach()  # Conv1D: (in, out), channels on dim 1
         qz.observe(src)
         qz.freeze()

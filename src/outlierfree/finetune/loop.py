@@ -1,0 +1,346 @@
+"""The fine-tuning loop of ``outlierfree finetune``: retrofit, self-distillation and QAT, on Accelerate.
+
+    from outlierfree.finetune import FinetuneConfig, finetune
+    model_dir = finetune(FinetuneConfig(model="minilm/", out="runs/cured", method="retrofit+qat", steps=300))
+
+Top to bottom:
+    1. load the checkpoint and its batches through quant.run.load_for_quant (the data layer's split: fine-tuning
+       text from the training side, the before/after measurement on held-out text);
+    2. the teacher: a frozen copy of the original; the student: the same weights, retrofitted with an attention
+       variant (gated attention starts with the outputs unchanged) and/or put under the simulator with its
+       calibrated ranges made trainable (quant/learned.py);
+    3. AdamW on distill_loss (+ the outlier penalty), warm-up then cosine decay; the batch of a step comes from
+       (seed, step) alone, the student runs without dropout, so a killed run resumes exactly
+       (train/rundir.py's protocol: OUT/checkpoint, log.jsonl, OUT/model, DONE);
+    4. the cured model in OUT/model (save_model), with quant_ranges.safetensors/.json, finetune_config.json,
+       finetune_result.json and a card (README.md) holding the before/after numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import OutlierfreeError, require
+from ..records import git_commit, machine, progress, write_json, write_text
+from ..train.config import config_difference
+from ..train.rundir import CHECKPOINT, DONE_FILE, RunDir
+from .config import FinetuneConfig
+from .losses import ResidualTap, distill_loss, outlier_penalty
+
+STEP_DELAY_ENV = "OUTLIERFREE_TEST_STEP_DELAY"  # the same testing aid as train/loop.py
+CONFIG_FILE = "finetune_config.json"
+RESULT_FILE = "finetune_result.json"
+RUN_FILES = ("log.jsonl", CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", DONE_FILE, "model")
+
+
+class FinetuneRunDir(RunDir):
+    """``OUT/`` of a fine-tune: train/rundir.py's protocol; a finished run is recognised by its finetune_config."""
+
+    def finished(self) -> bool:
+        """True when ``OUT/DONE`` says this same fine-tune finished; anything else finished there is an error."""
+        if not (self.out / DONE_FILE).is_file():
+            return False
+        try:
+            prev = json.loads((self.model_dir / CONFIG_FILE).read_text()).get("identity")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            prev = None
+        diff = config_difference(prev, self.identity) if isinstance(prev, dict) else ["(not a fine-tune)"]
+        require(not diff, f"{str(self.out)!r} holds a finished run with other settings ({'; '.join(diff[:3])})",
+                "pass another --out, or delete the directory to fine-tune again")
+        return True
+
+    def check_foreign(self) -> None:
+        """A one-line error when OUT holds files that are no part of a run (another tool's output)."""
+        if self.out.is_file():
+            raise OutlierfreeError(f"--out {str(self.out)!r} is a file", "pass a directory path")
+        if self.out.is_dir() and any(self.out.iterdir()) and not any((self.out / n).exists() for n in RUN_FILES):
+            raise OutlierfreeError(f"--out {str(self.out)!r} already holds other files",
+                                   "pass a new or empty directory")
+
+
+class Student(nn.Module):
+    """The model being cured and its trainable quantization ranges: one module for Accelerate, the optimizer and
+    the checkpoint."""
+
+    def __init__(self, model: nn.Module, ranges: nn.ModuleDict, task: str):
+        super().__init__()
+        self.model = model
+        self.ranges = ranges
+        self.task = task
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scored output (hidden states or logits) of the batch."""
+        from ..quant.evaluate import model_output
+
+        return model_output(self.model, batch, self.task)
+
+
+def qat_config(cfg: FinetuneConfig) -> Any:
+    """The quantization config of the run: the site set's W8A8 preset with the asked weight granularity."""
+    from dataclasses import replace
+
+    from ..quant.config import PRESETS
+
+    qc = PRESETS[cfg.sites]()
+    return qc.replace(weight=replace(qc.weight, granularity=cfg.weight_granularity))
+
+
+def batch_order(step: int, n: int, seed: int) -> int:
+    """Index into the pool of ``n`` training batches for ``step``: a seeded permutation per pass over the pool, so
+    the batch of a step depends on (seed, step) alone."""
+    epoch, k = divmod(step, n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=g)[k])
+
+
+def schedule(cfg: FinetuneConfig) -> Any:
+    """lr factor of a step: linear warm-up, then cosine decay to 0."""
+    warm = min(cfg.warmup(), cfg.steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+    return factor
+
+
+def _load(cfg: FinetuneConfig) -> Any:
+    """The checkpoint and its batches; data that is too short becomes a one-line error with finetune's flags."""
+    from ..quant.run import load_for_quant
+
+    try:
+        return load_for_quant(cfg.model, calib_batches=cfg.train_batches, eval_batches=cfg.eval_batches,
+                              batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, data=cfg.data)
+    except OutlierfreeError as e:
+        if "need" in e.problem or "too few" in e.problem:
+            raise OutlierfreeError(f"not enough text for the fine-tune: {e.problem}",
+                                   "pass more text with --data, or lower --train-batches, --eval-batches or "
+                                   "--batch-size") from None
+        raise
+
+
+def _check_output(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> None:
+    """One-line error when the model gives no floating tensor to distil."""
+    from ..quant.evaluate import model_output
+
+    try:
+        with torch.no_grad():
+            y = model_output(model, batch, task)
+    except Exception as e:  # a model class whose output has no states or logits
+        raise OutlierfreeError(f"{type(model).__name__} gives no output to distil ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:120] if str(e) else ''})",
+                               "pass a checkpoint whose forward returns hidden states or logits (a base model or "
+                               "one with a task head)") from None
+    require(isinstance(y, torch.Tensor) and y.is_floating_point() and y.dim() >= 2,
+            f"{type(model).__name__} gives no output to distil (its output is not hidden states or logits)",
+            "pass a checkpoint whose forward returns hidden states or logits")
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Run the fine-tune ``cfg`` describes; returns the cured model's directory ``OUT/model``.
+
+    Resumes from ``OUT/checkpoint`` with ``cfg.resume`` (same settings), returns at once when ``OUT/DONE`` says this
+    same run finished, and refuses an OUT holding another run or other files. One process or many (``accelerate
+    launch``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from rich.console import Console
+
+    from ..models.build import patch_model
+    from ..quant.evaluate import model_output
+    from ..quant.learned import attach_ranges, collect, make_trainable
+    from ..quant.simulator import quantize
+
+    console = Console(stderr=True)
+    run = FinetuneRunDir(cfg.out, cfg.identity(), console=console)
+    run.check_foreign()
+    if run.finished():
+        console.print(f"[green]{run.out}: this fine-tune already finished; the model is in {run.model_dir}[/green]")
+        return run.model_dir
+    resumed = run.resume_state(cfg.resume)
+    state = resumed[1] if resumed else None
+    accelerator = Accelerator(step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    run.main = main
+    require(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} is not divisible by {world} processes",
+            "pass a batch size that is")
+    require(state is None or state.get("world_size", 1) == world, f"the checkpoint was written by "
+            f"{(state or {}).get('world_size')} process(es), this run has {world}",
+            "resume with the same number of processes")
+    require(cfg.calib_batches <= cfg.train_batches, f"--calib-batches {cfg.calib_batches} exceeds --train-batches "
+            f"{cfg.train_batches}", "calibrate on at most the training batches")
+    set_seed(cfg.seed)
+    t_start = time.perf_counter()
+
+    # ---- models and data: every check before OUT is made ----
+    with accelerator.main_process_first():
+        q = _load(cfg)
+    model, task = q.model, q.task
+    pool = q.batches.calib  # the fine-tuning batches (training side); q.batches.eval is held out for _finish
+    _check_output(model, pool[0], task)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.retrofit:
+        patch_model(model, cfg.attention_config())  # one-line error for an architecture it cannot patch
+        _set_ramp(model, cfg, 0)
+    qcfg = qat_config(cfg)
+    qm, ranges, names = None, nn.ModuleDict(), {}
+    if cfg.qat:
+        qm = quantize(model, qcfg, task)
+        qm.calibrate(pool[:cfg.calib_batches], lambda m, b: model_output(m, b, task), progress=cfg.progress and main)
+        ranges, names = make_trainable(qm)
+    student = Student(model, ranges, task)
+    model.eval()  # no dropout: the student matches the teacher's deterministic outputs (and resumes exactly)
+
+    gates = [p for n, p in model.named_parameters() if "outlierfree_gate" in n or "outlierfree_sink" in n]
+    gate_ids = {id(p) for p in gates}
+    weights = [p for p in model.parameters() if id(p) not in gate_ids]
+    groups = [{"params": weights, "lr": cfg.lr}]
+    if gates:
+        groups.append({"params": gates, "lr": cfg.gate_lr})
+    if len(ranges):
+        groups.append({"params": list(ranges.parameters()), "lr": cfg.range_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
+    task_student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    teacher.to(accelerator.device)
+    run.begin(state, None)  # only now: bad input leaves no directory behind
+
+    start = 0
+    if resumed:
+        accelerator.load_state(str(resumed[0]))
+        start = int(state["step"])
+        run.log({"event": "resume", "step": start}, f"resumed from {resumed[0]} at step {start}")
+    else:
+        n_params = sum(p.numel() for p in model.parameters())
+        run.log({"event": "start", "config": cfg.to_dict(), "parameters": n_params, "commit": git_commit(),
+                 "machine": machine(), "world_size": world, "data": q.batches.info,
+                 "learned_ranges": len(ranges), "quant": qcfg.to_dict() if cfg.qat else None},
+                f"fine-tuning {type(model).__name__} ({n_params:,} parameters) with {cfg.method} for {cfg.steps} "
+                f"steps x {cfg.batch_size}; {len(ranges)} learned ranges; {world} process(es)")
+    accelerator.wait_for_everyone()
+
+    tap = ResidualTap(model) if cfg.penalty != "none" else None
+    step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    log_every = max(1, min(10, cfg.steps // 10 or 1))
+    sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "n": 0}
+    task_student.train()
+    model.eval()
+    with progress("[bold]finetune", cfg.steps, main and cfg.progress, completed=start, keep=True,
+                  columns=("loss {task.fields[loss]:.5f}",), fields={"loss": float("nan")}) as bar:
+        for step in range(start, cfg.steps):
+            _set_ramp(model, cfg, step)
+            batch = pool[batch_order(step, len(pool), cfg.seed)]
+            mine = {k: v.to(accelerator.device) for k, v in _rows(batch, world, rank).items()}
+            mask = mine.get("attention_mask")
+            with torch.no_grad():
+                target = model_output(teacher, mine, task)
+            if tap is not None:
+                with tap:
+                    out = task_student(mine)
+                pen = outlier_penalty(tap.tensors, cfg.penalty)
+                tap.tensors = []
+            else:
+                out, pen = task_student(mine), torch.zeros(())
+            dist = distill_loss(out, target, task, mask)
+            loss = dist + cfg.penalty_weight * pen
+            if qm is not None and cfg.float_weight > 0:  # keep the float model close to the original too
+                with qm.float_mode():
+                    loss = loss + cfg.float_weight * distill_loss(task_student(mine), target, task, mask)
+            accelerator.backward(loss)
+            require(math.isfinite(float(loss.detach())), f"the fine-tuning loss became {float(loss.detach())} at step {step + 1}",
+                    "lower --lr or --range-lr and fine-tune again with another --out")
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(task_student.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            s = step + 1
+            sums["loss"] += float(loss.detach())
+            sums["distill"] += float(dist.detach())
+            sums["penalty"] += float(pen.detach())
+            sums["n"] += 1
+            if step_delay:
+                time.sleep(step_delay)
+            if s % log_every == 0 or s == cfg.steps:
+                n = sums.pop("n")
+                avg = {k: v / n for k, v in sums.items()}
+                run.log({"event": "train", "step": s, **avg, "lr": scheduler.get_last_lr()[0],
+                         "elapsed_s": time.perf_counter() - t_start})
+                bar.show(loss=avg["loss"])
+                sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "n": 0}
+            bar()
+            if (cfg.save_every and s % cfg.save_every == 0) or s == cfg.steps:
+                run.save_checkpoint(accelerator, s)
+
+    # ---- the cured model: ranges frozen, hooks off, measured, saved ----
+    _set_ramp(model, cfg, cfg.steps)
+    learned = collect(ranges, names, qcfg, {"method": cfg.method, "steps": cfg.steps}) if cfg.qat else None
+    if qm is not None:
+        qm.remove()
+    final = accelerator.unwrap_model(task_student).model
+    accelerator.wait_for_everyone()
+    if main:
+        attach_ranges(final, learned)
+        _finish(cfg, run, final, teacher, q, qcfg, learned, time.perf_counter() - t_start, world)
+    accelerator.wait_for_everyone()
+    return run.model_dir
+
+
+def _rows(batch: dict[str, torch.Tensor], parts: int, index: int) -> dict[str, torch.Tensor]:
+    from ..data.training import split_rows
+
+    return split_rows(batch, parts, index) if parts > 1 else batch
+
+
+def _set_ramp(model: nn.Module, cfg: FinetuneConfig, step: int) -> None:
+    """Clipped softmax / NCS: gamma grows from 0 (the original softmax) to its target over the first half."""
+    if cfg.retrofit and cfg.attention_config().variant in ("clipped", "ncs"):
+        from ..attention import set_gamma_ramp
+
+        set_gamma_ramp(model, step / max(1, cfg.steps // 2))
+
+
+def _finish(cfg: FinetuneConfig, run: FinetuneRunDir, model: nn.Module, teacher: nn.Module, q: Any, qcfg: Any,
+            learned: Any, seconds: float, world: int) -> None:
+    """Measure before/after, save the model with its ranges, config, result and card, log "done", write DONE."""
+    from ..data.record import IMAGE_NORMALISATION, TRAIN_CONFIG, model_dir
+    from ..models.io import save_model
+    from ..quant.learned import save_ranges
+    from .card import card
+    from .measure import measure, outputs
+
+    held_out, calib = q.batches.eval, q.batches.calib[:cfg.calib_batches]
+    if cfg.measure_batches:
+        held_out = held_out[:cfg.measure_batches]
+    result: dict[str, Any] = {"steps": cfg.steps, "train_seconds": seconds, "world_size": world,
+                              "data": q.batches.info, "quant": qcfg.to_dict()}
+    if cfg.measure:
+        refs = outputs(teacher, held_out, q.task)
+        t0 = time.perf_counter()
+        result["before"] = measure(teacher, calib, held_out, refs, qcfg, q.task, cfg.real_int8)
+        result["after"] = measure(model, calib, held_out, refs, qcfg, q.task, cfg.real_int8)
+        result["measure_seconds"] = time.perf_counter() - t0
+        result["eval_sequences"] = sum(int(b["input_ids"].shape[0]) for b in held_out if "input_ids" in b)
+    extra = {CONFIG_FILE: {**cfg.to_dict(), "identity": cfg.identity()}, RESULT_FILE: result}
+    src = model_dir(cfg.model)
+    for name in (TRAIN_CONFIG, IMAGE_NORMALISATION):  # same data selection as the original in every command
+        if src is not None and (src / name).is_file():
+            extra[name] = json.loads((src / name).read_text())
+    save_model(model, run.model_dir, q.tokenizer, extra_json=extra)
+    if learned is not None:
+        save_ranges(run.model_dir, learned)
+    write_text(run.model_dir / "README.md", card(cfg, result))
+    run.log({"event": "done", "step": cfg.steps, **{k: result[k] for k in ("before", "after") if k in result}},
+            f"[green]done: model saved to {run.model_dir}[/green]")
+    write_json(run.out / DONE_FILE, {"steps": cfg.steps, "train_seconds": seconds})
+

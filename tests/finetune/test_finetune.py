@@ -1,0 +1,234 @@
+"""outlierfree finetune: retrofit leaves outputs unchanged at step 0, gradients reach weights and ranges, a killed
+run resumes bit-identically, learned ranges survive save/load and reach the ONNX export, bad input is one line."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from outlierfree.cli import main
+from outlierfree.finetune import FinetuneConfig, finetune
+from outlierfree.finetune.loop import FinetuneRunDir, Student
+from outlierfree.models.build import build_model, patch_model
+from outlierfree.quant import paper_w8a8, quantize
+from outlierfree.quant.evaluate import model_output
+from outlierfree.quant.learned import load_ranges, make_trainable
+from outlierfree.quant.quantizer import qparams
+
+
+def small_flags(root, out, *extra):
+    """CLI flags of a tiny, fast fine-tune of the tiny BERT on its text."""
+    return ["finetune", str(root / "model"), "--out", str(out), "--data", str(root / "text.txt"), "--batch-size", "4",
+            "--seq-len", "32", "--train-batches", "3", "--calib-batches", "2", "--eval-batches", "2",
+            "--no-progress", *extra]
+
+
+def _batches(n=3, vocab=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(5, vocab, (3, 16), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 11:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+def test_gated_retrofit_at_step_0_leaves_outputs_unchanged(family):
+    """Every architecture patch_model supports: the gated retrofit (gate_finetune) computes what the original did."""
+    model = build_model(family, "tiny", "vanilla", seed=0).eval()
+    if family == "vit":
+        size, ch = model.config.image_size, model.config.num_channels
+        data = [{"pixel_values": torch.randn(2, ch, size, size, generator=torch.Generator().manual_seed(0))}]
+    else:
+        data = _batches(1, vocab=min(100, model.config.vocab_size))
+    task = "image" if family == "vit" else ("clm" if family == "opt" else "mlm")
+    with torch.no_grad():
+        ref = model_output(model, data[0], task)
+    cfg = FinetuneConfig(model="m", out="o", method="retrofit", attention={"variant": "gated"})
+    patch_model(model, cfg.attention_config())
+    assert any("outlierfree_gate" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        got = model_output(model, data[0], task)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_ranges_start_at_the_calibrated_simulator_and_gradients_reach_them():
+    model = build_model("bert", "tiny", "vanilla", seed=0).eval()
+    data = _batches(3)
+    qm = quantize(model, paper_w8a8(), "mlm")
+    qm.calibrate(data[:2], lambda m, b: model_output(m, b, "mlm"), progress=False)
+    with torch.no_grad():
+        frozen = model_output(model, data[2], "mlm")
+    ranges, names = make_trainable(qm)
+    assert {k for k, _ in names.values()} == {"act", "weight"} and len(ranges) == len(names)
+    student = Student(model, ranges, "mlm")
+    out = student(data[2])  # under autograd: the learned quantizers' trainable path
+    torch.testing.assert_close(out.detach(), frozen, rtol=1e-4, atol=1e-4)
+    out.float().pow(2).mean().backward()
+    with_grad = [k for k, r in ranges.items() if any(p.grad is not None and bool((p.grad != 0).any())
+                                                     for p in r.parameters())]
+    assert len(with_grad) >= 0.8 * len(ranges)  # a few sites (e.g. all-positive ones at the grid) may get zero
+    w = model.bert.encoder.layer[0].attention.self.query.weight
+    assert w.grad is not None and bool((w.grad != 0).any())  # straight-through to the float weight
+    qm.remove()
+
+
+def _tiny_cfg(root, out, **kw):
+    base = dict(model=str(root / "model"), out=str(out), data=str(root / "text.txt"), batch_size=4, seq_len=32,
+                train_batches=3, calib_batches=2, eval_batches=2, steps=6, save_every=2, progress=False,
+                real_int8=False, measure=False, lr=1e-3, range_lr=1e-2)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_killed_run_resumes_bit_identical(tiny_bert, tmp_path, monkeypatch):
+    full = finetune(_tiny_cfg(tiny_bert, tmp_path / "full"))
+    original = FinetuneRunDir.save_checkpoint
+
+    def killed_after_step_4(self, accelerator, step):
+        path = original(self, accelerator, step)
+        if step == 4:
+            raise KeyboardInterrupt  # the process dies right after its step-4 checkpoint
+        return path
+
+    monkeypatch.setattr(FinetuneRunDir, "save_checkpoint", killed_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_tiny_cfg(tiny_bert, tmp_path / "cut"))
+    monkeypatch.setattr(FinetuneRunDir, "save_checkpoint", original)
+    assert not (tmp_path / "cut" / "DONE").exists()
+    resumed = finetune(_tiny_cfg(tiny_bert, tmp_path / "cut", resume=True))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and any("outlierfree_gate" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = load_file(str(full / "quant_ranges.safetensors")), load_file(str(resumed / "quant_ranges.safetensors"))
+    assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+    start = load_file(str(full / "model.safetensors"))
+    orig = load_file(str(tiny_bert / "model" / "model.safetensors"))
+    assert any(not torch.equal(start[k], orig[k]) for k in orig)  # it did train
+    log = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["event"] == "train"] == [e["step"] for e in map(
+        json.loads, (tmp_path / "full" / "log.jsonl").read_text().splitlines()) if e["event"] == "train"]
+    # asking again for the finished run returns at once; other settings in that directory are refused
+    assert finetune(_tiny_cfg(tiny_bert, tmp_path / "full")) == full
+    with pytest.raises(Exception, match="other settings"):
+        finetune(_tiny_cfg(tiny_bert, tmp_path / "full", steps=7))
+
+
+def test_learned_ranges_survive_save_load_and_reach_the_onnx_export(tiny_bert, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import numpy_helper
+
+    from outlierfree.export.onnx import export_onnx
+    from outlierfree.quant.run import load_for_quant
+
+    out = finetune(_tiny_cfg(tiny_bert, tmp_path / "r", method="qat", steps=4, range_lr=5e-2))
+    saved = load_ranges(out)
+    assert saved is not None and saved.act and saved.weight and saved.act_matches(paper_w8a8().activation)
+
+    def exported_scales(model_dir, sub):
+        q = load_for_quant(model_dir, calib_batches=2, eval_batches=1, batch_size=4, seq_len=32,
+                           data=str(tiny_bert / "text.txt"))
+        with quantize(q.model, paper_w8a8(), q.task) as qm:
+            qm.calibrate(q.batches.calib, lambda m, b: model_output(m, b, q.task), progress=False)
+            acts = {n: (qq.lo, qq.hi) for n, qq in qm.act.items()}
+            (tmp_path / sub).mkdir()
+            export_onnx(qm, q.batches.calib[0], tmp_path / sub, q.task, with_float=False)
+            used = set(qm.learned_used)
+        g = onnx.load(str(tmp_path / sub / "model_int8.onnx")).graph
+        consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant":
+                consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        scales = {round(float(consts[n.input[1]]), 9) for n in g.node
+                  if n.op_type == "QuantizeLinear" and n.input[1] in consts}
+        return acts, used, scales
+
+    acts, used, scales = exported_scales(out, "learned")
+    assert used >= set(saved.act) and len(used) == len(saved.act) + len(saved.weight)
+    for name, (lo, hi) in saved.act.items():  # the simulator quantizes every saved site on its saved range
+        assert torch.equal(acts[name][0], lo) and torch.equal(acts[name][1], hi)
+    learned_scales = {round(float(qparams(lo, hi, 8, False)[0]), 9) for lo, hi in saved.act.values()}
+    assert learned_scales <= scales  # every learned activation range is a QDQ scale of the exported graph
+    # the same weights without the learned ranges are calibrated again and export other scales
+    (out / "quant_ranges.safetensors").rename(tmp_path / "x.safetensors")
+    (out / "quant_ranges.json").rename(tmp_path / "x.json")
+    _, used2, scales2 = exported_scales(out, "calibrated")
+    assert not used2 and not learned_scales <= scales2
+
+
+def _cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--steps", "0"], "--steps 0"),
+    (["--method", "magic"], "unknown --method"),
+    (["--outlier-penalty", "kurtosis"], "needs a weight"),
+])
+def test_bad_flags_are_one_line_and_write_nothing(tiny_bert, tmp_path, capsys, extra, words):
+    code, err = _cli(small_flags(tiny_bert, tmp_path / "o", *extra), capsys)
+    assert code == 2 and words in err and len(err.splitlines()) == 1 and err.startswith("error:")
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_too_short_unpatchable_and_foreign_out_are_one_line(tiny_bert, tmp_path, capsys):
+    args = small_flags(tiny_bert, tmp_path / "o")
+    args[args.index("--data") + 1] = str(tiny_bert / "short.txt")
+    code, err = _cli(args, capsys)
+    assert code == 2 and "not enough text" in err and "--data" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+    from outlierfree.models.io import load_tokenizer, save_model
+
+    gpt2 = tmp_path / "gpt2"
+    import transformers as tf
+    m = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=400, n_positions=64))
+    save_model(m, gpt2, load_tokenizer(tiny_bert / "model"))
+    args = small_flags(tiny_bert, tmp_path / "o2")
+    args[1] = str(gpt2)
+    code, err = _cli(args, capsys)
+    assert code == 2 and "cannot patch" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    code, err = _cli(small_flags(tiny_bert, foreign), capsys)
+    assert code == 2 and "other files" in err and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_cli_end_to_end_card_and_quantize_reads_the_cured_model(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "cli"
+    main(small_flags(tiny_bert, out, "--steps", "3", "--method", "retrofit+qat", "--no-real-int8"))
+    model_dir = out / "model"
+    card = (model_dir / "README.md").read_text()
+    assert "retrofit+qat" in card and "original" in card and "fine-tuned" in card
+    res = json.loads((model_dir / "finetune_result.json").read_text())
+    assert res["after"]["learned_ranges_used"] > 0 and res["before"]["learned_ranges_used"] == 0
+    assert res["after"]["simulated"]["perplexity"] > 0 and res["after"]["int8"] is None
+    main(["quantize", str(model_dir), "--data", str(tiny_bert / "text.txt"), "--calib-batches", "2",
+          "--eval-batches", "2", "--batch-size", "4", "--seq-len", "32", "--diag-batches", "0", "--quiet",
+          "--out", str(tmp_path / "q")])
+    q = json.loads((tmp_path / "q" / "quant.json").read_text())["runs"][0]
+    assert q["quantized"]["perplexity"] > 0 and q["learned_ranges"] == res["after"]["learned_ranges_used"]
+    # another run's directory is refused
+    code, err = _cli(small_flags(tiny_bert, out, "--steps", "4"), capsys)
+    assert code == 2 and "other settings" in err
+
+
+def test_per_channel_weight_ranges_are_learned_and_simulated_but_not_exported(tiny_bert, tmp_path):
+    out = finetune(_tiny_cfg(tiny_bert, tmp_path / "pc", method="qat", steps=2, weight_granularity="per_channel",
+                             measure=True, real_int8=True))
+    saved = load_ranges(out)
+    per_channel = [lo for lo, _ in saved.weight.values() if lo.dim() == 1 and lo.numel() > 1]
+    assert per_channel and saved.weight_spec.granularity == "per_channel"
+    res = json.loads((out / "finetune_result.json").read_text())["after"]
+    assert res["learned_ranges_used"] == len(saved.act) + len(saved.weight)
+    assert res["int8"] is None and "per-tensor" in res["int8_note"]
