@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
-    from outlierfree.export.deploy import real_int8, versions
+    from outlierfree.export.realint8 import real_int8, versions
     from outlierfree.export.ort import default_threads, session
     from outlierfree.models.io import load_model, load_tokenizer
     from outlierfree.quant.config import full_w8a8, linear_w8a8, paper_w8a8

@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")  # the deploy extra (setup.sh installs it)
 pytest.importorskip("onnx")
 
 from outlierfree.cli import main  # noqa: E402
-from outlierfree.export.deploy import real_int8  # noqa: E402
+from outlierfree.export.realint8 import real_int8  # noqa: E402
 from outlierfree.export.onnx import fold_weight_qdq  # noqa: E402
 from outlierfree.export.ort import site_agreement  # noqa: E402
 from outlierfree.models.build import build_model  # noqa: E402
@@ -19,6 +19,12 @@ from outlierfree.quant.evaluate import evaluate_pair, task_metric, model_output 
 from outlierfree.quant.simulator import quantize  # noqa: E402
 
 TASK = {"bert": "mlm", "opt": "clm", "vit": "image"}
+try:  # the second runtime (outlierfree[openvino], installed by setup.sh): parity is checked in both when present
+    import openvino  # noqa: F401
+
+    RUNTIMES = ("onnxruntime", "openvino")
+except ImportError:
+    RUNTIMES = ("onnxruntime",)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,20 +62,34 @@ def simulate_and_run(model, family, cfg, data, with_float=False, sites=False):
     with quantize(model, cfg, task) as qm, tempfile.TemporaryDirectory() as d:
         qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
         sim = evaluate_pair(qm, data[1:], task, progress=False)
-        real = real_int8(qm, data[1:], task, data[0], out_dir=d, threads=1, with_float=with_float)
+        real = real_int8(qm, data[1:], task, data[0], out_dir=d, threads=1, with_float=with_float,
+                         runtimes=RUNTIMES)
         if sites:
             real["sites"] = site_agreement(qm, f"{d}/model_int8.onnx", data[-1])
         counts = (len(qm.act), len(qm.weights))
     return sim, real, counts
 
 
+def runtime_results(real):
+    """(runtime, its INT8 metrics) for every runtime that ran."""
+    out = [("onnxruntime", real["int8"])]
+    if "openvino" in real:
+        out.append(("openvino", real["openvino"]["int8"]))
+    return out
+
+
 def agree(family, sim, real):
+    """Each runtime's task metric within the simulator's tolerance (1 % perplexity, one image of top-1)."""
     metric, _ = task_metric(TASK[family])
-    s, o = sim["quantized"][metric], real["int8"][metric]
-    if metric == "perplexity":
-        assert abs(o - s) / s < 0.01, (s, o)
-    else:  # top-1: within one image of the evaluated batch
-        assert abs(o - s) * real["int8"]["images"] <= 1 + 1e-9, (s, o)
+    s = sim["quantized"][metric]
+    assert len(runtime_results(real)) == len(RUNTIMES)
+    for rt, r in runtime_results(real):
+        o = r[metric]
+        if metric == "perplexity":
+            assert abs(o - s) / s < 0.01, (rt, s, o)
+        else:  # top-1: within one image of the evaluated batch
+            assert abs(o - s) * r["images"] <= 1 + 1e-9, (rt, s, o)
+        assert abs(r["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0, rt
 
 
 @pytest.mark.parametrize("family", ["bert", "opt", "vit"])
@@ -89,6 +109,8 @@ def test_int8_runtime_matches_simulator(family, variant):
         assert real["export"]["integer_lookups"] >= 1
     # the runtime really ran integer kernels, and the INT8 model is lossy while the float export is not
     assert sum(real["kernels"]["integer_ops"].values()) >= 4
+    if "openvino" in real:  # OpenVINO compiled the same QDQ graph into integer kernels too
+        assert sum(real["openvino"]["kernels"]["integer_ops"].values()) >= 4, real["openvino"]["kernels"]
     assert real["int8"]["output_sqnr_db"] < 60  # the INT8 model is lossy (the float export is checked below)
     assert abs(real["int8"]["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0
 
@@ -121,8 +143,11 @@ def test_planted_outlier_hurts_simulator_and_runtime_alike():
         h.remove()
     agree("bert", sim, real)
     # the outlier stretches the residual grid: both lose > 10 dB against the clean model, by the same amount
-    assert real["int8"]["output_sqnr_db"] < clean["int8"]["output_sqnr_db"] - 10
-    assert abs(real["int8"]["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0
+    for (rt, r), (_, c) in zip(runtime_results(real), runtime_results(clean)):
+        assert r["output_sqnr_db"] < c["output_sqnr_db"] - 10, rt
+        assert abs(r["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0, rt
+    if "openvino" in clean:
+        assert clean["openvino"]["float"]["output_sqnr_db"] > 100  # OpenVINO's float (f32) is PyTorch's too
     assert sim["quantized"]["perplexity"] != pytest.approx(sim["float"]["perplexity"], rel=1e-3)
 
 

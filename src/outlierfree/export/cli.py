@@ -47,7 +47,7 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
     from ..quant.evaluate import evaluate_pair, task_metric, model_output
     from ..quant.run import load_for_quant
     from ..quant.simulator import quantize
-    from .deploy import real_int8, versions
+    from .realint8 import real_int8, versions
     from .onnx import require_onnx
     from .ort import site_agreement
 

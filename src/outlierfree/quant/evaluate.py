@@ -299,7 +299,7 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
     (per-site range and SQNR), ``"aliases"`` and ``"weights"`` (quantized and float weights); with ``ablate`` also
     ``"ablation"`` (leave-one-group-in on the first ``diag_batches`` evaluation batches); with
     ``backend="onnxruntime"`` also ``"onnxruntime"``: the calibrated model exported to a static QDQ INT8 ONNX model
-    and scored in ONNX Runtime on the same evaluation batches (:func:`outlierfree.export.deploy.real_int8`).
+    and scored in ONNX Runtime on the same evaluation batches (:func:`outlierfree.export.realint8.real_int8`).
     """
     task = task or task_of(model)
     qm = quantize(model, config, task)
@@ -320,7 +320,7 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
             out["aliases"] = dict(qm.aliases)
             out["weights"] = qm.weight_table()
         if backend == "onnxruntime":
-            from ..export.deploy import (
+            from ..export.realint8 import (
                 real_int8,  # lazy: onnx and onnxruntime are an optional extra
             )
 
