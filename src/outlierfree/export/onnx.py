@@ -27,21 +27,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import OutlierfreeError
+from .ort import require_onnx  # noqa: F401  (re-exported: callers import it from here)
 
 OPSET = 17
-
-
-def require_onnx() -> None:
-    """One-line error when the deploy extra (onnx, onnxruntime) is not installed."""
-    missing = []
-    for mod in ("onnx", "onnxruntime"):
-        try:
-            __import__(mod)
-        except ImportError:
-            missing.append(mod)
-    if missing:
-        raise OutlierfreeError(f"{' and '.join(missing)} not installed (needed for ONNX export and ONNX Runtime)",
-                               "pip install 'outlierfree[deploy]' (or bash setup.sh)")
 
 
 class _Scored(nn.Module):
