@@ -124,6 +124,53 @@ def test_other_site_sets(family, cfg):
     assert 0 < real["export"]["activation_qdq"] <= n_act and real["export"]["weights"] == n_w
 
 
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+def test_per_channel_weights(family, tmp_path):
+    """Per-channel weights (one grid per output channel, as the simulator's per_channel granularity) export as
+    per-channel QDQ pairs, the runtimes agree with the simulator, and weight integers are stored transposed for
+    MatMul (no Transpose left between a weight and its MatMul)."""
+    import numpy as np
+    import onnx
+    from dataclasses import replace
+
+    from outlierfree.export.onnx import _const_values
+
+    cfg = paper_w8a8()
+    cfg = replace(cfg, weight=replace(cfg.weight, granularity="per_channel"))
+    model = build_model(family, "tiny", "gated", seed=0).eval()
+    data = batches(family)
+    task = TASK[family]
+    with quantize(model, cfg, task) as qm:
+        qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
+        sim = evaluate_pair(qm, data[1:], task, progress=False)
+        real = real_int8(qm, data[1:], task, data[0], out_dir=tmp_path, threads=1, with_float=False,
+                         runtimes=RUNTIMES)
+        n_w = len(qm.weights)
+        # the simulator's per-channel scales are what the graph stores, channel by channel
+        from outlierfree.quant.quantizer import qparams
+        sim_scales = sorted(np.round(qparams(q.lo, q.hi, 8, True)[0].reshape(-1).numpy().astype(np.float32), 9).tolist()
+                            for _, _, q in qm.weights.values() if q.lo.numel() > 1)
+    agree(family, sim, real)
+    assert real["export"]["weights"] == n_w and real["export"]["transposes_folded"] >= 1
+    g = onnx.load(str(tmp_path / "model_int8.onnx")).graph
+    vals = _const_values(g)
+    ints = {i.name for i in g.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    dq_w = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in ints]
+    names = {n.input[1] for n in dq_w if vals[n.input[1]].size > 1}
+    # per-row tables: each looked-up row picks its scale (a Gather of the 1-D scale vector)
+    names |= {n.input[0] for n in g.node if n.op_type == "Gather" and n.input[0] in vals
+              and vals[n.input[0]].dtype == np.float32 and vals[n.input[0]].ndim == 1}
+    graph_scales = sorted(np.round(vals[k].astype(np.float32), 9).tolist() for k in names)
+    assert graph_scales and graph_scales == sim_scales
+    users = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    for n in dq_w:  # a weight's DQ feeds a MatMul directly, unless the table is tied (lookups and an LM head)
+        if len(users.get(n.input[0], [])) == 1:
+            assert users[n.output[0]][0].op_type != "Transpose", n.name
+
+
 def test_planted_outlier_hurts_simulator_and_runtime_alike():
     model = build_model("bert", "tiny", "vanilla", seed=0).eval()
     data = batches("bert")
