@@ -20,6 +20,9 @@ from ..records import dumps
 @click.option("--sites", default="paper", show_default=True, help="paper | full | linear (see docs/quantization.md)")
 @click.option("--estimator", default="running_minmax", show_default=True, help="activation range estimator")
 @click.option("--weight-estimator", default="current_minmax", show_default=True, help="weight range estimator")
+@click.option("--weight-granularity", type=click.Choice(["per_tensor", "per_channel"]), default="per_tensor",
+              show_default=True, help="per_channel: one weight grid per output channel (the paper's setting is "
+              "per_tensor)")
 @click.option("--fp32-head", is_flag=True, help="keep the task head (LM head / classifier) in float")
 @click.option("--calib-batches", type=int, default=16, show_default=True, help="calibration batches (training split)")
 @click.option("--eval-batches", type=int, default=4, show_default=True,
@@ -35,7 +38,8 @@ from ..records import dumps
 @click.option("--out", required=True, help="new output directory (model.onnx, [openvino_model.xml], config.json, "
               "tokenizer.json, ranges.json, README.md, export.json)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_estimator: str, fp32_head: bool,
+def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_estimator: str,
+               weight_granularity: str, fp32_head: bool,
                calib_batches: int, eval_batches: int, batch_size: int, seq_len: int | None, data: str | None,
                tokenizer: str | None, seed: int, threads: int, runtime: str, out: str, quiet: bool) -> None:
     """Export MODEL as a real INT8 model: QuantizeLinear/DequantizeLinear at the simulator's sites with its
@@ -61,7 +65,7 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
     out_path = Path(out)
     require(not out_path.exists(), f"--out {out} already exists", "pass a new directory (nothing is overwritten)")
     require(sites in ("paper", "full", "linear"), f"unknown --sites {sites!r}", "use paper, full or linear")
-    configs = build_configs(bits, sites, estimator, weight_estimator, "per_tensor", "per_tensor", False, True, False,
+    configs = build_configs(bits, sites, estimator, weight_estimator, "per_tensor", weight_granularity, False, True, False,
                             0.9, 99.99, fp32_head)
     require(len(configs) == 1, "export takes one --bits and one --sites", "pass e.g. --bits w8a8 --sites paper")
     cfg = configs[0]

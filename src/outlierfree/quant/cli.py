@@ -147,9 +147,9 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
             require_openvino()
         for c in configs:
             require(c.weight.bits == 8 and c.activation.bits == 8 and not c.activation.dynamic
-                    and c.activation.granularity == "per_tensor" and c.weight.granularity == "per_tensor",
+                    and c.activation.granularity == "per_tensor",
                     f"--backend {backend} cannot run {c.describe()} in integers",
-                    "use --bits w8a8 with per-tensor static ranges (the defaults)")
+                    "use --bits w8a8 with per-tensor static activation ranges (the defaults)")
 
     def echo(line: str) -> None:
         click.echo(line, err=True)
