@@ -278,7 +278,7 @@ def main() -> None:
     ap.add_argument("--sites", default="paper,full,linear")
     ap.add_argument("--weight-granularity", default="per_tensor", choices=["per_tensor", "per_channel"])
     ap.add_argument("--calib-batches", type=int, default=8, help="of 8 sequences (64 paragraphs)")
-    ap.add_argument("--eval-batches", type=int, default=32, help="of 8 sequences (256 paragraphs)")
+    ap.add_argument("--eval-batches", type=int, default=22, help="of 8 sequences (176: the offline validation split has 179)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
