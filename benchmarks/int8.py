@@ -263,7 +263,7 @@ def build_engines(model: Any, model_path: str, task: str, calib: list[dict], wor
 
         p = work / "nncf_int8.xml"
         q = nncf.quantize(ov.convert_model(str(float_onnx)), nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
-                          subset_size=sum(len(f[names[0]]) for f in feeds))
+                          subset_size=len(feeds))  # items are batches: every calibration sequence
         ov.save_model(q, str(p), compress_to_fp16=False)
         engines.append(ov_engine("nncf", "OpenVINO + NNCF INT8", p, "nncf.quantize(model_type=TRANSFORMER), f32 hint"))
     return engines, records
