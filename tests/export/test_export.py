@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")  # the deploy extra (setup.sh installs it)
 pytest.importorskip("onnx")
 
 from outlierfree.cli import main  # noqa: E402
-from outlierfree.export.deploy import real_int8  # noqa: E402
+from outlierfree.export.realint8 import real_int8  # noqa: E402
 from outlierfree.export.onnx import fold_weight_qdq  # noqa: E402
 from outlierfree.export.ort import site_agreement  # noqa: E402
 from outlierfree.models.build import build_model  # noqa: E402
@@ -19,6 +19,12 @@ from outlierfree.quant.evaluate import evaluate_pair, task_metric, model_output 
 from outlierfree.quant.simulator import quantize  # noqa: E402
 
 TASK = {"bert": "mlm", "opt": "clm", "vit": "image"}
+try:  # the second runtime (outlierfree[openvino], installed by setup.sh): parity is checked in both when present
+    import openvino  # noqa: F401
+
+    RUNTIMES = ("onnxruntime", "openvino")
+except ImportError:
+    RUNTIMES = ("onnxruntime",)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,20 +66,34 @@ def simulate_and_run(model, family, cfg, data, with_float=False, sites=False):
     with quantize(model, cfg, task) as qm, tempfile.TemporaryDirectory() as d:
         qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
         sim = evaluate_pair(qm, data[1:], task, progress=False)
-        real = real_int8(qm, data[1:], task, data[0], out_dir=d, threads=1, with_float=with_float)
+        real = real_int8(qm, data[1:], task, data[0], out_dir=d, threads=1, with_float=with_float,
+                         runtimes=RUNTIMES)
         if sites:
             real["sites"] = site_agreement(qm, f"{d}/model_int8.onnx", data[-1])
         counts = (len(qm.act), len(qm.weights))
     return sim, real, counts
 
 
+def runtime_results(real):
+    """(runtime, its INT8 metrics) for every runtime that ran."""
+    out = [("onnxruntime", real["int8"])]
+    if "openvino" in real:
+        out.append(("openvino", real["openvino"]["int8"]))
+    return out
+
+
 def agree(family, sim, real):
+    """Each runtime's task metric within the simulator's tolerance (1 % perplexity, one image of top-1)."""
     metric, _ = task_metric(TASK[family])
-    s, o = sim["quantized"][metric], real["int8"][metric]
-    if metric == "perplexity":
-        assert abs(o - s) / s < 0.01, (s, o)
-    else:  # top-1: within one image of the evaluated batch
-        assert abs(o - s) * real["int8"]["images"] <= 1 + 1e-9, (s, o)
+    s = sim["quantized"][metric]
+    assert len(runtime_results(real)) == len(RUNTIMES)
+    for rt, r in runtime_results(real):
+        o = r[metric]
+        if metric == "perplexity":
+            assert abs(o - s) / s < 0.01, (rt, s, o)
+        else:  # top-1: within one image of the evaluated batch
+            assert abs(o - s) * r["images"] <= 1 + 1e-9, (rt, s, o)
+        assert abs(r["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0, rt
 
 
 @pytest.mark.parametrize("family", ["bert", "opt", "vit"])
@@ -93,6 +113,8 @@ def test_int8_runtime_matches_simulator(family, variant):
         assert real["export"]["integer_lookups"] >= 1
     # the runtime really ran integer kernels, and the INT8 model is lossy while the float export is not
     assert sum(real["kernels"]["integer_ops"].values()) >= 4
+    if "openvino" in real:  # OpenVINO compiled the same QDQ graph into integer kernels too
+        assert sum(real["openvino"]["kernels"]["integer_ops"].values()) >= 4, real["openvino"]["kernels"]
     assert real["int8"]["output_sqnr_db"] < 60  # the INT8 model is lossy (the float export is checked below)
     assert abs(real["int8"]["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0
 
@@ -104,6 +126,53 @@ def test_other_site_sets(family, cfg):
     agree(family, sim, real)
     # linear: q/k/v quantize the same tensor on the same grid, and the exporter merges such identical pairs
     assert 0 < real["export"]["activation_qdq"] <= n_act and real["export"]["weights"] == n_w
+
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+def test_per_channel_weights(family, tmp_path):
+    """Per-channel weights (one grid per output channel, as the simulator's per_channel granularity) export as
+    per-channel QDQ pairs, the runtimes agree with the simulator, and weight integers are stored transposed for
+    MatMul (no Transpose left between a weight and its MatMul)."""
+    import numpy as np
+    import onnx
+    from dataclasses import replace
+
+    from outlierfree.export.onnx import _const_values
+
+    cfg = paper_w8a8()
+    cfg = replace(cfg, weight=replace(cfg.weight, granularity="per_channel"))
+    model = build_model(family, "tiny", "gated", seed=0).eval()
+    data = batches(family)
+    task = TASK[family]
+    with quantize(model, cfg, task) as qm:
+        qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
+        sim = evaluate_pair(qm, data[1:], task, progress=False)
+        real = real_int8(qm, data[1:], task, data[0], out_dir=tmp_path, threads=1, with_float=False,
+                         runtimes=RUNTIMES)
+        n_w = len(qm.weights)
+        # the simulator's per-channel scales are what the graph stores, channel by channel
+        from outlierfree.quant.quantizer import qparams
+        sim_scales = sorted(np.round(qparams(q.lo, q.hi, 8, True)[0].reshape(-1).numpy().astype(np.float32), 9).tolist()
+                            for _, _, q in qm.weights.values() if q.lo.numel() > 1)
+    agree(family, sim, real)
+    assert real["export"]["weights"] == n_w and real["export"]["transposes_folded"] >= 1
+    g = onnx.load(str(tmp_path / "model_int8.onnx")).graph
+    vals = _const_values(g)
+    ints = {i.name for i in g.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    dq_w = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in ints]
+    names = {n.input[1] for n in dq_w if vals[n.input[1]].size > 1}
+    # per-row tables: each looked-up row picks its scale (a Gather of the 1-D scale vector)
+    names |= {n.input[0] for n in g.node if n.op_type == "Gather" and n.input[0] in vals
+              and vals[n.input[0]].dtype == np.float32 and vals[n.input[0]].ndim == 1}
+    graph_scales = sorted(np.round(vals[k].astype(np.float32), 9).tolist() for k in names)
+    assert graph_scales and graph_scales == sim_scales
+    users = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    for n in dq_w:  # a weight's DQ feeds a MatMul directly, unless the table is tied (lookups and an LM head)
+        if len(users.get(n.input[0], [])) == 1:
+            assert users[n.output[0]][0].op_type != "Transpose", n.name
 
 
 def test_planted_outlier_hurts_simulator_and_runtime_alike():
@@ -125,8 +194,11 @@ def test_planted_outlier_hurts_simulator_and_runtime_alike():
         h.remove()
     agree("bert", sim, real)
     # the outlier stretches the residual grid: both lose > 10 dB against the clean model, by the same amount
-    assert real["int8"]["output_sqnr_db"] < clean["int8"]["output_sqnr_db"] - 10
-    assert abs(real["int8"]["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0
+    for (rt, r), (_, c) in zip(runtime_results(real), runtime_results(clean)):
+        assert r["output_sqnr_db"] < c["output_sqnr_db"] - 10, rt
+        assert abs(r["output_sqnr_db"] - sim["quantized"]["output_sqnr_db"]) < 1.0, rt
+    if "openvino" in clean:
+        assert clean["openvino"]["float"]["output_sqnr_db"] > 100  # OpenVINO's float (f32) is PyTorch's too
     assert sim["quantized"]["perplexity"] != pytest.approx(sim["float"]["perplexity"], rel=1e-3)
 
 
@@ -176,23 +248,6 @@ def test_cli_rejects_bits_without_integer_form(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_gated_bert(tmp_path_factory):
-    """A saved tiny gated BERT with its own word-piece tokenizer and a small text file (as tests/quant/test_cli)."""
-    from outlierfree.data.text import train_tokenizer
-    from outlierfree.models.io import save_model
-
-    root = tmp_path_factory.mktemp("export")
-    words = "the cat sat on a mat while a dog ran in the park and birds sang in the tall green trees".split()
-    g = torch.Generator().manual_seed(0)
-    paras = [" ".join(words[j] for j in torch.randint(len(words), (40,), generator=g).tolist()).capitalize() + "."
-             for _ in range(500)]
-    (root / "text.txt").write_text("\n\n".join(paras))
-    tok = train_tokenizer(paras, "wordpiece", 300)
-    save_model(build_model("bert", "tiny", "gated", seed=0, vocab_size=len(tok)), root / "model", tok)
-    return root
-
-
 def test_cli_export_and_quantize_backend(tiny_gated_bert, capsys):
     root = tiny_gated_bert
     common = ["--data", str(root / "text.txt"), "--calib-batches", "2", "--eval-batches", "2", "--batch-size", "4",
@@ -200,17 +255,20 @@ def test_cli_export_and_quantize_backend(tiny_gated_bert, capsys):
     main(["export", str(root / "model"), *common, "--threads", "1", "--out", str(root / "onnx")])
     assert "ONNX Runtime INT8" in capsys.readouterr().out
     rep = json.loads((root / "onnx" / "export.json").read_text())
-    assert sorted(p.name for p in (root / "onnx").iterdir()) == ["export.json", "model_float.onnx",
-                                                                   "model_int8.onnx"]
+    assert {"model.onnx", "model_float.onnx", "config.json", "tokenizer.json", "ranges.json", "README.md",
+            "export.json"} <= {p.name for p in (root / "onnx").iterdir()}
     s, o = rep["simulated"]["perplexity"], rep["onnxruntime_int8"]["perplexity"]
     assert abs(o - s) / s < 0.01 and rep["kernels"]["integer_ops"] and rep["versions"]["onnxruntime"]
     assert rep["export"]["bytes"]["int8"] < rep["export"]["bytes"]["float"]
-    main(["quantize", str(root / "model"), *common, "--diag-batches", "0", "--backend", "onnxruntime",
+    backend = RUNTIMES[-1]  # openvino where installed: it runs ONNX Runtime too
+    main(["quantize", str(root / "model"), *common, "--diag-batches", "0", "--backend", backend,
           "--out", str(root / "quant")])
     run = json.loads((root / "quant" / "quant.json").read_text())["runs"][0]
-    assert abs(run["onnxruntime"]["int8"]["perplexity"] - run["quantized"]["perplexity"]) \
-        < 0.01 * run["quantized"]["perplexity"]
-    assert "Real INT8 in ONNX Runtime" in (root / "quant" / "quant.md").read_text()
+    for rt in RUNTIMES:
+        assert abs(run[rt]["int8"]["perplexity"] - run["quantized"]["perplexity"]) \
+            < 0.01 * run["quantized"]["perplexity"], rt
+    md = (root / "quant" / "quant.md").read_text()
+    assert "Real INT8 in ONNX Runtime" in md and (backend != "openvino" or "in OpenVINO" in md)
 
 
 def test_mask_rewrite_exact_with_fully_padded_row(tmp_path):

@@ -27,21 +27,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import OutlierfreeError
+from .ort import require_onnx  # noqa: F401  (re-exported: callers import it from here)
 
 OPSET = 17
-
-
-def require_onnx() -> None:
-    """One-line error when the deploy extra (onnx, onnxruntime) is not installed."""
-    missing = []
-    for mod in ("onnx", "onnxruntime"):
-        try:
-            __import__(mod)
-        except ImportError:
-            missing.append(mod)
-    if missing:
-        raise OutlierfreeError(f"{' and '.join(missing)} not installed (needed for ONNX export and ONNX Runtime)",
-                               "pip install 'outlierfree[deploy]' (or bash setup.sh)")
 
 
 class _Scored(nn.Module):
@@ -121,11 +109,17 @@ def fold_weight_qdq(path: Path) -> dict[str, int]:
         src = alias.get(n.input[0], n.input[0]) if n.input else ""
         if n.op_type == "QuantizeLinear" and src in inits and n.input[1] in vals and n.input[2] in vals:
             w = vals[src].astype(np.float64)
-            scale = float(vals[n.input[1]])
-            zp_arr = vals[n.input[2]]
+            scale, zp_arr = vals[n.input[1]].astype(np.float32), vals[n.input[2]]
+            if scale.size > 1:  # per-channel: scales and zero points broadcast along the QDQ pair's axis
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % w.ndim
+                shape = [1] * w.ndim
+                shape[axis] = -1
+                scale, zp_b = scale.reshape(shape), zp_arr.astype(np.int64).reshape(shape)
+            else:
+                scale, zp_b = scale.reshape(()), int(zp_arr.reshape(()))
             info = np.iinfo(zp_arr.dtype)  # int8 or uint8: the grid the exporter chose from (qmin, qmax)
             # QuantizeLinear's own arithmetic: saturate(round_half_even(x / scale) + zero_point)
-            q = np.clip(np.rint(w / np.float32(scale)) + int(zp_arr), info.min, info.max).astype(zp_arr.dtype)
+            q = np.clip(np.rint(w / scale) + zp_b, info.min, info.max).astype(zp_arr.dtype)
             name = n.output[0] + "_int"
             new_inits.append(numpy_helper.from_array(q, name))
             rename[n.output[0]] = name
@@ -145,10 +139,53 @@ def fold_weight_qdq(path: Path) -> dict[str, int]:
     for i in dead:
         g.initializer.remove(i)
     lookups = _gather_before_dequantize(g, {i.name for i in new_inits})
+    transposed = _transpose_into_weights(g, {i.name for i in new_inits})
     onnx.save(model, str(path))
     pairs = sum(1 for n in g.node if n.op_type == "QuantizeLinear")
     return {"weights": folded, "activation_qdq": pairs, "dropped_float_initializers": len(dead),
-            "integer_lookups": lookups}
+            "integer_lookups": lookups, "transposes_folded": transposed}
+
+
+def _transpose_into_weights(g: Any, int_weights: set[str]) -> int:
+    """``DQ(W_int) -> Transpose -> MatMul`` (torch's linear layers export as ``x @ W.T``) becomes
+    ``DQ(W_int.T) -> MatMul``: the integers are stored transposed (a per-channel axis moves with them).
+
+    Exact (transposing commutes with an elementwise dequantization), and it leaves the pattern both runtimes fuse
+    into integer MatMuls without relying on their transpose-pushing passes. Returns the number folded."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in g.initializer}
+    vals = _const_values(g)
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    done = 0
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in int_weights]:
+        tr = users.get(dq.output[0], [])
+        if len(tr) != 1 or tr[0].op_type != "Transpose" or dq.output[0] in graph_outputs \
+                or len(users.get(dq.input[0], [])) != 1:
+            continue
+        tr = tr[0]
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), list(range(w.ndim))[::-1])
+        scale = vals.get(dq.input[1])
+        if scale is None:
+            continue
+        new = numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), dq.input[0])
+        inits[dq.input[0]].CopyFrom(new)
+        if scale.size > 1:  # the per-channel axis is where that dim went
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % w.ndim
+            for a in list(dq.attribute):
+                if a.name == "axis":
+                    dq.attribute.remove(a)
+            dq.attribute.append(helper.make_attribute("axis", perm.index(axis)))
+        dq.output[0] = tr.output[0]  # the DQ now produces what the Transpose did
+        g.node.remove(tr)
+        done += 1
+    return done
 
 
 def _gather_before_dequantize(g: Any, int_weights: set[str]) -> int:
@@ -156,9 +193,12 @@ def _gather_before_dequantize(g: Any, int_weights: set[str]) -> int:
 
     Exact (a per-tensor DequantizeLinear commutes with picking rows), and it matters: ONNX Runtime keeps a DQ of an
     initializer as a node, so the first form dequantizes the whole table on every run (36 ms of 210 for
-    all-MiniLM-L6-v2's 30522 x 384 table at batch 8 x 128). Returns the number of lookups rewritten."""
+    all-MiniLM-L6-v2's 30522 x 384 table at batch 8 x 128). A per-row (per-channel) table picks each row's scale
+    and zero point with the row. Returns the number of lookups rewritten."""
+    import onnx
     from onnx import helper
 
+    vals = _const_values(g)
     users: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
@@ -168,18 +208,45 @@ def _gather_before_dequantize(g: Any, int_weights: set[str]) -> int:
     done = 0
     for dq in [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in int_weights]:
         out = dq.output[0]
-        gathers = users.get(out, [])
-        if not gathers or out in graph_outputs or any(u.op_type != "Gather" or u.input[0] != out for u in gathers):
+        # row lookups; a tied table's other users (an LM head's MatMul) keep the dequantized table
+        gathers = [u for u in users.get(out, []) if u.op_type == "Gather" and u.input[0] == out]
+        others = len(users.get(out, [])) - len(gathers) + (out in graph_outputs)
+        if not gathers:
             continue
+        scale = vals.get(dq.input[1])
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        ga_axis = [next((a.i for a in ga.attribute if a.name == "axis"), 0) for ga in gathers]
+        if scale is None or (scale.size > 1 and any(a != 0 for a in ga_axis)):
+            continue  # a per-channel table is rewritten for row lookups (Gather on axis 0) only
         for k, ga in enumerate(gathers):
             rows = f"{ga.output[0]}_int"
             new_ga = helper.make_node("Gather", [dq.input[0], ga.input[1]], [rows], name=f"{ga.name}_int",
                                       **{a.name: helper.get_attribute_value(a) for a in ga.attribute})
-            new_dq = helper.make_node("DequantizeLinear", [rows, *dq.input[1:]], [ga.output[0]],
-                                      name=f"{dq.name}_rows{k}")
             i = nodes.index(ga)
-            nodes[i:i + 1] = [new_ga, new_dq]
-        nodes.remove(dq)
+            if scale.size == 1:  # one grid: dequantize the picked rows
+                nodes[i:i + 1] = [new_ga, helper.make_node("DequantizeLinear", [rows, *dq.input[1:]], [ga.output[0]],
+                                                           name=f"{dq.name}_rows{k}")]
+            elif axis % 2 == 1:  # one grid per column: the columns are the rows' last dim
+                nodes[i:i + 1] = [new_ga, helper.make_node("DequantizeLinear", [rows, *dq.input[1:]], [ga.output[0]],
+                                                           name=f"{dq.name}_rows{k}", axis=-1)]
+            else:  # one grid per row (per output channel of the table): pick each row's scale and zero point too
+                # (q - zp) * scale in float32, what DequantizeLinear computes; (..., H) rows times (..., 1) scales
+                p = f"{dq.name}_rows{k}"
+                zp = dq.input[2] if len(dq.input) > 2 else None
+                nodes[i:i + 1] = [
+                    new_ga,
+                    helper.make_node("Cast", [rows], [f"{p}_f"], to=onnx.TensorProto.FLOAT),
+                    helper.make_node("Gather", [dq.input[1], ga.input[1]], [f"{p}_s"], axis=0),
+                    helper.make_node("Unsqueeze", [f"{p}_s", f"{p}_axes"], [f"{p}_s1"]),
+                    *([helper.make_node("Cast", [zp], [f"{p}_zf"], to=onnx.TensorProto.FLOAT),
+                       helper.make_node("Gather", [f"{p}_zf", ga.input[1]], [f"{p}_z"], axis=0),
+                       helper.make_node("Unsqueeze", [f"{p}_z", f"{p}_axes"], [f"{p}_z1"]),
+                       helper.make_node("Sub", [f"{p}_f", f"{p}_z1"], [f"{p}_c"])] if zp else []),
+                    helper.make_node("Mul", [f"{p}_c" if zp else f"{p}_f", f"{p}_s1"], [ga.output[0]]),
+                ]
+                g.initializer.append(onnx.helper.make_tensor(f"{p}_axes", onnx.TensorProto.INT64, [1], [-1]))
+        if not others:
+            nodes.remove(dq)
         done += len(gathers)
     del g.node[:]
     g.node.extend(nodes)

@@ -10,11 +10,25 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import torch
+from ..errors import OutlierfreeError
 
-from .onnx import require_onnx
+if TYPE_CHECKING:  # torch is imported where tensors are made: sessions alone (outlierfree.deploy) run without it
+    import torch
+
+
+def require_onnx() -> None:
+    """One-line error when the deploy extra (onnx, onnxruntime) is not installed."""
+    missing = []
+    for mod in ("onnx", "onnxruntime"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise OutlierfreeError(f"{' and '.join(missing)} not installed (needed for ONNX export and ONNX Runtime)",
+                               "pip install 'outlierfree[deploy]' (or bash setup.sh)")
 
 # ONNX Runtime CPU ops that compute in integers (the fused forms of DQ -> op -> Q patterns)
 INTEGER_OPS = frozenset({
@@ -64,6 +78,8 @@ def kernel_report(path: str | Path, level: str = "all", optimized: str | Path | 
 
 def run(sess: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The scored output of one batch (the exported graph's only output) as a torch tensor."""
+    import torch
+
     names = [i.name for i in sess.get_inputs()]
     out = sess.run(None, {n: batch[n].numpy() for n in names})[0]
     return torch.from_numpy(out)
@@ -99,6 +115,7 @@ def site_agreement(qm: Any, path: str | Path, batch: dict[str, torch.Tensor]) ->
     """
     import numpy as np
     import onnx
+    import torch
 
     from ..quant.quantizer import qparams
     from ..quant.evaluate import model_output

@@ -98,9 +98,11 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
               "corpus / Fashion-MNIST]")
 @click.option("--tokenizer", default=None, help="tokenizer directory [default: beside the model]")
 @click.option("--seed", type=int, default=0, show_default=True, help="seeds the calibration sample and MLM masks")
-@click.option("--backend", type=click.Choice(["simulator", "onnxruntime"]), default="simulator", show_default=True,
+@click.option("--backend", type=click.Choice(["simulator", "onnxruntime", "openvino"]), default="simulator",
+              show_default=True,
               help="onnxruntime: also export the calibrated model to static QDQ INT8 ONNX and score it in ONNX "
-                   "Runtime on the same validation batches (needs outlierfree[deploy]; w8a8 per-tensor static only)")
+                   "Runtime on the same validation batches (needs outlierfree[deploy]; w8a8 static only); openvino: "
+                   "also in OpenVINO (needs outlierfree[openvino])")
 @click.option("--out", required=True, help="output directory (quant.json, quant.md, sites.png)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_estimator: str,
@@ -136,15 +138,18 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     transforms = parse_transforms(transform)
     out_path = Path(out)
     require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory path")
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "openvino"):
         from ..export.onnx import require_onnx
+        from ..export.openvino import require_openvino
 
         require_onnx()
+        if backend == "openvino":
+            require_openvino()
         for c in configs:
             require(c.weight.bits == 8 and c.activation.bits == 8 and not c.activation.dynamic
-                    and c.activation.granularity == "per_tensor" and c.weight.granularity == "per_tensor",
-                    f"--backend onnxruntime cannot run {c.describe()} in integers",
-                    "use --bits w8a8 with per-tensor static ranges (the defaults)")
+                    and c.activation.granularity == "per_tensor",
+                    f"--backend {backend} cannot run {c.describe()} in integers",
+                    "use --bits w8a8 with per-tensor static activation ranges (the defaults)")
 
     def echo(line: str) -> None:
         click.echo(line, err=True)
@@ -181,4 +186,8 @@ def line_of(cfg: QuantConfig, r: dict[str, Any], data_info: dict[str, Any], batc
         ops = ", ".join(f"{o} x{n}" for o, n in ort_r["kernels"]["integer_ops"].items()) or "none"
         lines.append(f"  ONNX Runtime INT8 {metric} {ort_r['int8'].get(metric):.4g} (simulated "
                      f"{r['quantized'].get(metric):.4g}); integer kernels: {ops}")
+    if "openvino" in r:
+        ov = r["openvino"]
+        ops = ", ".join(f"{o} x{n}" for o, n in ov["kernels"]["integer_ops"].items()) or "none"
+        lines.append(f"  OpenVINO INT8 {metric} {ov['int8'].get(metric):.4g}; integer kernels: {ops}")
     return "\n".join(lines)

@@ -299,7 +299,8 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
     (per-site range and SQNR), ``"aliases"`` and ``"weights"`` (quantized and float weights); with ``ablate`` also
     ``"ablation"`` (leave-one-group-in on the first ``diag_batches`` evaluation batches); with
     ``backend="onnxruntime"`` also ``"onnxruntime"``: the calibrated model exported to a static QDQ INT8 ONNX model
-    and scored in ONNX Runtime on the same evaluation batches (:func:`outlierfree.export.deploy.real_int8`).
+    and scored in ONNX Runtime on the same evaluation batches (:func:`outlierfree.export.realint8.real_int8`);
+    ``backend="openvino"`` also ``"openvino"``: the same INT8 model scored in OpenVINO.
     """
     task = task or task_of(model)
     qm = quantize(model, config, task)
@@ -321,14 +322,17 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
             out["sites"] = qm.sites_table()
             out["aliases"] = dict(qm.aliases)
             out["weights"] = qm.weight_table()
-        if backend == "onnxruntime":
-            from ..export.deploy import (
-                real_int8,  # lazy: onnx and onnxruntime are an optional extra
+        if backend in ("onnxruntime", "openvino"):
+            from ..export.realint8 import (
+                real_int8,  # lazy: onnx and onnxruntime (and openvino) are optional extras
             )
 
-            real = real_int8(qm, eval_batches, task, (calib_batches or eval_batches)[0])
+            real = real_int8(qm, eval_batches, task, (calib_batches or eval_batches)[0],
+                             runtimes=("onnxruntime", backend))
             out["onnxruntime"] = {k: real[k] for k in ("int8", "float", "kernels", "agreement", "threads")}
             out["onnxruntime"]["bytes"] = real["export"]["bytes"]  # INT8 and float ONNX files
+            if "openvino" in real:  # the same INT8 model compiled by OpenVINO
+                out["openvino"] = {k: real["openvino"][k] for k in ("int8", "float", "kernels", "agreement", "bytes")}
             out["seconds"]["onnxruntime"] = sum(real["seconds"].values())
         if ablate:
             t0 = time.perf_counter()

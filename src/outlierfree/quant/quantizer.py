@@ -176,18 +176,24 @@ class Quantizer:
             self.tap(q)
         return q
 
-    def export_quant(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """Fake quantization as the single traceable op ``torch.fake_quantize_per_tensor_affine``, which ONNX
-        exporters turn into a QuantizeLinear/DequantizeLinear pair with this quantizer's scale and zero point.
+    def export_quant(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, axis: int = 0) -> torch.Tensor:
+        """Fake quantization as the single traceable op ``torch.fake_quantize_per_tensor_affine`` (per-channel
+        weights: ``torch.fake_quantize_per_channel_affine`` along ``axis`` of ``x``, the channel dim of the tensor
+        the ranges were taken from), which ONNX exporters turn into a QuantizeLinear/DequantizeLinear pair with this
+        quantizer's scale(s) and zero point(s).
 
-        Only what an 8-bit integer runtime represents: per-tensor, static (frozen) ranges, 8 bits."""
+        Only what an 8-bit integer runtime represents: per-tensor or per-channel, static (frozen) ranges, 8 bits."""
         from ..errors import OutlierfreeError
 
-        if self.spec.bits != 8 or self.spec.dynamic or lo.numel() != 1:
+        per_channel = self.spec.granularity == "per_channel" and lo.numel() > 1
+        if self.spec.bits != 8 or self.spec.dynamic or (lo.numel() != 1 and not per_channel):
             raise OutlierfreeError(
                 f"quantizer {self.name!r} ({self.spec.describe()}) has no 8-bit per-tensor static integer form",
                 "export with --bits w8a8 and per-tensor, static ranges (the defaults)")
         scale, zp, qmin, qmax = qparams(lo, hi, self.spec.bits, self.spec.symmetric)
+        if per_channel:  # one (scale, zero point) per channel: 1-D tensors, as the per-channel op wants them
+            return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1).float(), zp.reshape(-1).to(torch.int32),
+                                                          axis, qmin, qmax)
         # Python numbers: the exporter stores them as the QDQ pair's constant scale and zero point
         return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), qmin, qmax)
 

@@ -47,6 +47,17 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['config']['describe']} | {_fmt(r['quantized'].get(metric))} | "
                          f"{_fmt(o['int8'].get(metric))} | {_fmt(o['float'].get(metric))} | {ops} | "
                          f"{o['bytes']['int8'] / 1e6:.2f} / {o['bytes']['float'] / 1e6:.2f} MB |")
+        ov_runs = [r for r in ort_runs if "openvino" in r]
+        if ov_runs:  # --backend openvino: the same INT8 model compiled by OpenVINO
+            lines += ["", "The same INT8 model in OpenVINO (IR converted from the QDQ ONNX model):", "",
+                      f"| config | simulated {metric} | OpenVINO INT8 {metric} | OpenVINO float {metric} | "
+                      f"integer kernels | IR size |", "|---|---|---|---|---|---|"]
+            for r in ov_runs:
+                o = r["openvino"]
+                ops = ", ".join(f"{k} x{n}" for k, n in o["kernels"]["integer_ops"].items()) or "none"
+                lines.append(f"| {r['config']['describe']} | {_fmt(r['quantized'].get(metric))} | "
+                             f"{_fmt(o['int8'].get(metric))} | {_fmt((o['float'] or {}).get(metric))} | {ops} | "
+                             f"{o['bytes']['int8'] / 1e6:.2f} MB |")
     lines.append("")
     data = report.get("data") if isinstance(report.get("data"), dict) else {}
     lines.append(("Float and quantized are evaluated on the same batches of the text's later sequences; ranges are "

@@ -192,7 +192,8 @@ class QuantizedModel:
         cached = self.weights.get(key)
         if cached is not None and cached[0] == w._version:
             if self.export:  # the parameter itself through a traceable QDQ: the exporter keeps it as an initializer
-                return mark(cached[2].export_quant(w, cached[2].lo, cached[2].hi), pname)
+                # (per-channel ranges were taken on the (out, in) view: Conv1D's (in, out) weight has them on dim 1)
+                return mark(cached[2].export_quant(w, cached[2].lo, cached[2].hi, 1 if func == "addmm" else 0), pname)
             return cached[1]
         spec: QuantSpec = self.config.weight
         if w.dim() == 1 and spec.granularity != "per_tensor":
@@ -212,7 +213,7 @@ class QuantizedModel:
             return mark(w + (wq - w).detach(), pname)  # straight-through to the float weight
         self.weights[key] = (w._version, wq, qz)
         if self.export:
-            return mark(qz.export_quant(w, qz.lo, qz.hi), pname)
+            return mark(qz.export_quant(w, qz.lo, qz.hi, 1 if func == "addmm" else 0), pname)
         return wq
 
     def set_bits(self, names: Iterable[str], bits: int) -> dict[str, QuantSpec]:

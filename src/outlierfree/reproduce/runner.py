@@ -162,7 +162,8 @@ def quant_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -
     model, tok, task, batches = quant_inputs(spec, model_dir)
     out: dict[str, Any] = {"data": batches.info}
     for name, cfg in (("w8a8", paper_w8a8()), ("w8a8_linear", linear_w8a8())):
-        backend = "onnxruntime" if name == "w8a8" and _has_onnxruntime() else None
+        backend = ("openvino" if _has("openvino") else "onnxruntime") if name == "w8a8" and _has_onnxruntime() \
+            else None
         try:  # the paper set also runs in real integers (ONNX Runtime) when the deploy extra is installed
             out[name] = evaluate_quantized(model, tok, batches.calib, batches.eval, cfg, task, diagnostics=False,
                                            progress=progress, backend=backend)
@@ -185,6 +186,13 @@ def quant_inputs(spec: RunSpec, model_dir: Path) -> tuple[Any, Any, str, Any]:
     q = load_for_quant(model_dir, calib_batches=int(qs["calib_batches"]), eval_batches=int(qs["eval_batches"]),
                        batch_size=int(qs["batch_size"]), seq_len=spec.train.get("seq_len"), seed=0)
     return q.model, q.tokenizer, q.task, q.batches
+
+
+def _has(module: str) -> bool:
+    """Whether an optional runtime is installed (its module can be found)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _has_onnxruntime() -> bool:
@@ -232,6 +240,9 @@ def summarise(spec: RunSpec, model_dir: Path, run_dir: Path, analysis: dict[str,
         "fp": paper.float,
         "w8a8": paper.quantized,
         "w8a8_ort": paper.int8_ort,
+        # the same INT8 model in OpenVINO (recorded when the openvino extra is installed; None in older caches)
+        "w8a8_ov": (lambda v: None if v is None else float(v) * pct)(
+            ((quant["w8a8"].get("openvino") or {}).get("int8") or {}).get(metric)),
         "w8a8_linear": linear.quantized,
         "max_inf_norm": head.max_inf_norm,
         "max_inf_norm_site": head.max_inf_norm_site,
