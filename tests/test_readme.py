@@ -71,7 +71,7 @@ MAPPED = [
      "CI runs setup.sh; the tests run the quick preset (reduced steps) and its released-checkpoints section"),
     (r"python3 -m pytest", [(".ci/run", "python3 -m pytest")], "CI's own command"),
     (r"bash setup\.sh", [(".ci/run", "bash setup.sh")], "CI runs it on a clean clone"),
-    (r'pip install -e "\.\[deploy\]"', [("setup.sh", 'pip_install -e ".[test,gguf,hub,deploy]"'), (".ci/run", "bash setup.sh")],
+    (r'pip install -e "\.\[deploy\]"', [("setup.sh", 'pip_install -e ".[test,gguf,hub,deploy,openvino]"'), (".ci/run", "bash setup.sh")],
      "setup.sh installs the package with these extras (and more), and CI runs setup.sh"),
     (r"outlierfree doctor (path/to/model|\"\$\(python3 -c '[^']+'\)\") --out out/doctor",
      [("tests/quant/test_cli.py", "def test_doctor_measures_every_fix_and_says_what_to_do("),
