@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from outlierfree.models import hf_compat
+from outlierfree import hf_compat
 from outlierfree.models.build import build_model, model_config
 
 GOALS = {"vanilla": 0.95, "gated": 0.90, "clipped": 0.80}

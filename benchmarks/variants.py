@@ -18,7 +18,7 @@ import transformers
 
 import outlierfree as of
 from outlierfree import AttentionConfig
-from outlierfree.models import hf_compat
+from outlierfree import hf_compat
 from outlierfree.models.build import model_config
 
 

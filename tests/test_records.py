@@ -56,7 +56,7 @@ def test_log_skips_a_torn_line_and_filters_events(tmp_path):
 
 @pytest.mark.parametrize("below", ["", "x", "x/y"])
 def test_a_file_in_the_way_of_a_directory_is_one_line(tmp_path, below):
-    from outlierfree.models.io import atomic_dir
+    from outlierfree.records import atomic_dir
 
     blocker = tmp_path / "README.md"
     blocker.write_text("a file\n")

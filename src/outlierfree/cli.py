@@ -137,7 +137,7 @@ def models_cmd() -> None:
     from rich.table import Table
 
     from .models.build import parameter_count
-    from .models.hf_compat import FAMILIES
+    from .hf_compat import FAMILIES
     from .models.sizes import DESCRIPTIONS, SIZES
 
     console = Console()

@@ -17,7 +17,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
@@ -93,6 +95,34 @@ def make_dir(path: str | os.PathLike, what: str = "the output directory", fix: s
             raise OutlierfreeError(f"cannot create {what} {str(path)!r} ({e.strerror})", fix) from e
         raise
     return path
+
+
+def atomic_dir(target: str | os.PathLike) -> "_AtomicDir":
+    """Context manager: yields a temporary directory that replaces ``target`` only if the block succeeds."""
+    return _AtomicDir(Path(target))
+
+
+class _AtomicDir:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        check_dir_path(self.target)  # a file in the way is a one-line error, before anything is written
+        make_dir(self.target.parent)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

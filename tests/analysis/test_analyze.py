@@ -8,7 +8,7 @@ import torch
 
 from outlierfree.analysis import analyze_model, headline_metrics
 from outlierfree.analysis.inputs import EvalBatch, text_batch
-from outlierfree.models import hf_compat
+from outlierfree import hf_compat
 from outlierfree.models.build import build_model
 
 SEP, CLS = 3, 2

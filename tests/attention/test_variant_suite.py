@@ -28,7 +28,7 @@ from outlierfree.attention.eager import normalise
 from outlierfree.attention.kernels import KERNELS, choose_kernel
 from outlierfree.cli import attention_flag_names, attention_from_flags, attention_options
 from outlierfree.errors import OutlierfreeError
-from outlierfree.models import hf_compat
+from outlierfree import hf_compat
 
 _spec = importlib.util.spec_from_file_location("toy_variant", Path(__file__).parent / "toy_variant.py")
 toy_variant = importlib.util.module_from_spec(_spec)

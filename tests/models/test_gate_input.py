@@ -11,7 +11,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import outlierfree as of
 from outlierfree.attention.interface import GATE_INPUT, outlierfree_attention
 from outlierfree.errors import OutlierfreeError
-from outlierfree.models import hf_compat
+from outlierfree import hf_compat
 
 
 def llama_gated():

@@ -7,7 +7,7 @@ import transformers
 import outlierfree as of
 from outlierfree import AttentionConfig, OutlierfreeError
 from outlierfree.attention.interface import outlierfree_attention
-from outlierfree.models import hf_compat
+from outlierfree import hf_compat
 from outlierfree.models.build import attention_config_of, model_config
 
 FAMILIES = ["bert", "opt", "vit"]

@@ -242,7 +242,7 @@ def test_attention_outside_the_interface_is_named_not_silently_float(name):
             y = m(**batch).logits
             with qm.float_mode():
                 ref = m(**batch).logits
-        from outlierfree.models import hf_compat
+        from outlierfree import hf_compat
 
         if any(hf_compat.calls_attention_interface(mod) for mod in m.modules()):
             # transformers 5.25 moved Falcon onto the attention interface: then its internals are sites

@@ -155,7 +155,7 @@ def test_rotate_is_exact_on_every_family(name):
 
 
 def test_rotate_refuses_a_model_where_nothing_rotates(monkeypatch):
-    from outlierfree.models import hf_compat
+    from outlierfree import hf_compat
     from outlierfree.quant.transforms import rotate
 
     model = archs.build("bert")

@@ -5,7 +5,7 @@ attention, against transformers' own sdpa), replaces when asked, and restores ev
 import pytest
 import torch
 
-from outlierfree.models import hf_compat
+from outlierfree import hf_compat
 from outlierfree.models.build import build_model, model_config
 from outlierfree.sites import SITE_KINDS, discover, observe, select
 

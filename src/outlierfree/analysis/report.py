@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import require  # noqa: E402
-from ..models.io import atomic_dir  # noqa: E402
+from ..records import atomic_dir  # noqa: E402
 from ..records import check_dir_path, dumps, integer_ticks, save_png  # noqa: E402
 
 KIND_STYLE = {"ln_input": "-", "ffn_output": "--", "attn_output": ":", "ln_output": "-."}

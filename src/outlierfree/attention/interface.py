@@ -2,7 +2,7 @@
 
 transformers' attention modules (BERT, OPT, ViT, Llama, Gemma, ...) project Q, K, V and then call
 ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, q, k, v, mask, scaling=..., dropout=..., **kwargs)``.
-We register :func:`outlierfree_attention` under that interface (see ``models/hf_compat.py``), so every variant runs
+We register :func:`outlierfree_attention` under that interface (see ``hf_compat.py``), so every variant runs
 inside the stock modeling code. It picks a kernel from attention/kernels.py's table (eager, blocked, sdpa) and
 dispatches. Per-module state lives on the attention module itself:
 
@@ -34,7 +34,7 @@ VANILLA = AttentionConfig()
 
 
 def _attentions_requested() -> bool:
-    from ..models.hf_compat import attentions_requested  # lazy: hf_compat imports this module
+    from ..hf_compat import attentions_requested  # lazy: hf_compat imports this module
 
     return attentions_requested()
 

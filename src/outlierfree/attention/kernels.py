@@ -97,8 +97,8 @@ def _eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, valu
 def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
           **kwargs: Any) -> torch.Tensor:
-    """transformers' SDPA attention function (through models/hf_compat.py), (B, Tq, H, D)."""
-    from ..models.hf_compat import sdpa_attention  # lazy: hf_compat imports the attention interface
+    """transformers' SDPA attention function (through hf_compat.py), (B, Tq, H, D)."""
+    from ..hf_compat import sdpa_attention  # lazy: hf_compat imports the attention interface
 
     return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 

@@ -86,7 +86,7 @@ def is_causal(model: Any) -> bool:
 
 def check_seq_len(model: Any, seq_len: int) -> None:
     """One-line error when ``seq_len`` exceeds the model's position embeddings (the forward would fail)."""
-    from ..models.hf_compat import max_length
+    from ..hf_compat import max_length
 
     limit = max_length(getattr(model, "config", None))
     if limit is not None and seq_len > limit:

@@ -251,7 +251,7 @@ def get_tokenizer(train_docs: Sequence[str], kind: str, vocab_size: int, tokeniz
             pass
     tok = train_tokenizer(train_docs, kind, vocab_size)
     if use_cache:
-        from ..models.io import atomic_dir
+        from ..records import atomic_dir
 
         with atomic_dir(d) as tmp:
             tok.save_pretrained(str(tmp))

@@ -45,7 +45,7 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     """
     from ..analysis.run import analyze_path
     from ..errors import OutlierfreeError
-    from ..models import hf_compat
+    from .. import hf_compat
     from ..quant.evaluate import evaluate_quantized, task_metric
     from ..quant.run import apply_transforms, load_for_quant
 
@@ -157,7 +157,7 @@ def _verdict(runs: list[dict[str, Any]], analysis: dict[str, Any], metric: str, 
 
 def _write(report: dict[str, Any], out: Path) -> None:
     """doctor.json, doctor.md and doctor.png, written to a temporary directory and renamed."""
-    from ..models.io import atomic_dir
+    from ..records import atomic_dir
     from ..records import dumps, save_png
 
     with atomic_dir(out) as tmp:

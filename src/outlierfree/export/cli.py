@@ -51,7 +51,7 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
 
         outlierfree export runs/bert/model --sites paper --runtime openvino --out runs/bert/int8
     """
-    from ..models.io import atomic_dir
+    from ..records import atomic_dir
     from ..quant.cli import build_configs
     from ..quant.evaluate import evaluate_pair, task_metric, model_output
     from ..quant.run import load_for_quant
@@ -142,7 +142,7 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
 
 def _commit() -> str:
     try:
-        from ..reproduce.runner import git_commit
+        from ..records import git_commit
 
         return git_commit()
     except Exception:  # the commit is informative only

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -85,6 +85,24 @@ def real_int8(qm: Any, eval_batches: list[dict[str, torch.Tensor]], task: str, e
     if ov is not None:
         out["openvino"] = ov
     return out
+
+
+def scorer(backend: str = "onnxruntime") -> Callable[[Any, list, str, dict], dict[str, Any]]:
+    """The real-INT8 hook of :func:`outlierfree.quant.evaluate.evaluate_quantized` (``real=``): the calibrated
+    model exported to static QDQ INT8 and scored in ONNX Runtime (and, with ``backend="openvino"``, in OpenVINO
+    too) on the same evaluation batches as the simulator."""
+    def score(qm: Any, eval_batches: list[dict[str, torch.Tensor]], task: str,
+              example: dict[str, torch.Tensor]) -> dict[str, Any]:
+        real = real_int8(qm, eval_batches, task, example, runtimes=("onnxruntime", backend))
+        out: dict[str, Any] = {"onnxruntime": {k: real[k] for k in ("int8", "float", "kernels", "agreement",
+                                                                    "threads")}}
+        out["onnxruntime"]["bytes"] = real["export"]["bytes"]  # INT8 and float ONNX files
+        if "openvino" in real:  # the same INT8 model compiled by OpenVINO
+            out["openvino"] = {k: real["openvino"][k] for k in ("int8", "float", "kernels", "agreement", "bytes")}
+        out["seconds"] = sum(real["seconds"].values())
+        return out
+
+    return score
 
 
 def _openvino(d: Path, info: dict[str, Any], eval_batches: list[dict[str, torch.Tensor]], task: str,

@@ -66,7 +66,7 @@ class ResidualTap:
     forward, for :func:`outlier_penalty`. ``with tap: model(...)``, then ``tap.tensors``."""
 
     def __init__(self, model: torch.nn.Module):
-        from ..models.hf_compat import layer_norms
+        from ..hf_compat import layer_norms
 
         self.norms = [m for _, _, m in layer_norms(model)]
         self.tensors: list[torch.Tensor] = []

@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 
 from ..attention.config import AttentionConfig
-from ..attention.interface import GATE_INPUT
+from ..attention.interface import GATE_INPUT, outlierfree_attention
 from ..attention.ramp import RAMP_ATTR
 from ..attention.variants import module_names
 from ..errors import OutlierfreeError, require
-from . import hf_compat
+from .. import hf_compat
 from .sizes import SIZES
 
 
@@ -104,7 +104,7 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
         if cfg.params.needs_layer_input:
             module._outlierfree_hooks = [module.register_forward_pre_hook(_pass_layer_input, with_kwargs=True)]
     config.outlierfree = cfg.to_dict()
-    hf_compat.set_attention_implementation(model, hf_compat.IMPL_NAME)
+    hf_compat.set_attention_implementation(model, hf_compat.IMPL_NAME, outlierfree_attention)
     return model
 
 

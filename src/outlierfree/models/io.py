@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +17,9 @@ import torch.nn as nn
 
 from ..attention.variants import module_names
 from ..errors import OutlierfreeError
-from ..records import check_dir_path, dumps, make_dir
-from . import hf_compat
+from ..records import atomic_dir, dumps
+from .. import hf_compat
 from .build import patch_model
-
-
-def atomic_dir(target: str | os.PathLike) -> "_AtomicDir":
-    """Context manager: yields a temporary directory that replaces ``target`` only if the block succeeds."""
-    return _AtomicDir(Path(target))
-
-
-class _AtomicDir:
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        check_dir_path(self.target)  # a file in the way is a one-line error, before anything is written
-        make_dir(self.target.parent)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
@@ -306,7 +276,7 @@ def _load_gates(model: nn.Module, d: Path) -> None:
     """
     from safetensors import safe_open
 
-    from ..sites.core import layer_index
+    from ..hf_compat import layer_index
 
     ours = {_extra_key(n, layer_index): p for n, p in model.named_parameters() if _is_extra(n)}
     if not ours:

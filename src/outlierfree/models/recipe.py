@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import require
-from . import hf_compat
+from .. import hf_compat
 
 NORMS = ("layernorm", "single-scale")
 

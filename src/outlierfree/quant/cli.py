@@ -141,6 +141,7 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
     if backend in ("onnxruntime", "openvino"):
         from ..export.onnx import require_onnx
         from ..export.openvino import require_openvino
+        from ..export.realint8 import scorer
 
         require_onnx()
         if backend == "openvino":
@@ -158,7 +159,7 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
                            eval_batches=eval_batches, batch_size=batch_size, seq_len=seq_len, seed=seed,
                            max_sequences=max_sequences, transforms=transforms, diag_batches=diag_batches,
                            ablation=ablation, keep_16bit=keep_16bit,
-                           backend=None if backend == "simulator" else backend, progress=not quiet,
+                           real=None if backend == "simulator" else scorer(backend), progress=not quiet,
                            echo=echo, on_run=lambda cfg, r, info: click.echo(line_of(cfg, r, info, batch_size)))
     report = {**report, "command": "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     write_report(report, out_path)

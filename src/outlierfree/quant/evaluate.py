@@ -17,7 +17,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -285,10 +285,15 @@ def keep_worst_16bit(qm: QuantizedModel, rows: list[dict[str, Any]], k: int,
             "values_16bit_share": values_16 / total if total else None}
 
 
+# (calibrated model, evaluation batches, task, an example batch) -> {"onnxruntime": {...}, ["openvino": {...},]
+# "seconds": float}: how the export layer scores the simulator's model in real integers
+RealInt8 = Callable[[QuantizedModel, list, str, dict], dict]
+
+
 def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: list[dict[str, torch.Tensor]],
                        eval_batches: list[dict[str, torch.Tensor]], config: QuantConfig, task: str | None = None,
                        diagnostics: bool = False, diag_batches: int = 2, progress: bool = True,
-                       ablate: bool = False, backend: str | None = None, keep_16bit: int = 0,
+                       ablate: bool = False, real: RealInt8 | None = None, keep_16bit: int = 0,
                        sixteen_bit_sites: Iterable[str] | None = None) -> dict[str, Any]:
     """Calibrate ``config`` on ``calib_batches``, evaluate float and quantized on ``eval_batches``.
 
@@ -298,9 +303,9 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
     "calib_batches": n, "eval_batches": n, "uninstrumented": [...]}`` plus, with ``diagnostics``, ``"sites"``
     (per-site range and SQNR), ``"aliases"`` and ``"weights"`` (quantized and float weights); with ``ablate`` also
     ``"ablation"`` (leave-one-group-in on the first ``diag_batches`` evaluation batches); with
-    ``backend="onnxruntime"`` also ``"onnxruntime"``: the calibrated model exported to a static QDQ INT8 ONNX model
-    and scored in ONNX Runtime on the same evaluation batches (:func:`outlierfree.export.realint8.real_int8`);
-    ``backend="openvino"`` also ``"openvino"``: the same INT8 model scored in OpenVINO.
+    ``real`` (the export layer's :func:`outlierfree.export.realint8.scorer`) scores the calibrated model in real
+    integers on the same evaluation batches; what it returns is added (``"onnxruntime"``, and ``"openvino"`` when it
+    ran there too). The simulator never imports the exporter: export composes on top of quant.
     """
     task = task or task_of(model)
     qm = quantize(model, config, task)
@@ -322,18 +327,10 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
             out["sites"] = qm.sites_table()
             out["aliases"] = dict(qm.aliases)
             out["weights"] = qm.weight_table()
-        if backend in ("onnxruntime", "openvino"):
-            from ..export.realint8 import (
-                real_int8,  # lazy: onnx and onnxruntime (and openvino) are optional extras
-            )
-
-            real = real_int8(qm, eval_batches, task, (calib_batches or eval_batches)[0],
-                             runtimes=("onnxruntime", backend))
-            out["onnxruntime"] = {k: real[k] for k in ("int8", "float", "kernels", "agreement", "threads")}
-            out["onnxruntime"]["bytes"] = real["export"]["bytes"]  # INT8 and float ONNX files
-            if "openvino" in real:  # the same INT8 model compiled by OpenVINO
-                out["openvino"] = {k: real["openvino"][k] for k in ("int8", "float", "kernels", "agreement", "bytes")}
-            out["seconds"]["onnxruntime"] = sum(real["seconds"].values())
+        if real is not None:  # the calibrated model in real integers (export/realint8.py: ONNX Runtime, OpenVINO)
+            scored = dict(real(qm, eval_batches, task, (calib_batches or eval_batches)[0]))
+            out["seconds"]["onnxruntime"] = scored.pop("seconds")
+            out.update(scored)
         if ablate:
             t0 = time.perf_counter()
             if config.activation is not None or config.weight is not None:

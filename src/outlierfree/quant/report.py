@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..models.io import atomic_dir
+from ..records import atomic_dir
 from ..records import dumps
 from .evaluate import task_metric
 

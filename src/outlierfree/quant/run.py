@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch.nn as nn
 
@@ -22,6 +22,9 @@ from ..data import defaults
 from ..data.evaluation import Batches
 from ..errors import require
 from .config import QuantConfig
+
+if TYPE_CHECKING:
+    from .evaluate import RealInt8
 
 
 @dataclass
@@ -104,7 +107,7 @@ def quantize_path(model_path: str | Path, configs: Sequence[QuantConfig], *, tok
                   eval_batches: int | None = None, batch_size: int = defaults.BATCH_SIZE, seq_len: int | None = None,
                   seed: int = defaults.SEED, max_sequences: int | None = None,
                   transforms: Sequence[tuple[str, float]] = (), diag_batches: int = 2, ablation: bool = False,
-                  keep_16bit: int = 0, backend: str | None = None, progress: bool = True,
+                  keep_16bit: int = 0, real: RealInt8 | None = None, progress: bool = True,
                   echo: Callable[[str], None] | None = None,
                   on_run: Callable[[QuantConfig, dict[str, Any], dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Simulate each config on the model at ``model_path``: the report dict ``outlierfree quantize`` writes as
@@ -116,7 +119,7 @@ def quantize_path(model_path: str | Path, configs: Sequence[QuantConfig], *, tok
         diag_batches: evaluation batches for per-site diagnostics and the ablation (0: none).
         ablation: rank site groups by harm (implied by ``keep_16bit``).
         keep_16bit: keep the K worst site groups of the ablation in 16 bits and evaluate again.
-        backend: ``"onnxruntime"`` also exports static QDQ INT8 and scores it in ONNX Runtime.
+        real: the export layer's real-INT8 scorer (:func:`outlierfree.export.realint8.scorer`), or None.
         echo: where one-line notes go (transforms applied, modules outside the attention interface).
         on_run: called with each config, its result and the data's description as soon as it is measured
             (the CLI prints it).
@@ -137,7 +140,7 @@ def quantize_path(model_path: str | Path, configs: Sequence[QuantConfig], *, tok
             echo(cfg.describe())
         r = evaluate_quantized(q.model, q.tokenizer, q.batches.calib, q.batches.eval, cfg, q.task,
                                diagnostics=diag_batches > 0, diag_batches=diag_batches, progress=progress,
-                               ablate=(ablation or keep_16bit > 0) and diag_batches > 0, backend=backend,
+                               ablate=(ablation or keep_16bit > 0) and diag_batches > 0, real=real,
                                keep_16bit=keep_16bit)
         if r.get("uninstrumented") and cfg is configs[0] and echo:
             echo(f"notice: {len(r['uninstrumented'])} module(s) compute attention outside transformers' attention "

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import OutlierfreeError
-from ..models import hf_compat
+from .. import hf_compat
+from ..attention.interface import outlierfree_attention
 from ..sites import Site, discover, grid_of, mark, observe
 from .config import QuantConfig, QuantSpec
 from .quantizer import Quantizer
@@ -348,5 +349,5 @@ def quantize(model: nn.Module, config: QuantConfig, task: str | None = None) -> 
     if not isinstance(model, nn.Module):
         raise OutlierfreeError(f"quantize() needs a torch module, got {type(model).__name__}",
                                "pass a loaded Hugging Face model")
-    hf_compat.register()
+    hf_compat.register(outlierfree_attention)
     return QuantizedModel(model, config, task)

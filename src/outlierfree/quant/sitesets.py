@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..models import hf_compat
+from .. import hf_compat
 from ..sites import SITE_KINDS, Site, in_head
 from ..sites.core import _is_norm
 from ..sites.ops import MATMUL_FUNCS

@@ -166,7 +166,7 @@ def _fold_value(v: nn.Linear, o: nn.Linear, s: torch.Tensor) -> Callable[[], Non
 
 def _value_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(value projection, output projection) paths of each attention block whose sizes match (no GQA)."""
-    from ..models import hf_compat
+    from .. import hf_compat
 
     modules = dict(model.named_modules())
     pairs = []
@@ -355,7 +355,7 @@ def rotate_heads(model: nn.Module, batch: Any, seed: int = 0, forward: ForwardFn
     head, fused into the projections' weights and biases. Each kind is kept only if the float output is unchanged
     on ``batch`` (RoPE breaks the first, an elementwise output gate the second) and undone otherwise. Returns the
     numbers of attention modules rotated: ``(queries/keys, values)``."""
-    from ..models import hf_compat
+    from .. import hf_compat
 
     modules = dict(model.named_modules())
     was = model.training

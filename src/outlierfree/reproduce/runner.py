@@ -157,6 +157,7 @@ def quant_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -
         if not stale_quant(cached["w8a8"]["config"]):
             return cached
     from ..quant.config import linear_w8a8, paper_w8a8
+    from ..export.realint8 import scorer
     from ..quant.evaluate import evaluate_quantized
 
     model, tok, task, batches = quant_inputs(spec, model_dir)
@@ -166,7 +167,7 @@ def quant_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -
             else None
         try:  # the paper set also runs in real integers (ONNX Runtime) when the deploy extra is installed
             out[name] = evaluate_quantized(model, tok, batches.calib, batches.eval, cfg, task, diagnostics=False,
-                                           progress=progress, backend=backend)
+                                           progress=progress, real=scorer(backend) if backend else None)
         except OutlierfreeError as e:
             if backend is None:
                 raise

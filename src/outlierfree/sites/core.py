@@ -29,7 +29,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import require
-from ..models import hf_compat
+from .. import hf_compat
+from ..hf_compat import layer_index
+from ..attention.interface import outlierfree_attention
 
 # Every kind of site, in the order a block computes them: the one list that analysis and quantization share.
 SITE_KINDS = (
@@ -54,7 +56,6 @@ SITE_KINDS = (
 ATTENTION_POINTS = {"query": "query", "key": "key", "value": "value", "scores": "attn_scores",
                      "probs": "attn_probs", "context": "context", "gate": "gate"}
 NORM_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm", "LayerNorm2d")  # class-name fragments of normalisation modules
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block|albert_layers)\.(\d+)(?:\.|$)")
 # precise names of the known families: module path suffix pattern -> kind of the Linear's output
 _FAMILY_RULES: dict[str, list[tuple[str, str]]] = {
     "bert": [(r"\.attention\.output\.dense$", "attn_output"), (r"\.layer\.\d+\.output\.dense$", "ffn_output"),
@@ -91,12 +92,6 @@ class Site:
     layer: int | None
     module: str
     point: str
-
-
-def layer_index(path: str) -> int | None:
-    """Block index in a module path (``...layer.3...`` / ``...layers.3...`` / ``...h.3...``), or ``None``."""
-    m = _LAYER_RE.search(path)
-    return int(m.group(1)) if m else None
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -273,7 +268,7 @@ def observe(model: nn.Module, fn: SiteFn, sites: list[Site] | None = None, *, re
     with contextlib.ExitStack() as stack:
         try:
             if needs_probe and previous_impl != hf_compat.IMPL_NAME:
-                hf_compat.set_attention_implementation(model, hf_compat.IMPL_NAME)
+                hf_compat.set_attention_implementation(model, hf_compat.IMPL_NAME, outlierfree_attention)
             handles.append(model.register_forward_pre_hook(_reset(calls), prepend=True))
             for path, points in by_module.items():
                 m = modules[path]

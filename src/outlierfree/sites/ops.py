@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from ..models import hf_compat
+from .. import hf_compat
 
 RESIDUAL_KIND = "residual"
 GRID_ATTR = "_outlierfree_grid"

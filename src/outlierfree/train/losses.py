@@ -63,7 +63,7 @@ def mlm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-LM loss sum with the LM head applied to the masked positions only (the vocabulary projection is
     most of a small BERT's cost). Equals ``BertForMaskedLM(input_ids, labels=labels).loss * count`` (tested)."""
-    from ..models.hf_compat import mlm_parts
+    from ..hf_compat import mlm_parts
 
     encoder, head = mlm_parts(model)
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)

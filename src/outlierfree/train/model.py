@@ -27,7 +27,7 @@ def build_for_run(cfg: TrainConfig, data: Any) -> nn.Module:
     Bad overrides are a one-line error; so is a ``--seq-len`` longer than the model's positions."""
     from ..attention.config import AttentionConfig
     from ..models.build import DeadAttentionWarning, build_model, model_config, warn_if_dead
-    from ..models.hf_compat import max_length
+    from ..hf_compat import max_length
     from ..models.recipe import apply_recipe
 
     over = cfg.model_overrides()

@@ -62,7 +62,7 @@ def optimizer_and_schedule(model: nn.Module, cfg: Any) -> tuple[torch.optim.Opti
 
 def muon_matrices(model: nn.Module) -> tuple[list[nn.Parameter], set[int]]:
     """The parameters Muon takes: 2-D hidden weight matrices (not embeddings, the head, gates or sinks)."""
-    from ..models import hf_compat
+    from .. import hf_compat
 
     skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for head in hf_compat.head_paths(model):

@@ -97,7 +97,7 @@ class RunDir:
         for stale in (self.out / f".{CHECKPOINT}.tmp", self.model_dir, self.out / TOKENIZER_DIR):
             shutil.rmtree(stale, ignore_errors=True)
         if tokenizer is not None:
-            from ..models.io import atomic_dir
+            from ..records import atomic_dir
 
             with atomic_dir(self.out / TOKENIZER_DIR) as tmp:
                 tokenizer.save_pretrained(str(tmp))

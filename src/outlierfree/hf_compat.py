@@ -10,34 +10,50 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..attention.interface import outlierfree_attention
-
 IMPL_NAME = "outlierfree"
 _registered = False
+# how transformers' models name their blocks: ``encoder.layer.3``, ``model.layers.3``, ``transformer.h.3``...
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block|albert_layers)\.(\d+)(?:\.|$)")
 
 
-def register() -> None:
-    """Register the ``outlierfree`` attention (and its boolean mask builder) with transformers. Idempotent."""
+def layer_index(path: str) -> int | None:
+    """Block index in a module path (``...layer.3...`` / ``...layers.3...`` / ``...h.3...``), or ``None``."""
+    m = _LAYER_RE.search(path)
+    return int(m.group(1)) if m else None
+
+
+def register(attention_fn: Callable | None) -> None:
+    """Register ``attention_fn`` (``attention.interface.outlierfree_attention``) as the ``outlierfree`` attention with
+    transformers, with its boolean mask builder. Idempotent. This module imports nothing of outlierfree (it is the
+    leaf that alone touches transformers internals), so the caller hands the function in; ``None`` only checks
+    that it was registered."""
     global _registered
     if _registered:
         return
+    if attention_fn is None:
+        raise RuntimeError("the outlierfree attention is not registered yet: call hf_compat.register("
+                           "outlierfree.attention.interface.outlierfree_attention) first")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(IMPL_NAME, outlierfree_attention)
+    AttentionInterface.register(IMPL_NAME, attention_fn)
     # boolean "may attend" masks, skipped (None) where sdpa would skip them; our function handles both
     AttentionMaskInterface.register(IMPL_NAME, sdpa_mask)
     _registered = True
 
 
-def set_attention_implementation(model: nn.Module, name: str = IMPL_NAME) -> None:
-    """Route every attention module of ``model`` through implementation ``name`` (``outlierfree``, ``sdpa``...)."""
-    register()
+def set_attention_implementation(model: nn.Module, name: str = IMPL_NAME, attention_fn: Callable | None = None
+                                 ) -> None:
+    """Route every attention module of ``model`` through implementation ``name`` (``outlierfree``, ``sdpa``...);
+    ``outlierfree`` is registered first with ``attention_fn`` (see :func:`register`)."""
+    if name == IMPL_NAME:
+        register(attention_fn)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
     else:  # a bare module: set it on every config we can reach
