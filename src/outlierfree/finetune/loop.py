@@ -215,12 +215,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     teacher.to(accelerator.device)
     run.begin(state, None)  # only now: bad input leaves no directory behind
 
-    start = 0
-    if resumed:
-        accelerator.load_state(str(resumed[0]))
-        start = int(state["step"])
-        run.log({"event": "resume", "step": start}, f"resumed from {resumed[0]} at step {start}")
-    else:
+    start = run.restore(accelerator, resumed)
+    if not resumed:
         n_params = sum(p.numel() for p in model.parameters())
         run.log({"event": "start", "config": cfg.to_dict(), "parameters": n_params, "commit": git_commit(),
                  "machine": machine(), "world_size": world, "data": q.batches.info,

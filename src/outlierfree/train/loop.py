@@ -82,12 +82,8 @@ def train(cfg: TrainConfig) -> Path:
     task_model, optimizer, scheduler = accelerator.prepare(TaskModel(model, cfg.task), optimizer, scheduler)
     run.begin(state, getattr(data, "tokenizer", None))  # only now: bad input leaves no directory behind
 
-    start = 0
-    if resumed:
-        accelerator.load_state(str(resumed[0]))
-        start = int(state["step"])
-        run.log({"event": "resume", "step": start}, f"resumed from {resumed[0]} at step {start}")
-    else:
+    start = run.restore(accelerator, resumed)
+    if not resumed:
         _log_start(cfg, run, model, batches, accelerator)
     accelerator.wait_for_everyone()
 

@@ -111,6 +111,16 @@ class RunDir:
         if show and self.console is not None:
             self.console.print(show)
 
+    def restore(self, accelerator: Any, resumed: tuple[Path, dict[str, Any]] | None) -> int:
+        """Load a checkpoint found by :meth:`resume_state` into ``accelerator`` (weights, optimizer, scheduler, RNG)
+        and log the resume; the step to continue from, 0 for a fresh run."""
+        if not resumed:
+            return 0
+        accelerator.load_state(str(resumed[0]))
+        start = int(resumed[1]["step"])
+        self.log({"event": "resume", "step": start}, f"resumed from {resumed[0]} at step {start}")
+        return start
+
     def save_checkpoint(self, accelerator: Any, step: int) -> Path:
         """Write weights, optimizer, scheduler and RNG states of every process, plus step and log position, into
         ``OUT/.checkpoint.tmp``; then rename it to ``OUT/checkpoint``. Every process must call this."""
