@@ -135,13 +135,16 @@ def test_out_never_replaces_a_foreign_directory(runs, tmp_path, capsys):
 
 
 def test_training_data_is_read_from_train_config(tmp_path):
-    from outlierfree.analysis.inputs import VAL_FRACTION, training_data
+    """What training recorded comes from the one reader (data/record.py): its data and validation fraction; a torn
+    or absent train_config.json counts as no record."""
+    from outlierfree.data.record import read_training_record
 
     (tmp_path / "train_config.json").write_text(json.dumps({"data": "corpus.txt", "val_fraction": 0.25}))
-    assert training_data(tmp_path) == ("corpus.txt", 0.25)
+    record = read_training_record(tmp_path)
+    assert record.trained_here and record.data == "corpus.txt" and record.val_fraction() == 0.25
     (tmp_path / "train_config.json").write_text("{torn")
-    assert training_data(tmp_path) == (None, VAL_FRACTION)
-    assert training_data(tmp_path / "absent") == (None, VAL_FRACTION)
+    assert read_training_record(tmp_path) is None
+    assert read_training_record(tmp_path / "absent") is None
 
 
 def test_model_names_climb_past_generic_directories():

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from ..data import defaults
 from ..data.evaluation import PACKINGS, is_causal, is_ours, model_batches  # noqa: F401 (is_causal/is_ours: API)
-from ..data.record import read_training_record
 from ..errors import require
 
 VAL_FRACTION = defaults.VAL_FRACTION_TEXT  # training's default --val-fraction: the same documents are held out
@@ -134,16 +133,6 @@ def text_batches(model: Any, tokenizer: Any, data: str | None, batches: int | No
     labeler = TokenLabeler(tokenizer)
     out = [text_batch(b["input_ids"], b["attention_mask"].bool(), tokenizer, labeler) for b in got.eval]
     return out, got.info
-
-
-def training_data(model_dir: str | Path) -> tuple[str | None, float]:
-    """(data, validation fraction) that ``outlierfree train`` used for the model in ``model_dir`` (from its
-    train_config.json, read by :func:`outlierfree.data.record.read_training_record`); the defaults for any other
-    model."""
-    record = read_training_record(model_dir) if Path(model_dir).is_dir() else None
-    if record is None or not record.trained_here:
-        return None, VAL_FRACTION
-    return record.data, record.val_fraction()
 
 
 # ---- images ----------------------------------------------------------------------------------------------

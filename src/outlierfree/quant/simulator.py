@@ -36,7 +36,7 @@ from ..attention.interface import outlierfree_attention
 from ..sites import Site, discover, grid_of, mark, observe
 from .config import QuantConfig, QuantSpec
 from .quantizer import Quantizer
-from .sitesets import site_set
+from .sitesets import SiteSet
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -80,7 +80,7 @@ class QuantizedModel:
         self.model = model
         self.config = config
         self.task = task or task_of(model)
-        self.siteset = site_set(model, config.sites, config.fp32_head, self.task)
+        self.siteset = SiteSet(model, config.sites, config.fp32_head, self.task)
         self.act: dict[str, Quantizer] = {}
         self.site_of: dict[str, Site] = {}
         self.aliases: dict[str, str] = {}

@@ -21,21 +21,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 import torch.nn as nn
 
 from .. import hf_compat
-from ..sites import SITE_KINDS, Site, in_head
+from ..sites import Site, in_head
 from ..sites.core import _is_norm
 from ..sites.ops import MATMUL_FUNCS
 
-SITE_SETS = ("paper", "full", "linear")
 PAPER_KINDS = frozenset({"residual", "ln_input", "ln_output", "linear_input", "linear_output", "query", "key", "value",
                          "attn_scores", "attn_probs", "context", "attn_output", "ffn_hidden", "ffn_output",
                          "head_input", "logits"})
-PAPER_FLOAT_KINDS = frozenset(SITE_KINDS) - PAPER_KINDS  # embedding, gate, ffn_up
 LINEAR_KINDS = frozenset({"linear_input", "head_input"})
 _CONV = frozenset({"conv1d", "conv2d", "conv3d"})
 
@@ -110,9 +106,3 @@ class SiteSet:
         return None
 
 
-def site_set(model: nn.Module, sites: Any, fp32_head: bool = False, task: str = "") -> SiteSet:
-    """The :class:`SiteSet` of a config's ``sites`` on ``model``."""
-    return SiteSet(model, sites, fp32_head, task)
-
-
-WeightFilter = Callable[[str, str, str, torch.Tensor], "str | None"]

@@ -17,8 +17,6 @@ from .presets import METRIC, PAPER, degradation
 from .runner import machine, write_json
 
 COLUMNS = ("fp", "max_inf_norm", "avg_kurtosis", "w8a8", "w8a8_ort", "w8a8_linear")
-HEADERS = {"fp": "FP", "max_inf_norm": "max inf-norm", "avg_kurtosis": "avg kurtosis", "w8a8": "W8A8 (paper set)",
-           "w8a8_ort": "W8A8 real (ORT)", "w8a8_linear": "W8A8 (linear only)"}
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
