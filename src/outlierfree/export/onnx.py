@@ -78,6 +78,15 @@ def _export(model: nn.Module, batch: dict[str, torch.Tensor], task: str, path: P
         model.train(was)
 
 
+def _consumers(graph: Any) -> dict[str, list]:
+    """Tensor name -> the nodes of ``graph`` that read it (in graph order)."""
+    users: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return users
+
+
 def _const_values(graph: Any) -> dict[str, Any]:
     """name -> numpy value of every initializer and Constant node output."""
     from onnx import numpy_helper
@@ -157,10 +166,7 @@ def _transpose_into_weights(g: Any, int_weights: set[str]) -> int:
 
     inits = {i.name: i for i in g.initializer}
     vals = _const_values(g)
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    users = _consumers(g)
     graph_outputs = {o.name for o in g.output}
     done = 0
     for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in int_weights]:
@@ -199,10 +205,7 @@ def _gather_before_dequantize(g: Any, int_weights: set[str]) -> int:
     from onnx import helper
 
     vals = _const_values(g)
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    users = _consumers(g)
     graph_outputs = {o.name for o in g.output}
     nodes = list(g.node)
     done = 0
