@@ -24,6 +24,23 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _runtime_table(runs: list[dict[str, Any]], key: str, name: str, metric: str, size_header: str,
+                   title: str) -> list[str]:
+    """Markdown lines of one real-INT8 runtime's table (``key``: ``onnxruntime`` or ``openvino``): the simulated
+    metric beside the runtime's INT8 and float metrics, its integer kernels and file size (INT8 / float where the
+    float file was measured too)."""
+    lines = ["", title, "", f"| config | simulated {metric} | {name} INT8 {metric} | {name} float {metric} | "
+             f"integer kernels | {size_header} |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        o = r[key]
+        ops = ", ".join(f"{k} x{n}" for k, n in o["kernels"]["integer_ops"].items()) or "none"
+        size = f"{o['bytes']['int8'] / 1e6:.2f}" + \
+            (f" / {o['bytes']['float'] / 1e6:.2f}" if key == "onnxruntime" else "") + " MB"
+        lines.append(f"| {r['config']['describe']} | {_fmt(r['quantized'].get(metric))} | "
+                     f"{_fmt(o['int8'].get(metric))} | {_fmt((o['float'] or {}).get(metric))} | {ops} | {size} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The Markdown summary of a run (one section per configuration)."""
     lines = [f"# outlierfree quantize: {report['model']}", "",
@@ -38,26 +55,13 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['calib_batches']} | {r['eval_batches']} |")
     ort_runs = [r for r in report["runs"] if "onnxruntime" in r]
     if ort_runs:  # --backend onnxruntime: the real INT8 model beside the simulation
-        lines += ["", "Real INT8 in ONNX Runtime (static QDQ export of the same calibrated ranges, same batches):", "",
-                  f"| config | simulated {metric} | ONNX Runtime INT8 {metric} | ONNX Runtime float {metric} | "
-                  f"integer kernels | INT8 / float file size |", "|---|---|---|---|---|---|"]
-        for r in ort_runs:
-            o = r["onnxruntime"]
-            ops = ", ".join(f"{k} x{n}" for k, n in o["kernels"]["integer_ops"].items()) or "none"
-            lines.append(f"| {r['config']['describe']} | {_fmt(r['quantized'].get(metric))} | "
-                         f"{_fmt(o['int8'].get(metric))} | {_fmt(o['float'].get(metric))} | {ops} | "
-                         f"{o['bytes']['int8'] / 1e6:.2f} / {o['bytes']['float'] / 1e6:.2f} MB |")
+        lines += _runtime_table(ort_runs, "onnxruntime", "ONNX Runtime", metric, "INT8 / float file size",
+                                "Real INT8 in ONNX Runtime (static QDQ export of the same calibrated ranges, same "
+                                "batches):")
         ov_runs = [r for r in ort_runs if "openvino" in r]
         if ov_runs:  # --backend openvino: the same INT8 model compiled by OpenVINO
-            lines += ["", "The same INT8 model in OpenVINO (IR converted from the QDQ ONNX model):", "",
-                      f"| config | simulated {metric} | OpenVINO INT8 {metric} | OpenVINO float {metric} | "
-                      f"integer kernels | IR size |", "|---|---|---|---|---|---|"]
-            for r in ov_runs:
-                o = r["openvino"]
-                ops = ", ".join(f"{k} x{n}" for k, n in o["kernels"]["integer_ops"].items()) or "none"
-                lines.append(f"| {r['config']['describe']} | {_fmt(r['quantized'].get(metric))} | "
-                             f"{_fmt(o['int8'].get(metric))} | {_fmt((o['float'] or {}).get(metric))} | {ops} | "
-                             f"{o['bytes']['int8'] / 1e6:.2f} MB |")
+            lines += _runtime_table(ov_runs, "openvino", "OpenVINO", metric, "IR size",
+                                    "The same INT8 model in OpenVINO (IR converted from the QDQ ONNX model):")
     lines.append("")
     data = report.get("data") if isinstance(report.get("data"), dict) else {}
     lines.append(("Float and quantized are evaluated on the same batches of the text's later sequences; ranges are "
