@@ -92,3 +92,45 @@ def test_out_under_a_file_as_a_user_sees_it(tmp_path):
         r = run(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "README.md" in r.stderr and "is under" in r.stderr and "--out" in r.stderr
+
+
+def test_lazy_group_hides_only_a_command_whose_module_is_absent(tmp_path, monkeypatch):
+    """A command whose module is not installed is left out of the list; a module that exists but fails to import
+    (a typo, a dependency missing inside it) is an error, not a silently missing command."""
+    import click
+
+    from outlierfree import cli
+
+    (tmp_path / "of_cmd_ok.py").write_text("import click\n@click.command('ok')\ndef cmd():\n    'ok'\n")
+    (tmp_path / "of_cmd_broken.py").write_text("import of_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "LAZY_COMMANDS", {"ok": "of_cmd_ok:cmd", "absent": "of_cmd_absent.sub:cmd",
+                                              "broken": "of_cmd_broken:cmd"})
+    group = cli.LazyGroup()
+    ctx = click.Context(group)
+    assert group.get_command(ctx, "ok").name == "ok" and group.get_command(ctx, "absent") is None
+    with pytest.raises(ModuleNotFoundError, match="of_no_such_dependency"):
+        group.get_command(ctx, "broken")
+    monkeypatch.setattr(cli, "LAZY_COMMANDS", {"ok": "of_cmd_ok:cmd", "absent": "of_cmd_absent:cmd"})
+    assert group.list_commands(ctx) == ["ok"]
+
+
+def test_command_line_records_arguments_and_changed_options():
+    """The command recorded in reports: arguments, and only the options that differ from their defaults."""
+    import click
+
+    from outlierfree.cli import command_line
+
+    @click.command("q")
+    @click.argument("model")
+    @click.option("--bits", default="w8a8")
+    @click.option("--seed", type=int, default=0)
+    @click.option("--quiet", is_flag=True)
+    @click.option("--sym/--asym", default=True)
+    def q(**kw):
+        click.echo(command_line())
+
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(q, ["m dir", "--seed", "3", "--quiet", "--asym"])
+    assert r.output.strip() == "outlierfree q 'm dir' --seed 3 --quiet --asym", r.output

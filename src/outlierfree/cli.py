@@ -47,16 +47,19 @@ class LazyGroup(click.Group):
 
     @staticmethod
     def _load(name: str) -> click.Command | None:
+        """The command ``name``, or None when its module is not in this installation. Any other import error
+        (a typo, a missing dependency inside the module) propagates: it must not silently remove a command."""
         target = LAZY_COMMANDS.get(name)
         if target is None:
             return None
         mod, attr = target.split(":")
         try:
-            return _check_out_when_parsed(getattr(importlib.import_module(mod), attr))
-        except (ModuleNotFoundError, AttributeError) as e:
-            if mod.split(".")[-2] in str(e) or mod in str(e) or attr in str(e):
-                return None  # a command not built yet
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name is not None and (mod == e.name or mod.startswith(e.name + ".")):  # the command's own module (or package) is absent
+                return None
             raise
+        return _check_out_when_parsed(getattr(module, attr))
 
 
 def _check_out_when_parsed(cmd: click.Command) -> click.Command:
@@ -74,6 +77,30 @@ def _check_out_when_parsed(cmd: click.Command) -> click.Command:
 
             param.callback, param._out_checked = check, True
     return cmd
+
+
+def command_line(ctx: click.Context | None = None) -> str:
+    """The running command as a user would retype it: its arguments and every option that differs from its default
+    (what reports and cards record as "command")."""
+    import shlex
+
+    ctx = ctx or click.get_current_context()
+    parts = ["outlierfree", *(ctx.command_path.split()[1:] if ctx.parent else [ctx.command.name])]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if isinstance(p, click.Argument):
+            parts += [shlex.quote(str(x)) for x in (v if isinstance(v, (tuple, list)) else [v]) if x is not None]
+        elif getattr(p, "multiple", False):
+            for x in v or ():
+                parts += [p.opts[0], shlex.quote(str(x))]
+        elif getattr(p, "is_flag", False) and not getattr(p, "secondary_opts", None):
+            parts += [p.opts[0]] if v else []
+        elif v != p.default and v is not None:
+            if getattr(p, "is_flag", False):  # --x/--no-x pairs
+                parts += [p.opts[0] if v else p.secondary_opts[0]]
+            else:
+                parts += [p.opts[0], shlex.quote(str(v))]
+    return " ".join(parts)
 
 
 # ---- the attention flags every model-building command shares ---------------------------------------------

@@ -268,7 +268,7 @@ def test_numbers_of_a_model_trained_here_are_those_of_the_old_batches(zoo, tmp_p
     from outlierfree.analysis.analyze import analyze_model
     from outlierfree.analysis.inputs import text_batch
     from outlierfree.analysis.run import analyze_path
-    from outlierfree.quant.cli import build_configs
+    from outlierfree.quant.config import configs_from_flags
     from outlierfree.quant.evaluate import evaluate_quantized
 
     tok = load_tokenizer(zoo["bert"])
@@ -282,8 +282,7 @@ def test_numbers_of_a_model_trained_here_are_those_of_the_old_batches(zoo, tmp_p
                            "--batch-size", "4", "--diag-batches", "0", "--quiet", "--out", str(tmp_path / "q")], capsys)
     assert code == 0, err
     got = json.loads((tmp_path / "q" / "quant.json").read_text())["runs"][0]
-    cfg = build_configs("w8a8", "paper", "running_minmax", "current_minmax", "per_tensor", "per_tensor", False, True,
-                        False, 0.9, 99.99, False)[0]
+    cfg = configs_from_flags()[0]  # the command's defaults
     q = GOLDEN["quant_text_0"]
     want = evaluate_quantized(load_model(zoo["bert"]), tok, _tensors(q["calib"]), _tensors(q["eval"]), cfg, "mlm",
                               diagnostics=False, progress=False)

@@ -119,19 +119,25 @@ def test_doctor_measures_every_fix_and_says_what_to_do(tiny_bert):
     assert rc == 2 and se.startswith("error: ") and not (tiny_bert / "d2").exists()
 
 
-def test_quantize_path_library_entry_transforms_keep_float_and_report_like_the_cli(tiny_bert):
-    """quantize_path (what the CLI, doctor and reproduce call): SmoothQuant + rotation leave the float metric
+def test_quantize_checkpoint_library_entry_transforms_keep_float_and_report_like_the_cli(tiny_bert, tmp_path):
+    """quantize_checkpoint (what the CLI calls with its request): SmoothQuant + rotation leave the float metric
     unchanged (exact transforms), the report records the transforms, and W16A16 stays within 1 % of float."""
     from outlierfree.quant import QuantConfig, QuantSpec, paper_w8a8
-    from outlierfree.quant.run import quantize_path
+    from outlierfree.quant.run import QuantizeRequest, quantize_checkpoint
 
     kw = dict(data=str(tiny_bert / "text.txt"), calib_batches=2, eval_batches=2, batch_size=4, seq_len=32,
               diag_batches=0, progress=False)
     w16 = QuantConfig(weight=QuantSpec(16, True), activation=QuantSpec(16, False), sites="full")
-    plain = quantize_path(tiny_bert / "model", [paper_w8a8(), w16], **kw)
+    result = quantize_checkpoint(QuantizeRequest(tiny_bert / "model", [paper_w8a8(), w16], **kw))
+    written = result.write(tmp_path / "q")
+    plain = json.loads((tmp_path / "q" / "quant.json").read_text())
+    assert all(p.exists() for p in written) and plain["runs"][1]["quantized"] == pytest.approx(
+        result.runs[1]["quantized"]) and plain["model"] == str(tiny_bert / "model")
     seen = []
-    moved = quantize_path(tiny_bert / "model", [paper_w8a8()], transforms=[("smoothquant", 0.5), ("rotate", 0)],
-                          on_run=lambda cfg, r, info: seen.append((cfg.describe(), info["whole_text"])), **kw)
+    moved = quantize_checkpoint(QuantizeRequest(tiny_bert / "model", [paper_w8a8()],
+                                                transforms=[("smoothquant", 0.5), ("rotate", 0)], **kw),
+                                on_run=lambda cfg, r, info: seen.append((cfg.describe(), info["whole_text"])))
+    moved = moved.to_dict()
     f0, f1 = plain["runs"][0]["float"]["perplexity"], moved["runs"][0]["float"]["perplexity"]
     assert abs(f1 - f0) <= 1e-5 * f0
     assert [t["transform"] for t in moved["transforms"]] == ["smoothquant", "rotate"]

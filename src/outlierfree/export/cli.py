@@ -52,7 +52,7 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
         outlierfree export runs/bert/model --sites paper --runtime openvino --out runs/bert/int8
     """
     from ..records import atomic_dir
-    from ..quant.cli import build_configs
+    from ..quant.config import configs_from_flags
     from ..quant.evaluate import evaluate_pair, task_metric, model_output
     from ..quant.run import load_for_quant
     from ..quant.simulator import quantize
@@ -64,11 +64,12 @@ def export_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_es
 
     out_path = Path(out)
     require(not out_path.exists(), f"--out {out} already exists", "pass a new directory (nothing is overwritten)")
-    require(sites in ("paper", "full", "linear"), f"unknown --sites {sites!r}", "use paper, full or linear")
-    configs = build_configs(bits, sites, estimator, weight_estimator, "per_tensor", weight_granularity, False, True, False,
-                            0.9, 99.99, fp32_head)
+    configs = configs_from_flags(bits=bits, sites=sites, estimator=estimator, weight_estimator=weight_estimator,
+                                 weight_granularity=weight_granularity, fp32_head=fp32_head)
     require(len(configs) == 1, "export takes one --bits and one --sites", "pass e.g. --bits w8a8 --sites paper")
     cfg = configs[0]
+    require(isinstance(cfg.sites, str), f"export maps the named site sets to QDQ nodes, not --sites {sites}",
+            "use paper, full or linear")
     require(cfg.weight.bits == 8 and cfg.activation.bits == 8, f"--bits {bits} has no integer runtime form here",
             "pass --bits w8a8")
     require(calib_batches >= 1, "--calib-batches must be >= 1 (static ranges)", "pass --calib-batches 16")

@@ -90,7 +90,14 @@ def real_int8(qm: Any, eval_batches: list[dict[str, torch.Tensor]], task: str, e
 def scorer(backend: str = "onnxruntime") -> Callable[[Any, list, str, dict], dict[str, Any]]:
     """The real-INT8 hook of :func:`outlierfree.quant.evaluate.evaluate_quantized` (``real=``): the calibrated
     model exported to static QDQ INT8 and scored in ONNX Runtime (and, with ``backend="openvino"``, in OpenVINO
-    too) on the same evaluation batches as the simulator."""
+    too) on the same evaluation batches as the simulator. A runtime that is not installed is a one-line error
+    here, before any work."""
+    from .openvino import require_openvino
+
+    require_onnx()
+    if backend == "openvino":
+        require_openvino()
+
     def score(qm: Any, eval_batches: list[dict[str, torch.Tensor]], task: str,
               example: dict[str, torch.Tensor]) -> dict[str, Any]:
         real = real_int8(qm, eval_batches, task, example, runtimes=("onnxruntime", backend))

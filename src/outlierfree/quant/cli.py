@@ -2,54 +2,15 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import OutlierfreeError, require
-from .config import ESTIMATORS, SITE_PRESETS, QuantConfig, QuantSpec, parse_bits
+from .config import ESTIMATORS, QuantConfig, configs_from_flags
 
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in str(text).split(",") if t.strip()]
-
-
-def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, act_granularity: str,
-                  weight_granularity: str, act_symmetric: bool, weight_symmetric: bool, dynamic: bool,
-                  momentum: float, percentile: float, fp32_head: bool) -> list[QuantConfig]:
-    """One :class:`QuantConfig` per (bits, sites) pair of the comma-separated flags (errors are one line)."""
-    from ..sites import parse_kinds
-
-    require(estimator in ESTIMATORS, f"unknown --estimator {estimator!r}", f"use one of {', '.join(ESTIMATORS)}")
-    require(weight_estimator in ESTIMATORS, f"unknown --weight-estimator {weight_estimator!r}",
-            f"use one of {', '.join(ESTIMATORS)}")
-    require(act_granularity in ("per_tensor", "per_token"), f"unknown --act-granularity {act_granularity!r}",
-            "use per_tensor or per_token")
-    require(weight_granularity in ("per_tensor", "per_channel"),
-            f"unknown --weight-granularity {weight_granularity!r}", "use per_tensor or per_channel")
-    bit_list = [parse_bits(b) for b in _split(bits)]
-    require(bool(bit_list), "empty --bits", "pass e.g. --bits w8a8")
-    site_sets: list[Any] = []
-    for s in _split(sites) or ["paper"]:
-        if s in SITE_PRESETS:
-            site_sets.append(s)
-        elif "+" not in s and s not in __import__("outlierfree.sites", fromlist=["SITE_KINDS"]).SITE_KINDS:
-            raise OutlierfreeError(f"unknown --sites value {s!r}",
-                                   f"use {', '.join(SITE_PRESETS)}, or site kinds joined by + (e.g. ln_input+residual)")
-        else:
-            site_sets.append(parse_kinds(s))
-    configs = []
-    for wb, ab in bit_list:
-        for s in site_sets:
-            w = QuantSpec(wb, weight_symmetric, weight_granularity, weight_estimator, momentum=momentum,
-                          percentile=percentile)
-            a = QuantSpec(ab, act_symmetric, act_granularity, estimator, static=not dynamic, momentum=momentum,
-                          percentile=percentile)
-            configs.append(QuantConfig(weight=w, activation=a, sites=s, fp32_head=fp32_head))
-    return configs
+# the flags that make the quantization configs (the rest are the request's fields, by the same names)
+CONFIG_FLAGS = ("bits", "sites", "estimator", "weight_estimator", "act_granularity", "weight_granularity",
+                "act_symmetric", "weight_symmetric", "dynamic", "momentum", "percentile", "fp32_head")
 
 
 @click.command("quantize")
@@ -105,14 +66,7 @@ def build_configs(bits: str, sites: str, estimator: str, weight_estimator: str, 
                    "also in OpenVINO (needs outlierfree[openvino])")
 @click.option("--out", required=True, help="output directory (quant.json, quant.md, sites.png)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_estimator: str,
-                 act_granularity: str, weight_granularity: str, act_symmetric: bool, weight_symmetric: bool,
-                 dynamic: bool, momentum: float, percentile: float, fp32_head: bool, calib_batches: int,
-                 eval_batches: int | None, max_sequences: int | None, batch_size: int, seq_len: int | None,
-                 diag_batches: int, ablation: bool,
-                 transform: str | None, keep_16bit: int,
-                 data: str | None,
-                 tokenizer: str | None, seed: int, backend: str, out: str, quiet: bool) -> None:
+def quantize_cmd(model_path: str, out: str, quiet: bool, transform: str | None, **flags: Any) -> None:
     """Simulate full W/A quantization of MODEL (every weight and activation, including residual sums and
     LayerNorm inputs) and report float vs quantized metrics, per-site SQNR and which sites hurt most.
 
@@ -122,48 +76,23 @@ def quantize_cmd(model_path: str, bits: str, sites: str, estimator: str, weight_
 
         outlierfree quantize MINILM_DIR --bits w8a8,w16a16 --out runs/minilm-quant
     """
-    from .report import write_report
-    from .run import quantize_path
+    from ..cli import command_line
+    from .run import QuantizeRequest, quantize_checkpoint
     from .transforms import parse_transforms
 
-    # validate every flag before any expensive work
-    configs = build_configs(bits, sites, estimator, weight_estimator, act_granularity, weight_granularity,
-                            act_symmetric, weight_symmetric, dynamic, momentum, percentile, fp32_head)
-    require(calib_batches >= 1 or dynamic, f"--calib-batches {calib_batches} is too few for static ranges",
-            "pass --calib-batches >= 1, or --dynamic")
-    require(diag_batches >= 0, f"--diag-batches {diag_batches} is negative", "pass 0 or more")
-    require(eval_batches is None or eval_batches >= 1, f"--eval-batches {eval_batches} is too few", "pass 1 or more")
-    require(max_sequences is None or max_sequences >= 1, f"--max-sequences must be at least 1, got {max_sequences}",
-            "pass --max-sequences 1 or more")
-    transforms = parse_transforms(transform)
-    out_path = Path(out)
-    require(not out_path.exists() or out_path.is_dir(), f"--out {out!r} is a file", "pass a directory path")
-    if backend in ("onnxruntime", "openvino"):
-        from ..export.onnx import require_onnx
-        from ..export.openvino import require_openvino
+    # flags -> one typed request, every flag checked before any expensive work
+    configs = configs_from_flags(**{k: flags.pop(k) for k in CONFIG_FLAGS})
+    request = QuantizeRequest(model_path, configs, transforms=parse_transforms(transform), progress=not quiet,
+                              **flags)
+    real = None
+    if request.backend != "simulator":  # the export layer scores the real runtime (quant sits below it)
         from ..export.realint8 import scorer
 
-        require_onnx()
-        if backend == "openvino":
-            require_openvino()
-        for c in configs:
-            require(c.weight.bits == 8 and c.activation.bits == 8 and not c.activation.dynamic
-                    and c.activation.granularity == "per_tensor",
-                    f"--backend {backend} cannot run {c.describe()} in integers",
-                    "use --bits w8a8 with per-tensor static activation ranges (the defaults)")
-
-    def echo(line: str) -> None:
-        click.echo(line, err=True)
-
-    report = quantize_path(model_path, configs, tokenizer=tokenizer, data=data, calib_batches=calib_batches,
-                           eval_batches=eval_batches, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                           max_sequences=max_sequences, transforms=transforms, diag_batches=diag_batches,
-                           ablation=ablation, keep_16bit=keep_16bit,
-                           real=None if backend == "simulator" else scorer(backend), progress=not quiet,
-                           echo=echo, on_run=lambda cfg, r, info: click.echo(line_of(cfg, r, info, batch_size)))
-    report = {**report, "command": "outlierfree " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    write_report(report, out_path)
-    click.echo(f"wrote {out_path / 'quant.json'}, {out_path / 'quant.md'}, {out_path / 'sites.png'}")
+        real = scorer(request.backend)
+    result = quantize_checkpoint(request, real=real, echo=lambda line: click.echo(line, err=True),
+                                 on_run=lambda cfg, r, info: click.echo(line_of(cfg, r, info, request.batch_size)))
+    result.command = command_line()
+    click.echo(f"wrote {', '.join(str(p) for p in result.write(out))}")
 
 
 def line_of(cfg: QuantConfig, r: dict[str, Any], data_info: dict[str, Any], batch_size: int) -> str:

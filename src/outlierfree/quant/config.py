@@ -101,16 +101,7 @@ class QuantConfig:
     fp32_head: bool = False
 
     def __post_init__(self) -> None:
-        from ..sites import parse_kinds
-
-        from ..sites import SITE_KINDS
-
-        if not (isinstance(self.sites, str) and self.sites in SITE_PRESETS):
-            words = self.sites.replace(",", "+").split("+") if isinstance(self.sites, str) else list(self.sites)
-            bad = [w for w in words if w.strip() not in SITE_KINDS]
-            require(not bad, f"unknown site set or kind {bad[0] if bad else self.sites!r}",
-                    f"use {', '.join(SITE_PRESETS)}, or site kinds joined by + ({', '.join(SITE_KINDS)})")
-            object.__setattr__(self, "sites", parse_kinds(self.sites, "sites"))
+        object.__setattr__(self, "sites", parse_site_set(self.sites, "sites"))
         if self.weight is not None:
             require(self.weight.granularity != "per_token", "per_token granularity is for activations",
                     "use per_tensor or per_channel for weights")
@@ -170,3 +161,49 @@ def full_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False) 
 
 
 PRESETS = {"paper": paper_w8a8, "full": full_w8a8, "linear": linear_w8a8}
+
+
+def parse_site_set(sites: str | tuple[str, ...] | list[str], flag: str = "--sites") -> str | tuple[str, ...]:
+    """One site set: a preset name (``paper``, ``full``, ``linear``) or site kinds joined by ``+``
+    (``ln_input+residual``) or given as a sequence; the one validation of a quantized site set, with a one-line
+    error naming the unknown word (``flag`` names where it came from)."""
+    from ..sites import SITE_KINDS, parse_kinds
+
+    if isinstance(sites, str) and sites.strip() in SITE_PRESETS:
+        return sites.strip()
+    words = [w.strip() for w in (sites.replace(",", "+").split("+") if isinstance(sites, str) else sites)]
+    bad = [w for w in words if w not in SITE_KINDS]
+    require(bool(words) and not bad, f"unknown {flag} value {bad[0] if bad else sites!r}",
+            f"use {', '.join(SITE_PRESETS)}, or site kinds joined by + (e.g. ln_input+residual; kinds: "
+            f"{', '.join(SITE_KINDS)})")
+    return parse_kinds(tuple(words), flag)
+
+
+def configs_from_flags(*, bits: str = "w8a8", sites: str = "paper", estimator: str = "running_minmax",
+                       weight_estimator: str = "current_minmax", act_granularity: str = "per_tensor",
+                       weight_granularity: str = "per_tensor", act_symmetric: bool = False,
+                       weight_symmetric: bool = True, dynamic: bool = False, momentum: float = 0.9,
+                       percentile: float = 99.99, fp32_head: bool = False) -> tuple[QuantConfig, ...]:
+    """One :class:`QuantConfig` per (bits, sites) pair of the comma-separated ``--bits`` and ``--sites`` values
+    (``w8a8,w16a16`` x ``paper,linear``), the other flags shared; every flag is checked here, once, with a
+    one-line error naming it."""
+    def split(text: str) -> list[str]:
+        return [t.strip() for t in str(text).split(",") if t.strip()]
+
+    for flag, value, allowed in (("--estimator", estimator, ESTIMATORS), ("--weight-estimator", weight_estimator,
+                                                                          ESTIMATORS),
+                                 ("--act-granularity", act_granularity, ("per_tensor", "per_token")),
+                                 ("--weight-granularity", weight_granularity, ("per_tensor", "per_channel"))):
+        require(value in allowed, f"unknown {flag} {value!r}", f"use one of {', '.join(allowed)}")
+    bit_list = [parse_bits(b) for b in split(bits)]
+    require(bool(bit_list), "empty --bits", "pass e.g. --bits w8a8")
+    site_sets = [parse_site_set(s) for s in split(sites) or ["paper"]]
+    configs = []
+    for wb, ab in bit_list:
+        for s in site_sets:
+            w = QuantSpec(wb, weight_symmetric, weight_granularity, weight_estimator, momentum=momentum,
+                          percentile=percentile)
+            a = QuantSpec(ab, act_symmetric, act_granularity, estimator, static=not dynamic, momentum=momentum,
+                          percentile=percentile)
+            configs.append(QuantConfig(weight=w, activation=a, sites=s, fp32_head=fp32_head))
+    return tuple(configs)

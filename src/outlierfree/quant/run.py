@@ -1,18 +1,20 @@
 """Quantize a model on disk: load it, build its calibration and evaluation batches from the shared data layer, apply
 post-hoc transforms, and simulate each quantization config.
 
-The library entry points that ``outlierfree quantize``, ``export``, ``doctor`` and ``reproduce`` call (the CLIs only
-parse flags, print and write reports), as ``analysis/run.py::analyze_path`` is for analysis:
+``quantize_checkpoint(QuantizeRequest) -> QuantizeResult`` is the library call that ``outlierfree quantize``,
+``export``, ``doctor`` and ``reproduce`` make (the CLI only turns flags into the request and prints):
 
     from outlierfree.quant import paper_w8a8
-    from outlierfree.quant.run import quantize_path
-    report = quantize_path("runs/bert/model", [paper_w8a8()], transforms=[("smoothquant", 0.5)])
+    from outlierfree.quant.run import QuantizeRequest, quantize_checkpoint
+    result = quantize_checkpoint(QuantizeRequest("runs/bert/model", (paper_w8a8(),),
+                                                 transforms=(("smoothquant", 0.5),)))
+    result.write("runs/bert/quant")  # quant.json, quant.md, sites.png
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -102,52 +104,145 @@ def apply_transforms(model: nn.Module, transforms: Sequence[tuple[str, float]], 
     return applied
 
 
-def quantize_path(model_path: str | Path, configs: Sequence[QuantConfig], *, tokenizer: str | None = None,
-                  data: str | None = None, calib_batches: int = defaults.QUANT_CALIB_BATCHES,
-                  eval_batches: int | None = None, batch_size: int = defaults.BATCH_SIZE, seq_len: int | None = None,
-                  seed: int = defaults.SEED, max_sequences: int | None = None,
-                  transforms: Sequence[tuple[str, float]] = (), diag_batches: int = 2, ablation: bool = False,
-                  keep_16bit: int = 0, real: RealInt8 | None = None, progress: bool = True,
-                  echo: Callable[[str], None] | None = None,
-                  on_run: Callable[[QuantConfig, dict[str, Any], dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Simulate each config on the model at ``model_path``: the report dict ``outlierfree quantize`` writes as
-    quant.json (without its ``command``).
+BACKENDS = ("simulator", "onnxruntime", "openvino")
 
-    Args:
-        configs: quantization configs, each evaluated on the same calibration and evaluation batches.
-        transforms: post-hoc transforms applied once before calibration, e.g. ``[("smoothquant", 0.5)]``.
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """What ``outlierfree quantize`` is asked to do, as data; every field is checked when it is made, with a
+    one-line error naming the flag (the CLI builds it from its flags, library callers directly).
+
+    Attributes:
+        model: the model directory (ours or any Hugging Face checkpoint) or ``.gguf`` file.
+        configs: the quantization configs (:func:`.config.configs_from_flags` builds them from flags), each
+            evaluated on the same calibration and evaluation batches.
+        transforms: post-hoc transforms applied once before calibration, e.g. ``(("smoothquant", 0.5),)``.
         diag_batches: evaluation batches for per-site diagnostics and the ablation (0: none).
         ablation: rank site groups by harm (implied by ``keep_16bit``).
         keep_16bit: keep the K worst site groups of the ablation in 16 bits and evaluate again.
-        real: the export layer's real-INT8 scorer (:func:`outlierfree.export.realint8.scorer`), or None.
-        echo: where one-line notes go (transforms applied, modules outside the attention interface).
-        on_run: called with each config, its result and the data's description as soon as it is measured
-            (the CLI prints it).
+        backend: ``simulator``; ``onnxruntime`` / ``openvino`` also export each config to static INT8 and score
+            it in that runtime on the same batches.
+    """
+
+    model: str
+    configs: tuple[QuantConfig, ...]
+    tokenizer: str | None = None
+    data: str | None = None
+    calib_batches: int = defaults.QUANT_CALIB_BATCHES
+    eval_batches: int | None = None
+    batch_size: int = defaults.BATCH_SIZE
+    seq_len: int | None = None
+    seed: int = defaults.SEED
+    max_sequences: int | None = None
+    transforms: tuple[tuple[str, float], ...] = ()
+    diag_batches: int = 2
+    ablation: bool = False
+    keep_16bit: int = 0
+    backend: str = "simulator"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", str(self.model))
+        object.__setattr__(self, "configs", tuple(self.configs))
+        object.__setattr__(self, "transforms", tuple(tuple(t) for t in self.transforms))
+        require(len(self.configs) > 0, "no quantization config given", "pass at least one QuantConfig (--bits)")
+        dynamic = all(c.activation is None or c.activation.dynamic for c in self.configs)
+        require(self.calib_batches >= 1 or dynamic, f"--calib-batches {self.calib_batches} is too few for static "
+                f"ranges", "pass --calib-batches >= 1, or --dynamic")
+        require(self.eval_batches is None or self.eval_batches >= 1, f"--eval-batches {self.eval_batches} is too "
+                f"few", "pass 1 or more")
+        require(self.batch_size >= 1, f"--batch-size {self.batch_size} is too small", "pass 1 or more")
+        require(self.seq_len is None or self.seq_len >= 2, f"--seq-len {self.seq_len} is too short", "pass 2 or more")
+        require(self.max_sequences is None or self.max_sequences >= 1,
+                f"--max-sequences must be at least 1, got {self.max_sequences}", "pass --max-sequences 1 or more")
+        require(self.diag_batches >= 0, f"--diag-batches {self.diag_batches} is negative", "pass 0 or more")
+        require(self.keep_16bit >= 0, f"--keep-16bit {self.keep_16bit} is negative", "pass 0 or more")
+        require(self.keep_16bit == 0 or self.diag_batches > 0, "--keep-16bit needs the ablation's diagnostics",
+                "pass --diag-batches >= 1")
+        require(self.backend in BACKENDS, f"unknown --backend {self.backend!r}", f"use one of {', '.join(BACKENDS)}")
+        if self.backend != "simulator":
+            for c in self.configs:
+                require(c.weight is not None and c.activation is not None and c.weight.bits == 8
+                        and c.activation.bits == 8 and not c.activation.dynamic
+                        and c.activation.granularity == "per_tensor",
+                        f"--backend {self.backend} cannot run {c.describe()} in integers",
+                        "use --bits w8a8 with per-tensor static activation ranges (the defaults)")
+
+    @property
+    def ablate(self) -> bool:
+        """Whether the site groups are ranked by harm (asked, or needed by ``keep_16bit``)."""
+        return (self.ablation or self.keep_16bit > 0) and self.diag_batches > 0
+
+
+@dataclass
+class QuantizeResult:
+    """What ``outlierfree quantize`` measured: one record per config (float and quantized metrics, per-site
+    SQNR, ablation, real-INT8 numbers: the dicts :func:`.evaluate.evaluate_quantized` returns), the data and the
+    transforms applied. ``write`` puts it on disk as quant.json, quant.md and sites.png."""
+
+    model: str
+    model_class: str
+    task: str
+    data: dict[str, Any]
+    runs: list[dict[str, Any]]
+    transforms: list[dict[str, Any]]
+    seconds_total: float
+    command: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The quant.json dict (the field names are its keys)."""
+        return asdict(self)
+
+    def write(self, out: str | Path) -> list[Path]:
+        """Write quant.json, quant.md and sites.png (when there are per-site diagnostics to plot) atomically into
+        ``out`` (replaced); the paths written."""
+        from .report import write_report
+
+        out = write_report(self.to_dict(), out)
+        return [p for p in (out / "quant.json", out / "quant.md", out / "sites.png") if p.exists()]
+
+
+def quantize_checkpoint(request: QuantizeRequest, *, real: RealInt8 | None = None,
+                        echo: Callable[[str], None] | None = None,
+                        on_run: Callable[[QuantConfig, dict[str, Any], dict[str, Any]], None] | None = None
+                        ) -> QuantizeResult:
+    """Simulate each of ``request.configs`` on the model at ``request.model`` (and run it in the real runtime of
+    ``request.backend``): the library call behind ``outlierfree quantize``, ``export``, ``doctor`` and
+    ``reproduce``.
+
+    ``real`` is the real-INT8 scorer of ``request.backend``, which the export layer makes
+    (:func:`outlierfree.export.realint8.scorer`; quant sits below export and does not import it); ``echo``
+    receives one-line notes (transforms applied, modules outside the attention interface); ``on_run`` is
+    called with each config, its record and the data's description as soon as it is measured (the CLI prints it).
+
+        from outlierfree.quant import paper_w8a8
+        from outlierfree.quant.run import QuantizeRequest, quantize_checkpoint
+        result = quantize_checkpoint(QuantizeRequest("runs/bert/model", (paper_w8a8(),)))
+        result.write("runs/bert/quant")
     """
     from .evaluate import evaluate_quantized
 
-    require(len(configs) > 0, "no quantization config given", "pass at least one QuantConfig")
-    require(keep_16bit >= 0, f"--keep-16bit {keep_16bit} is negative", "pass 0 or more")
-    require(keep_16bit == 0 or diag_batches > 0, "--keep-16bit needs the ablation's diagnostics",
-            "pass --diag-batches >= 1")
+    require((real is None) == (request.backend == "simulator"), f"--backend {request.backend} needs its scorer",
+            "pass real=outlierfree.export.realint8.scorer(request.backend)")
     t0 = time.perf_counter()
-    q = load_for_quant(model_path, tokenizer=tokenizer, calib_batches=calib_batches, eval_batches=eval_batches,
-                       batch_size=batch_size, seq_len=seq_len, seed=seed, data=data, max_sequences=max_sequences)
-    applied = apply_transforms(q.model, transforms, q.batches.calib, q.task, echo)
+    q = load_for_quant(request.model, tokenizer=request.tokenizer, calib_batches=request.calib_batches,
+                       eval_batches=request.eval_batches, batch_size=request.batch_size, seq_len=request.seq_len,
+                       seed=request.seed, data=request.data, max_sequences=request.max_sequences)
+    applied = apply_transforms(q.model, request.transforms, q.batches.calib, q.task, echo)
     runs = []
-    for cfg in configs:
-        if progress and echo:
+    for cfg in request.configs:
+        if request.progress and echo:
             echo(cfg.describe())
         r = evaluate_quantized(q.model, q.tokenizer, q.batches.calib, q.batches.eval, cfg, q.task,
-                               diagnostics=diag_batches > 0, diag_batches=diag_batches, progress=progress,
-                               ablate=(ablation or keep_16bit > 0) and diag_batches > 0, real=real,
-                               keep_16bit=keep_16bit)
-        if r.get("uninstrumented") and cfg is configs[0] and echo:
+                               diagnostics=request.diag_batches > 0, diag_batches=request.diag_batches,
+                               progress=request.progress, ablate=request.ablate, real=real,
+                               keep_16bit=request.keep_16bit)
+        if r.get("uninstrumented") and cfg is request.configs[0] and echo:
             echo(f"notice: {len(r['uninstrumented'])} module(s) compute attention outside transformers' attention "
                  f"interface, so their scores, probabilities and context stay float: "
                  f"{', '.join(r['uninstrumented'][:3])}" + (" ..." if len(r["uninstrumented"]) > 3 else ""))
         runs.append(r)
         if on_run:
             on_run(cfg, r, q.batches.info)
-    return {"model": str(model_path), "model_class": type(q.model).__name__, "task": q.task,
-            "data": q.batches.info, "seconds_total": time.perf_counter() - t0, "runs": runs, "transforms": applied}
+    return QuantizeResult(model=request.model, model_class=type(q.model).__name__, task=q.task, data=q.batches.info,
+                          runs=runs, transforms=applied, seconds_total=time.perf_counter() - t0)
