@@ -289,7 +289,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from outlierfree.models.io import load_model, load_tokenizer
-    from outlierfree.quant.data import make_batches, task_of
+    from outlierfree.data.evaluation import model_batches, task_of
 
     torch.set_num_threads(args.threads)
     paths = []
@@ -304,7 +304,7 @@ def main() -> None:
         model = load_model(path).eval()
         task = task_of(model)
         tok = load_tokenizer(path) if getattr(model, "main_input_name", "") != "pixel_values" else None
-        b = make_batches(model, path, tok, args.calib_batches, args.eval_batches, 8, args.seq, 0)
+        b = model_batches(model, path, tok, args.calib_batches, args.eval_batches, 8, args.seq, 0)
         print(f"[{name}] building engines (task {task}; data: {b.info})", flush=True)
         wd = work / f"m{k}"
         wd.mkdir()

@@ -32,7 +32,7 @@ import torch
 
 from outlierfree.models.build import build_model
 from outlierfree.quant import paper_w8a8, quantize
-from outlierfree.quant.data import task_of
+from outlierfree.data.evaluation import task_of
 from outlierfree.quant.evaluate import model_output
 
 

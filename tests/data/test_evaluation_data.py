@@ -1,6 +1,6 @@
 """The shared evaluation-data layer (outlierfree.data.evaluation): the sequences a model trained here is measured
 on are those of the builders it replaced (tests/data/fixtures/golden.json, captured from the old
-analysis/inputs.py and quant/data.py), a whole text for a model not trained on it is chunked and never split
+analysis/inputs.py and the quantization commands), a whole text for a model not trained on it is chunked and never split
 or dropped, and analyze and quantize see the same pixels."""
 
 import json
@@ -48,24 +48,24 @@ def test_analyze_split_of_a_model_trained_here_is_unchanged(zoo, seed, packing):
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_quantize_split_of_a_model_trained_here_is_unchanged(zoo, seed):
-    from outlierfree.quant.data import make_batches
+    from outlierfree.data.evaluation import model_batches
 
     model, tok = load_model(zoo["bert"]), load_tokenizer(zoo["bert"])
-    b = make_batches(model, zoo["bert"], tok, 2, 2, 4, None, seed, None)
+    b = model_batches(model, zoo["bert"], tok, 2, 2, 4, None, seed, None)
     gold = GOLDEN[f"quant_text_{seed}"]
     for got, want in ((b.calib, gold["calib"]), (b.eval, gold["eval"])):
         assert [{k: v.tolist() for k, v in x.items()} for x in got] == want  # ids, masked ids, labels, mask
     assert {k: v for k, v in b.info.items() if k != "data"} == gold["info"]
     # --data naming the training data (another spelling of the same path) is still the model's own split
-    again = make_batches(model, zoo["bert"], tok, 2, 2, 4, None, seed, str(zoo["corpus"].parent / "." /
+    again = model_batches(model, zoo["bert"], tok, 2, 2, 4, None, seed, str(zoo["corpus"].parent / "." /
                                                                              zoo["corpus"].name))
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(again.eval, b.eval))
 
 
 def test_quantize_pixels_of_a_vit_trained_here_are_unchanged(zoo):
-    from outlierfree.quant.data import make_batches
+    from outlierfree.data.evaluation import model_batches
 
-    b = make_batches(load_model(zoo["vit"]), zoo["vit"], None, 2, 1, 2, None, 0, None)
+    b = model_batches(load_model(zoo["vit"]), zoo["vit"], None, 2, 1, 2, None, 0, None)
     gold = GOLDEN["quant_vit"]
     assert [M.digest(x["pixel_values"]) for x in b.calib] == gold["calib"]
     assert [M.digest(x["pixel_values"]) for x in b.eval] == gold["eval"]
@@ -152,10 +152,10 @@ def test_max_sequences_bounds_the_text_and_stops_reading(zoo, tmp_path, monkeypa
 
 
 def test_calibration_and_evaluation_never_overlap(zoo):
-    from outlierfree.quant.data import make_batches
+    from outlierfree.data.evaluation import model_batches
 
     model, tok = load_model(zoo["external"]), load_tokenizer(zoo["external"])
-    b = make_batches(model, zoo["external"], tok, 2, None, 4, 32, 0, str(zoo["corpus"]))
+    b = model_batches(model, zoo["external"], tok, 2, None, 4, 32, 0, str(zoo["corpus"]))
     assert b.info["whole_text"] and b.info["calib_split"] == "text sequences 1-8"
 
     def rows(batches):  # the original tokens (masked positions restored from the MLM labels)
@@ -170,10 +170,10 @@ def test_calibration_and_evaluation_never_overlap(zoo):
     assert calib == seqs[:8] and ev == seqs[8:]  # the first sequences calibrate, all the others evaluate
     assert (b.eval[-1]["labels"][b.eval[-1]["attention_mask"] == 0] == -100).all()  # padding is never scored
     # asking for a number of evaluation batches takes them right after the calibration sequences
-    two = make_batches(model, zoo["external"], tok, 2, 2, 4, 32, 0, str(zoo["corpus"]))
+    two = model_batches(model, zoo["external"], tok, 2, 2, 4, 32, 0, str(zoo["corpus"]))
     assert rows(two.eval) == seqs[8:16]
     with pytest.raises(OutlierfreeError, match="too few for 2 calibration batches"):
-        make_batches(model, zoo["external"], tok, 2, 2, 4, 32, 0, str(zoo["corpus"]), max_sequences=12)
+        model_batches(model, zoo["external"], tok, 2, 2, 4, 32, 0, str(zoo["corpus"]), max_sequences=12)
 
 
 def test_a_text_the_model_never_trained_on_is_used_whole(zoo, tmp_path):
@@ -190,11 +190,11 @@ def test_a_text_the_model_never_trained_on_is_used_whole(zoo, tmp_path):
 def test_analyze_and_quantize_see_the_same_pixels(zoo):
     from outlierfree.analysis.inputs import image_batches
     from outlierfree.data.images import load_images, normalise
-    from outlierfree.quant.data import make_batches
+    from outlierfree.data.evaluation import model_batches
 
     model = load_model(zoo["vit"])
     evals, desc = image_batches(model, None, 1, 4, 0, model_path=zoo["vit"])  # the record's data: the folder
-    quant = make_batches(model, zoo["vit"], None, 1, 1, 4, None, 0, None)
+    quant = model_batches(model, zoo["vit"], None, 1, 1, 4, None, 0, None)
     a = evals[0].inputs["pixel_values"]
     q = quant.eval[0]["pixel_values"]
     order = lambda x: x[x.flatten(1).sum(1).argsort()]  # analysis draws the 4 images in another order

@@ -14,7 +14,7 @@ from outlierfree.models.build import build_model, patch_model
 from outlierfree.quant import paper_w8a8, quantize
 from outlierfree.quant.evaluate import model_output
 from outlierfree.quant.learned import load_ranges, make_trainable
-from outlierfree.quant.quantizer import qparams
+from outlierfree.quant.grid import qparams
 
 
 def small_flags(root, out, *extra):

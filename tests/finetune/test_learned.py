@@ -5,7 +5,7 @@ import torch
 
 from outlierfree.quant.config import QuantSpec
 from outlierfree.quant.learned import LearnedRange, lsq_fake_quant
-from outlierfree.quant.quantizer import fake_quant_range, qparams
+from outlierfree.quant.grid import fake_quant_range, qparams
 
 
 def identity(t):

@@ -9,7 +9,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver, MovingAvera
 
 from outlierfree.quant.config import QuantSpec
 from outlierfree.quant.estimators import make_estimator
-from outlierfree.quant.quantizer import fake_quant_range, qparams
+from outlierfree.quant.grid import fake_quant_range, qparams
 
 
 def batches(n=5, shape=(64, 32), seed=0, scale=1.0):

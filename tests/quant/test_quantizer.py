@@ -5,7 +5,8 @@ import torch
 
 from outlierfree.errors import OutlierfreeError
 from outlierfree.quant.config import QuantConfig, QuantSpec, parse_bits
-from outlierfree.quant.quantizer import Quantizer, fake_quant, fake_quant_range, int_range, qparams
+from outlierfree.quant.grid import fake_quant, fake_quant_range, int_range, qparams
+from outlierfree.quant.quantizer import Quantizer
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 12, 16])

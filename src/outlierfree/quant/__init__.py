@@ -6,7 +6,8 @@
 
 from .config import ESTIMATORS, QuantConfig, QuantSpec, linear_w8a8, paper_w8a8, parse_bits
 from .evaluate import evaluate_pair, evaluate_quantized
-from .quantizer import Quantizer, fake_quant, qparams
+from .grid import fake_quant, qparams
+from .quantizer import Quantizer
 from .simulator import QuantizedModel, quantize
 
 __all__ = ["QuantConfig", "QuantSpec", "ESTIMATORS", "paper_w8a8", "linear_w8a8", "parse_bits", "quantize",

@@ -26,6 +26,7 @@ import math
 import torch
 
 from .config import QuantSpec
+from .grid import fake_quant_range
 
 
 class RangeEstimator:
@@ -141,8 +142,6 @@ class Percentile(_Averaged):
 def _mse_of_shrink(f: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, c: float, bits: int,
                    symmetric: bool) -> torch.Tensor:
     """Per-row squared error of quantizing rows of ``f`` (C, N) on the range ``[c lo, c hi]``."""
-    from .quantizer import fake_quant_range
-
     q = fake_quant_range(f, (c * lo)[:, None], (c * hi)[:, None], bits, symmetric)
     return ((f - q) ** 2).sum(dim=1)  # (C,)
 

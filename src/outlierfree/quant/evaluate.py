@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..records import track
 from ..train.losses import causal_lm_loss_sum, classification_loss_sum, masked_lm_loss_sum
 from .config import QuantConfig
-from .data import task_of
+from ..data.evaluation import task_of
 from .simulator import QuantizedModel, default_forward, quantize
 
 

@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from ..errors import OutlierfreeError
 from .config import QuantSpec
-from .quantizer import EPS, Quantizer, int_range
+from .grid import EPS, int_range
+from .quantizer import Quantizer
 
 RANGES_FILE = "quant_ranges.safetensors"
 RANGES_JSON = "quant_ranges.json"

@@ -44,14 +44,15 @@ def load_for_quant(model_path: str | Path, *, tokenizer: str | None = None,
                    batch_size: int = defaults.BATCH_SIZE, seq_len: int | None = None, seed: int = defaults.SEED,
                    data: str | None = None, max_sequences: int | None = None) -> QuantInputs:
     """Load the float model at ``model_path`` (non-finite weights are a one-line error), its tokenizer (from
-    ``tokenizer`` or beside the model; none for images) and its batches (see ``quant/data.py`` for which data).
+    ``tokenizer`` or beside the model; none for images) and its batches (:func:`outlierfree.data.evaluation.model_batches` says which data: a model trained here is calibrated on its
+    training split and evaluated on its validation split; other text is used whole).
 
     Quantization ranges learned by ``outlierfree finetune`` (``quant_ranges.safetensors`` beside the weights) are
     attached to the model, so every simulator put on it uses them where the spec matches (``quant/learned.py``)."""
     from transformers.utils import logging as hf_logging
 
     from ..models.io import load_model, load_tokenizer
-    from .data import make_batches, task_of
+    from ..data.evaluation import model_batches, task_of
     from .learned import attach_ranges, load_ranges
     from .simulator import check_finite_weights
 
@@ -62,8 +63,8 @@ def load_for_quant(model_path: str | Path, *, tokenizer: str | None = None,
     tok = None
     if getattr(model, "main_input_name", "input_ids") != "pixel_values":
         tok = load_tokenizer(str(tokenizer or model_path))
-    batches = make_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data,
-                           max_sequences)
+    batches = model_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data,
+                            max_sequences=max_sequences, purpose="quantize")
     return QuantInputs(model, tok, task_of(model), batches)
 
 

@@ -74,7 +74,7 @@ class QuantizedModel:
     """
 
     def __init__(self, model: nn.Module, config: QuantConfig, task: str | None = None):
-        from .data import task_of
+        from ..data.evaluation import task_of
 
         check_finite_weights(model)
         self.model = model

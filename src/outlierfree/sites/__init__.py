@@ -1,7 +1,7 @@
 """Named tensor sites shared by outlier analysis and the quantization simulator (see :mod:`.core` and :mod:`.ops`)."""
 
-from .core import (ATTENTION_POINTS, SITE_KINDS, Observed, Site, discover, in_head, layer_index, observe, parse_kinds,
-                   select)
+from .core import ATTENTION_POINTS, Observed, discover, in_head, layer_index, observe, parse_kinds, select
+from .site import SITE_KINDS, Site
 from .ops import RESIDUAL_KIND, grid_of, mark
 
 __all__ = ["Site", "SITE_KINDS", "ATTENTION_POINTS", "RESIDUAL_KIND", "Observed", "discover", "observe", "select",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -32,27 +31,8 @@ from ..errors import require
 from .. import hf_compat
 from ..hf_compat import layer_index
 from ..attention.interface import outlierfree_attention
+from .site import SITE_KINDS, Site
 
-# Every kind of site, in the order a block computes them: the one list that analysis and quantization share.
-SITE_KINDS = (
-    "embedding",  # output of an embedding table (word, position, token type, patch projection)
-    "residual",  # a residual sum or an embeddings' sum, found as a `tensor + tensor` add (see .ops)
-    "ln_input",  # input of a LayerNorm / RMSNorm: the residual sum (or the embeddings' sum)
-    "ln_output",  # output of a LayerNorm / RMSNorm
-    "linear_input",  # input of any other nn.Linear
-    "linear_output",  # output of any other nn.Linear (Q, K, V projections included)
-    "query", "key", "value",  # attention Q, K, V (B, H, T, D), inside the attention function
-    "attn_scores",  # Q K^T * scale (B, H, Tq, Tk), before masks and position biases are added
-    "attn_probs",  # (clipped) softmax probabilities (B, H, Tq, Tk)
-    "context",  # probabilities x V, before the gate (B, H, Tq, D)
-    "gate",  # gated attention's gate probabilities
-    "attn_output",  # output of the attention's output projection, before the residual add
-    "ffn_up",  # output of the FFN's first linear(s), before the activation (fc1, intermediate.dense, gate_proj)
-    "ffn_hidden",  # output of the FFN activation function
-    "ffn_output",  # output of the FFN's second linear, before the residual add
-    "head_input",  # input of the task head's final linear (LM head / classifier)
-    "logits",  # output of the task head's final linear
-)
 ATTENTION_POINTS = {"query": "query", "key": "key", "value": "value", "scores": "attn_scores",
                      "probs": "attn_probs", "context": "context", "gate": "gate"}
 NORM_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm", "LayerNorm2d")  # class-name fragments of normalisation modules
@@ -73,25 +53,6 @@ _GENERIC_RULES = [
     (r"\.(fc1|gate_proj|up_proj|c_fc|wi|wi_0|wi_1|lin1|w1|w3|dense_h_to_4h|ffn|intermediate\.dense)$", "ffn_up",
      r"mlp|ffn|feed_forward|DenseReluDense|intermediate|layer\.\d+$|albert_layers\.\d+$"),
 ]
-
-
-@dataclass(frozen=True)
-class Site:
-    """One named activation tensor.
-
-    Attributes:
-        name: unique, ``"<module path>:<point>"``.
-        kind: one of :data:`SITE_KINDS`.
-        layer: transformer block index parsed from the module path, ``None`` outside the blocks.
-        module: the module path (``""`` for the root).
-        point: ``input``, ``output`` or an attention-internal point (``query`` ... ``gate``).
-    """
-
-    name: str
-    kind: str
-    layer: int | None
-    module: str
-    point: str
 
 
 def _is_norm(m: nn.Module) -> bool:

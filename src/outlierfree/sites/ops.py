@@ -35,6 +35,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from .. import hf_compat
+from ..hf_compat import layer_index
+from .site import Site
 
 RESIDUAL_KIND = "residual"
 GRID_ATTR = "_outlierfree_grid"
@@ -221,8 +223,6 @@ class OpMode(TorchFunctionMode):
         frames = self.stack.frames
         if not frames or not frames[-1][1] or self.stack.in_attention() or not self._is_residual_add(args, out):
             return out
-        from .core import Site, layer_index  # lazy: core imports this module
-
         frame = frames[-1]
         path, k, c = frame[0], frame[2], frame[4]
         frame[2] += 1
