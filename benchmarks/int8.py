@@ -4,6 +4,12 @@
     python benchmarks/int8.py --models released                 # the released bert-mini vanilla, clipped, gated
     python benchmarks/int8.py --skip pytorch,ort-static --rounds 3 --iters 10
 
+Memory: every engine of every model stays loaded for the interleaved rounds; with all engines and both outlierfree
+site sets the three released models took over 15 GB (killed for memory on a 24 GiB machine shared with other
+jobs). For their goals (outlierfree paper set vs NNCF) measure only what they need:
+
+    python benchmarks/int8.py --models released --sites paper --skip pytorch,ort-dynamic,ort-static,ov-float,ov-float-f32
+
 Engines (each skipped when its package is missing; ``--skip`` names more):
 
 - ``pytorch``: PyTorch float (the model as loaded, SDPA attention);
@@ -28,6 +34,7 @@ engine's model file(s). Writes benchmarks/results/int8_<name>.json, .md and .png
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -325,6 +332,8 @@ def main() -> None:
             rows.append({"model": name, "engine": e.name, "label": e.label, "how": e.how, "accuracy": acc,
                          "bytes": file_bytes(*e.files) or None, "eval_seconds": time.perf_counter() - t0})
             print(f"  {e.label}: {({k: round(v, 4) for k, v in acc.items() if isinstance(v, float)})}", flush=True)
+        del refs, outs  # the float reference logits are large (22 x 8 x 128 x vocab): keep only what latency needs
+        gc.collect()
         first = {n: np.concatenate([f[n] for f in feeds])[:8] for n in names}  # the first evaluation rows
         inputs = {bs: {n: np.ascontiguousarray(v[:bs]) for n, v in first.items()} for bs in (1, 8)}
         per_model.append({"name": name, "path": path, "task": task, "data": b.info, "engines": engines,
