@@ -96,9 +96,16 @@ def test_gradient_accumulation_equals_the_full_batch(corpus, tmp_path):
 def test_finished_runs_are_skipped_and_other_runs_refused(corpus, tmp_path):
     out = tmp_path / "r"
     cfg = small("mlm", corpus, out, steps=2, eval_every=0, save_every=1)
-    train(cfg)
+    first = train(cfg)
+    assert not first.already_finished and first.model_dir == out / "model" and first.steps == 2
+    # the result is what the run wrote: DONE and train_result.json hold its summary, the last eval its metrics
+    assert json.loads((out / "DONE").read_text()) == first.summary()
+    assert json.loads((out / "model" / "train_result.json").read_text()) == first.summary()
+    last_eval = {k: v for k, v in events(out, "eval")[-1].items() if k not in ("event", "step")}
+    assert first.metrics == last_eval and "val_ppl" in first.metrics
     before = (out / "log.jsonl").read_text()
-    assert train(cfg.replace(log_every=5)) == out / "model"  # finished: nothing is redone
+    again = train(cfg.replace(log_every=5))  # finished: nothing is redone, the same result is read back
+    assert again.already_finished and again.model_dir == first.model_dir and again.metrics == first.metrics
     assert (out / "log.jsonl").read_text() == before
     with pytest.raises(OutlierfreeError, match="finished run with other settings.*lr"):
         train(cfg.replace(lr=0.5))
