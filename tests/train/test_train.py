@@ -40,11 +40,15 @@ def small(task: str, data: Path, out: Path, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("task", ["mlm", "clm", "image"])
 @pytest.mark.parametrize("variant", ["vanilla", "clipped", "gated"])
-def test_every_family_and_variant_trains_from_the_cli(task, variant, corpus, tiny_images, tiny_args, tmp_path):
+def test_every_family_and_variant_trains_from_the_cli(task, variant, corpus, tiny_images, tiny_args, tmp_path,
+                                                      capsys):
     out = tmp_path / "run"
     data = tiny_images if task == "image" else corpus
     main(["train", *tiny_args(task, data, out), "--attention", variant, "--steps", "3", "--eval-every", "3"])
     assert (out / "DONE").is_file() and (out / "checkpoint" / "trainer_state.json").is_file()
+    # the CLI printed the library call's result: the saved config asks for the same run, which is finished
+    again = train(TrainConfig.from_file(out / "model" / "train_config.json"))
+    assert again.already_finished and capsys.readouterr().out.splitlines() == again.lines() == [str(out / "model")]
     model = load_model(out / "model")
     assert model.config.outlierfree["variant"] == variant
     assert json.loads((out / "model" / "train_config.json").read_text())["attention"]["variant"] == variant
