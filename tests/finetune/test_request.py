@@ -27,7 +27,7 @@ def make(**kw):
     (dict(lr=-1.0), "a learning rate is negative"),
     (dict(range_lr=-1.0), "a learning rate is negative"),
     (dict(sites="bogus"), "unknown --sites value 'bogus'"),
-    (dict(sites="paper,full"), "unknown --sites value"),  # one site set: a fine-tune learns the ranges of one
+    (dict(sites="paper,full"), "--sites 'paper,full' names several site sets"),  # a fine-tune learns one set
     (dict(sites="ln_input+nonsense"), "unknown --sites value 'nonsense'"),
     (dict(weight_granularity="per_token"), "unknown --weight-granularity 'per_token'"),
     (dict(penalty="l2"), "unknown --outlier-penalty 'l2'"),

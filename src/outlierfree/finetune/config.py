@@ -114,8 +114,13 @@ class FinetuneConfig:
                 "of steps", "pass --steps 1 or more (e.g. 300)")
         require(self.lr >= 0 and self.range_lr >= 0 and self.gate_lr >= 0, "a learning rate is negative",
                 "pass --lr, --range-lr and --gate-lr >= 0")
-        from ..quant.config import parse_site_set
+        from ..quant.config import SITE_PRESETS, parse_site_set
 
+        # what a fine-tune supports: one site set (quantize's comma list of several sets has no meaning here)
+        parts = [p.strip() for p in self.sites.split(",")] if isinstance(self.sites, str) else []
+        require(len(parts) < 2 or not any(p in SITE_PRESETS for p in parts), f"--sites {self.sites!r} names "
+                "several site sets", "pass one: a fine-tune learns the ranges of one set (outlierfree quantize "
+                "compares several)")
         sites = parse_site_set(self.sites)  # the one validation of a quantized site set
         object.__setattr__(self, "sites", sites if isinstance(sites, str) else "+".join(sites))
         require(self.weight_granularity in WEIGHT_GRANULARITIES, f"unknown --weight-granularity "
