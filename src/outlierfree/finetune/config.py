@@ -20,7 +20,8 @@ NOT_IDENTITY = ("out", "resume", "progress", "measure", "real_int8", "save_every
 RETROFIT_FLAGS = {"gate_init": "gated", "alpha": "clipped", "eta": "ncs", "beta": "ncs"}
 # fields that no flag of ``outlierfree finetune`` sets (the card names them when they differ from the default)
 PYTHON_ONLY = ("grad_clip", "measure_batches")
-# fields that are flags of their own name, with how a value is written (the rest are below in flags())
+# fields that are flags of their (dashed) name, except as _FLAG_NAMES says; the attention and the --no-* flags are
+# written by FinetuneConfig.flags() itself
 _FLAG_FIELDS = ("method", "steps", "lr", "range_lr", "gate_lr", "data", "sites", "weight_granularity",
                 "float_weight", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
                 "train_batches", "eval_batches", "warmup_steps", "save_every")
