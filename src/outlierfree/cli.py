@@ -198,34 +198,13 @@ def models_cmd() -> None:
 @attention_options
 def demo_cmd(family: str, size: str, seed: int, **kw: Any) -> None:
     """Build a small model with a variant (default: clipped softmax BERT, gamma = -1/T), run it, say what happened."""
-    import time
-
-    import torch
-
-    from .models.build import build_model, count_parameters
+    from .models.demo import DemoRequest, run_demo
 
     if kw.get("attention") == "vanilla" and all(kw.get(k) in (None, False) for k in attention_flag_names()[1:]):
-        kw["attention"] = "clipped"
-    cfg = attention_from_flags(kw)
-    model = build_model(family, size, cfg, seed=seed)
-    torch.manual_seed(seed)
-    if family == "vit":
-        c = model.config
-        batch = dict(pixel_values=torch.randn(4, c.num_channels, c.image_size, c.image_size),
-                     labels=torch.randint(0, c.num_labels, (4,)))
-    else:
-        ids = torch.randint(5, model.config.vocab_size, (4, 64))
-        batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-    t0 = time.perf_counter()
-    out = model(**batch, output_attentions=True)
-    out.loss.backward()
-    dt = time.perf_counter() - t0
-    probs = out.attentions[0]
-    click.echo(f"built {family}/{size} with {cfg.describe()} attention: {count_parameters(model):,} parameters")
-    click.echo(f"forward+backward on a batch of {tuple(next(iter(batch.values())).shape)}: loss {out.loss.item():.3f} "
-               f"in {dt * 1000:.0f} ms")
-    click.echo(f"layer-0 attention: {probs.shape[1]} heads, exact zeros {100 * (probs == 0).float().mean():.1f}% "
-               f"of probabilities, row sums in [{probs.sum(-1).min():.3f}, {probs.sum(-1).max():.3f}]")
+        kw["attention"] = "clipped"  # no attention flag given: the demo shows clipped softmax
+    request = DemoRequest(family=family, size=size, attention=attention_from_flags(kw), seed=seed)
+    for line in run_demo(request).lines():
+        click.echo(line)
 
 
 def _disk_full(e: BaseException) -> bool:

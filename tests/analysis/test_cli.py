@@ -25,7 +25,8 @@ def runs(tmp_path_factory):
     os.environ["OUTLIERFREE_CACHE"] = str(root / "cache")
     try:
         model_dir = train(TrainConfig(task="mlm", steps=6, batch_size=4, vocab_size=600, track_outliers=3,
-                                      eval_every=0, save_every=0, val_size=8, out=str(root / "bert"), progress=False))
+                                      eval_every=0, save_every=0, val_size=8, out=str(root / "bert"),
+                                      progress=False)).model_dir
     finally:
         if old is None:
             os.environ.pop("OUTLIERFREE_CACHE", None)

@@ -107,11 +107,35 @@ def test_config_file_round_trip_and_errors(tmp_path):
     (dict(size="huge"), "unknown size"),
     (dict(attention={"variant": "clipped", "gamma": 0.5}), "gamma must be <= 0"),
     (dict(hidden_dropout=1.5), "--hidden-dropout"),
+    (dict(warmup_steps=-1), "--warmup-steps must be >= 0"),
+    (dict(schedule="step"), "unknown schedule 'step'"),
+    (dict(precision="int4"), "unknown precision 'int4'"),
+    (dict(optimizer="sgd"), "unknown optimizer 'sgd'"),
+    (dict(mlm_probability=1.0), "--mlm-probability must be in"),
+    (dict(val_fraction=1.0), "--val-fraction must be in"),
+    (dict(adam_beta2=1.0), "Adam betas"),
+    (dict(seed=-1), "--seed must be an integer >= 0"),
+    (dict(gamma_ramp_steps=10), "--gamma-ramp-steps does not apply to --attention vanilla"),
+    (dict(attention={"variant": "clipped"}, steps=10, gamma_ramp_steps=10), "is not below --steps 10"),
 ])
 def test_bad_settings_are_one_line_errors(change, match):
     with pytest.raises(OutlierfreeError, match=match) as e:
         TrainConfig(**change).resolved()
     assert "\n" not in str(e.value) and "; " in str(e.value)
+
+
+@pytest.mark.parametrize("task", ["mlm", "clm", "image"])
+def test_the_request_is_frozen_and_resolving_is_idempotent(task):
+    """TrainConfig is the request of `train`: a changed copy is replace(); resolving a resolved config (what a
+    resumed or repeated run does with its saved train_config.json) changes nothing."""
+    import dataclasses
+
+    cfg = TrainConfig(task=task, attention={"variant": "gated"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 3
+    r = cfg.resolved()
+    assert cfg.steps is None and r.steps is not None and r.family is not None  # resolved() returns a copy
+    assert r.resolved() == r and TrainConfig.from_dict(r.to_dict()).resolved() == r
 
 
 def test_overrides_identity_and_set_parsing():

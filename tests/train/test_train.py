@@ -40,11 +40,15 @@ def small(task: str, data: Path, out: Path, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("task", ["mlm", "clm", "image"])
 @pytest.mark.parametrize("variant", ["vanilla", "clipped", "gated"])
-def test_every_family_and_variant_trains_from_the_cli(task, variant, corpus, tiny_images, tiny_args, tmp_path):
+def test_every_family_and_variant_trains_from_the_cli(task, variant, corpus, tiny_images, tiny_args, tmp_path,
+                                                      capsys):
     out = tmp_path / "run"
     data = tiny_images if task == "image" else corpus
     main(["train", *tiny_args(task, data, out), "--attention", variant, "--steps", "3", "--eval-every", "3"])
     assert (out / "DONE").is_file() and (out / "checkpoint" / "trainer_state.json").is_file()
+    # the CLI printed the library call's result: the saved config asks for the same run, which is finished
+    again = train(TrainConfig.from_file(out / "model" / "train_config.json"))
+    assert again.already_finished and capsys.readouterr().out.splitlines() == again.lines() == [str(out / "model")]
     model = load_model(out / "model")
     assert model.config.outlierfree["variant"] == variant
     assert json.loads((out / "model" / "train_config.json").read_text())["attention"]["variant"] == variant
@@ -96,9 +100,16 @@ def test_gradient_accumulation_equals_the_full_batch(corpus, tmp_path):
 def test_finished_runs_are_skipped_and_other_runs_refused(corpus, tmp_path):
     out = tmp_path / "r"
     cfg = small("mlm", corpus, out, steps=2, eval_every=0, save_every=1)
-    train(cfg)
+    first = train(cfg)
+    assert not first.already_finished and first.model_dir == out / "model" and first.steps == 2
+    # the result is what the run wrote: DONE and train_result.json hold its summary, the last eval its metrics
+    assert json.loads((out / "DONE").read_text()) == first.summary()
+    assert json.loads((out / "model" / "train_result.json").read_text()) == first.summary()
+    last_eval = {k: v for k, v in events(out, "eval")[-1].items() if k not in ("event", "step")}
+    assert first.metrics == last_eval and "val_ppl" in first.metrics
     before = (out / "log.jsonl").read_text()
-    assert train(cfg.replace(log_every=5)) == out / "model"  # finished: nothing is redone
+    again = train(cfg.replace(log_every=5))  # finished: nothing is redone, the same result is read back
+    assert again.already_finished and again.model_dir == first.model_dir and again.metrics == first.metrics
     assert (out / "log.jsonl").read_text() == before
     with pytest.raises(OutlierfreeError, match="finished run with other settings.*lr"):
         train(cfg.replace(lr=0.5))

@@ -243,7 +243,7 @@ def test_osp_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch):
                            attention={"variant": "ncs"}, optimizer="muon", norm="single-scale", embed_proj=True,
                            gamma_ramp_steps=3)
 
-    whole = load_model(loop.train(cfg(tmp_path / "whole")))
+    whole = load_model(loop.train(cfg(tmp_path / "whole")).model_dir)
     real = loop.TrainingBatches.train_batch
 
     def dies_at_step_3(self, step):
@@ -255,7 +255,7 @@ def test_osp_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg(tmp_path / "cut"))
     monkeypatch.setattr(loop.TrainingBatches, "train_batch", real)
-    resumed = load_model(loop.train(cfg(tmp_path / "cut", resume=True)))
+    resumed = load_model(loop.train(cfg(tmp_path / "cut", resume=True)).model_dir)
     a, b = whole.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for k in a:

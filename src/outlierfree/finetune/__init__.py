@@ -1,7 +1,8 @@
 """``outlierfree finetune``: cure an already-trained checkpoint so full static W8A8 matches float, without labels.
 
     from outlierfree.finetune import FinetuneConfig, finetune
-    model_dir = finetune(FinetuneConfig(model="path/to/model", out="runs/cured", method="retrofit+qat", steps=300))
+    result = finetune(FinetuneConfig(model="path/to/model", out="runs/cured", method="retrofit+qat", steps=300))
+    result.model_dir, result.after  # the cured model, its numbers against the original float model
 
 Retrofit (gated attention patched in with outputs unchanged, or clipped softmax / NCS), self-distillation from the
 frozen original, and quantization-aware training with learned (LSQ+-style) ranges; see docs/finetune.md.
@@ -9,5 +10,6 @@ frozen original, and quantization-aware training with learned (LSQ+-style) range
 
 from .config import METHODS, PENALTIES, FinetuneConfig
 from .loop import finetune
+from .result import FinetuneResult
 
-__all__ = ["FinetuneConfig", "finetune", "METHODS", "PENALTIES"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "METHODS", "PENALTIES"]

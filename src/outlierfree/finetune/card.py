@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..records import git_commit, machine
+from .config import FinetuneConfig
 
 
 def _fmt(v: Any) -> str:
@@ -29,8 +30,8 @@ def _rows(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def card(cfg: Any, result: dict[str, Any]) -> str:
-    """Markdown text of the card."""
+def card(cfg: FinetuneConfig, result: dict[str, Any]) -> str:
+    """Markdown text of the card; its "Reproduce" command is :meth:`FinetuneConfig.command`, every flag of the run."""
     att = cfg.attention_config().describe() if cfg.retrofit else "unchanged"
     data = result.get("data", {})
     q = result.get("quant", {})
@@ -51,9 +52,17 @@ def card(cfg: Any, result: dict[str, Any]) -> str:
         "the original float model; language models: perplexity. `INT8 ORT`: the static QDQ export run in ONNX "
         "Runtime. The learned quantization ranges (`quant_ranges.safetensors`) are used by `outlierfree quantize`, "
         "`export` and `doctor` automatically.", "",
-        "Reproduce:", "",
+        "Reproduce (every setting that differs from its default; OUT: any new directory):", "",
         "```",
-        f"outlierfree finetune {cfg.model} --out OUT --method {cfg.method} --steps {cfg.steps} --lr {cfg.lr} "
-        f"--sites {cfg.sites}" + (f" --data {cfg.data}" if cfg.data else ""),
-        "```", ""]
+        cfg.command(out="OUT"),
+        "```", "", *_python_only(cfg)]
     return "\n".join(lines)
+
+
+def _python_only(cfg: FinetuneConfig) -> list[str]:
+    """A note naming the run's settings that no flag sets (it was made from Python), else nothing."""
+    extra = cfg.python_only()
+    if not extra:
+        return []
+    return ["Settings no flag sets (this run was made from Python; pass them to `FinetuneConfig`): "
+            + ", ".join(f"`{k}={v!r}`" for k, v in extra.items()), ""]

@@ -1,4 +1,5 @@
-"""``outlierfree finetune``: the command-line face of :func:`outlierfree.finetune.finetune`."""
+"""``outlierfree finetune``: the command-line face of :func:`outlierfree.finetune.finetune`: flags ->
+:class:`FinetuneConfig` (the request, validated when made) -> ``finetune`` -> :class:`FinetuneResult` -> its lines."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import click
 
-from .config import METHODS, PENALTIES, FinetuneConfig
+from .config import METHODS, PENALTIES, FinetuneConfig, retrofit_attention
 
 _D = FinetuneConfig.__dataclass_fields__
 
@@ -28,9 +29,10 @@ def _d(name: str) -> Any:
               help="learning rate of retrofitted gates")
 @click.option("--data", default=None, help="text to fine-tune on (file, folder, glob); the measurement uses text after "
                                            "it [default: the model's training data, else the offline corpus]")
-@click.option("--sites", default=_d("sites"), show_default=True, help="quantized site set: paper|full|linear")
+@click.option("--sites", default=_d("sites"), show_default=True,
+              help="quantized site set: paper|full|linear, or site kinds joined by + (e.g. ln_input+residual)")
 @click.option("--weight-granularity", default=_d("weight_granularity"), show_default=True,
-              help="per_tensor|per_channel weight ranges (per_channel: simulation only, no INT8 export)")
+              help="per_tensor|per_channel weight ranges (both are learned, simulated and exported to real INT8)")
 @click.option("--attention", "attention", default="gated", show_default=True,
               help="retrofitted variant: gated|clipped|ncs")
 @click.option("--gate-init", type=float, default=None, help="gated: initial gate probability [default: 0.25]")
@@ -63,18 +65,9 @@ def finetune_cmd(model: str, out: str, attention: str, gate_init: float | None, 
     and/or quantization-aware training with learned ranges, by self-distillation from the original (no labels)."""
     from .loop import finetune
 
-    att: dict[str, Any] = {"variant": attention}
-    for name, value, variant in (("gate_init", gate_init, "gated"), ("alpha", alpha, "clipped"),
-                                 ("eta", eta, "ncs"), ("beta", beta, "ncs")):
-        if value is not None:
-            if attention != variant:
-                raise click.UsageError(f"--{name.replace('_', '-')} applies to --attention {variant}")
-            att[name] = value
-    if attention == "clipped" and "alpha" not in att:
-        att.update(alpha=1.0, alpha_t="row")
-    if attention == "clipped":
-        att.setdefault("alpha_t", "row")
-    cfg = FinetuneConfig(model=model, out=out, attention=att, measure=not no_measure, real_int8=not no_real_int8,
-                         progress=not no_progress, **kw)
-    path = finetune(cfg)
-    click.echo(f"cured model: {path}")
+    # flags -> one typed request, every flag checked before any work
+    cfg = FinetuneConfig(model=model, out=out,
+                         attention=retrofit_attention(attention, gate_init=gate_init, alpha=alpha, eta=eta, beta=beta),
+                         measure=not no_measure, real_int8=not no_real_int8, progress=not no_progress, **kw)
+    for line in finetune(cfg).lines():
+        click.echo(line)

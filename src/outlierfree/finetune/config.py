@@ -1,12 +1,14 @@
-"""The settings of one ``outlierfree finetune`` run, validated before anything is loaded or written."""
+"""The settings of one ``outlierfree finetune`` run (its request), validated once, when made, before anything is
+loaded or written; and the command line that reproduces it (:meth:`FinetuneConfig.flags`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import shlex
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..attention.config import AttentionConfig
-from ..errors import require
+from ..errors import OutlierfreeError, require
 
 METHODS = ("retrofit", "qat", "retrofit+qat")
 PENALTIES = ("none", "kurtosis", "infnorm")
@@ -14,11 +16,39 @@ RETROFIT_VARIANTS = ("gated", "clipped", "ncs")
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 # fields that do not change what a run computes: a resumed run may change them
 NOT_IDENTITY = ("out", "resume", "progress", "measure", "real_int8", "save_every", "measure_batches")
+# the retrofit flags of the CLI (--gate-init, --alpha, --eta, --beta) and the variant each belongs to
+RETROFIT_FLAGS = {"gate_init": "gated", "alpha": "clipped", "eta": "ncs", "beta": "ncs"}
+# fields that no flag of ``outlierfree finetune`` sets (the card names them when they differ from the default)
+PYTHON_ONLY = ("grad_clip", "measure_batches")
+# fields that are flags of their (dashed) name, except as _FLAG_NAMES says; the attention and the --no-* flags are
+# written by FinetuneConfig.flags() itself
+_FLAG_FIELDS = ("method", "steps", "lr", "range_lr", "gate_lr", "data", "sites", "weight_granularity",
+                "float_weight", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
+                "train_batches", "eval_batches", "warmup_steps", "save_every")
+_FLAG_NAMES = {"penalty": "--outlier-penalty"}
 
 
-@dataclass
+def retrofit_attention(attention: str = "gated", *, gate_init: float | None = None, alpha: float | None = None,
+                       eta: float | None = None, beta: float | None = None) -> dict[str, Any]:
+    """The ``attention`` dict of the CLI's ``--attention`` and its retrofit flags; a flag of another variant is a
+    one-line error. Clipped softmax gets ``gamma = -alpha / T`` with T per row (alpha 1 unless given)."""
+    att: dict[str, Any] = {"variant": attention}
+    for name, value in (("gate_init", gate_init), ("alpha", alpha), ("eta", eta), ("beta", beta)):
+        if value is not None:
+            variant = RETROFIT_FLAGS[name]
+            require(attention == variant, f"--{name.replace('_', '-')} applies to --attention {variant}",
+                    f"drop it, or pass --attention {variant}")
+            att[name] = value
+    if attention == "clipped":
+        att.setdefault("alpha", 1.0)
+        att.setdefault("alpha_t", "row")
+    return att
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
-    """One fine-tune.
+    """One fine-tune: the request of ``outlierfree finetune`` (every field is checked when it is made, with a
+    one-line error naming the flag; :func:`outlierfree.finetune.finetune` takes it).
 
     Attributes:
         model: the checkpoint to cure (a model directory).
@@ -30,7 +60,9 @@ class FinetuneConfig:
         gate_lr: learning rate of retrofitted gates (they start at zero).
         data: a text file (or anything ``--data`` takes) to fine-tune and evaluate on; None: the model's own
             training data if it was trained here, else the offline corpus.
-        sites: site set quantized during QAT and measured: ``paper``, ``full``, ``linear``.
+        sites: site set quantized during QAT and measured: ``paper``, ``full``, ``linear``, or site kinds joined
+            by ``+`` (``ln_input+residual``); validated by :func:`outlierfree.quant.config.parse_site_set` and
+            kept as that text (kinds joined by ``+``).
         weight_granularity: ``per_tensor`` or ``per_channel`` weight ranges.
         attention: the retrofitted variant (``AttentionConfig`` dict); gated gets ``gate_finetune``.
         float_weight: QAT only: also distil the student's float forward (same weights, no quantization) with this
@@ -83,8 +115,15 @@ class FinetuneConfig:
                 "of steps", "pass --steps 1 or more (e.g. 300)")
         require(self.lr >= 0 and self.range_lr >= 0 and self.gate_lr >= 0, "a learning rate is negative",
                 "pass --lr, --range-lr and --gate-lr >= 0")
-        require(self.sites in ("paper", "full", "linear"), f"unknown --sites {self.sites!r}",
-                "use paper, full or linear")
+        from ..quant.config import SITE_PRESETS, parse_site_set
+
+        # what a fine-tune supports: one site set (quantize's comma list of several sets has no meaning here)
+        parts = [p.strip() for p in self.sites.split(",")] if isinstance(self.sites, str) else []
+        require(len(parts) < 2 or not any(p in SITE_PRESETS for p in parts), f"--sites {self.sites!r} names "
+                "several site sets", "pass one: a fine-tune learns the ranges of one set (outlierfree quantize "
+                "compares several)")
+        sites = parse_site_set(self.sites)  # the one validation of a quantized site set
+        object.__setattr__(self, "sites", sites if isinstance(sites, str) else "+".join(sites))
         require(self.weight_granularity in WEIGHT_GRANULARITIES, f"unknown --weight-granularity "
                 f"{self.weight_granularity!r}", f"use {' or '.join(WEIGHT_GRANULARITIES)}")
         require(self.penalty in PENALTIES, f"unknown --outlier-penalty {self.penalty!r}",
@@ -96,6 +135,14 @@ class FinetuneConfig:
         for name in ("batch_size", "calib_batches", "train_batches", "eval_batches"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1",
                     f"pass --{name.replace('_', '-')} 1 or more")
+        require(self.calib_batches <= self.train_batches, f"--calib-batches {self.calib_batches} exceeds "
+                f"--train-batches {self.train_batches}", "calibrate on at most the training batches")
+        require(self.seq_len is None or self.seq_len >= 2, f"--seq-len {self.seq_len} is too short", "pass 2 or more")
+        require(self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps} is "
+                "negative", "pass 0 or more (default: 10 % of --steps)")
+        require(self.grad_clip >= 0, f"grad_clip {self.grad_clip} is negative", "pass 0 (off) or more")
+        require(self.measure_batches is None or self.measure_batches >= 1, f"measure_batches "
+                f"{self.measure_batches} is too few", "pass 1 or more, or None for every --eval-batches batch")
         require(self.save_every >= 0, "--save-every is negative", "pass 0 (only at the end) or more")
         if self.retrofit:
             att = self.attention_config()
@@ -114,10 +161,7 @@ class FinetuneConfig:
 
     def attention_config(self) -> AttentionConfig:
         """The retrofitted variant; gated attention always starts from the unchanged model (``gate_finetune``)."""
-        att = AttentionConfig.from_dict(self.attention)
-        if att.variant == "gated":
-            att = att.replace(gate_finetune=True)
-        return att
+        return _retrofitted(self.attention)
 
     def warmup(self) -> int:
         """Warm-up steps (10 % of the run by default)."""
@@ -135,3 +179,51 @@ class FinetuneConfig:
         for k in NOT_IDENTITY:
             d.pop(k, None)
         return d
+
+    # ---- the command line of this run ----------------------------------------------------------------------
+    def flags(self, out: str | None = None) -> list[str]:
+        """The arguments of ``outlierfree finetune`` that make this same run: the model, ``--out`` (``out`` in place
+        of ``self.out`` when given, e.g. a placeholder) and every flag whose value differs from its default, so the
+        run is reproduced exactly; settings no flag sets are in :meth:`python_only` instead."""
+        default = {f.name: f.default for f in fields(self)}
+        args = [self.model, "--out", self.out if out is None else out]
+        for name in _FLAG_FIELDS:
+            value = getattr(self, name)
+            if value != default[name]:
+                args += [_FLAG_NAMES.get(name, "--" + name.replace("_", "-")), str(value)]
+        if self.retrofit:
+            variant = self.attention.get("variant", "gated")
+            args += ["--attention", variant] if variant != "gated" else []
+            for name, owner in RETROFIT_FLAGS.items():
+                value = self.attention.get(name)
+                if owner == variant and value is not None and not (name == "alpha" and value == 1.0):
+                    args += ["--" + name.replace("_", "-"), str(value)]
+        args += ["--no-measure"] if not self.measure else []
+        args += ["--no-real-int8"] if not self.real_int8 else []
+        return args
+
+    def python_only(self) -> dict[str, Any]:
+        """The settings of this run that no ``outlierfree finetune`` flag sets (``grad_clip``, ``measure_batches``,
+        attention fields beyond the retrofit flags), where they differ from what the flags give."""
+        default = {f.name: f.default for f in fields(self)}
+        extra = {k: getattr(self, k) for k in PYTHON_ONLY if getattr(self, k) != default[k]}
+        if self.retrofit:
+            variant = self.attention.get("variant", "gated")
+            given = {k: self.attention[k] for k in RETROFIT_FLAGS if self.attention.get(k) is not None}
+            try:
+                by_flags = retrofit_attention(variant, **given)
+            except OutlierfreeError:  # a value the flags cannot carry
+                by_flags = None
+            if by_flags is None or _retrofitted(by_flags) != self.attention_config():
+                extra["attention"] = self.attention_config().to_dict()
+        return extra
+
+    def command(self, out: str | None = None) -> str:
+        """:meth:`flags` as one shell line, ``outlierfree finetune ...``."""
+        return " ".join(["outlierfree", "finetune", *(shlex.quote(a) for a in self.flags(out))])
+
+
+def _retrofitted(attention: dict[str, Any]) -> AttentionConfig:
+    """The variant an ``attention`` dict retrofits: gated attention always starts from the unchanged model."""
+    att = AttentionConfig.from_dict(attention)
+    return att.replace(gate_finetune=True) if att.variant == "gated" else att

@@ -1,7 +1,8 @@
 """The fine-tuning loop of ``outlierfree finetune``: retrofit, self-distillation and QAT, on Accelerate.
 
     from outlierfree.finetune import FinetuneConfig, finetune
-    model_dir = finetune(FinetuneConfig(model="minilm/", out="runs/cured", method="retrofit+qat", steps=300))
+    result = finetune(FinetuneConfig(model="minilm/", out="runs/cured", method="retrofit+qat", steps=300))
+    result.model_dir, result.after  # OUT/model, the cured model's numbers against the original float model
 
 Top to bottom:
     1. load the checkpoint and its batches through quant.run.load_for_quant (the data layer's split: fine-tuning
@@ -23,22 +24,22 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..errors import OutlierfreeError, require
+from ..quant.config import QuantConfig
 from ..records import git_commit, machine, progress, write_json, write_text
 from ..train.config import config_difference
 from ..train.rundir import CHECKPOINT, DONE_FILE, RunDir
 from .config import FinetuneConfig
 from .losses import ResidualTap, distill_loss, outlier_penalty
+from .result import CARD_FILE, RESULT_FILE, FinetuneResult
 
 STEP_DELAY_ENV = "OUTLIERFREE_TEST_STEP_DELAY"  # the same testing aid as train/loop.py
 CONFIG_FILE = "finetune_config.json"
-RESULT_FILE = "finetune_result.json"
 RUN_FILES = ("log.jsonl", CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", DONE_FILE, "model")
 
 
@@ -84,14 +85,13 @@ class Student(nn.Module):
         return model_output(self.model, batch, self.task)
 
 
-def qat_config(cfg: FinetuneConfig) -> Any:
-    """The quantization config of the run: the site set's W8A8 preset with the asked weight granularity."""
-    from dataclasses import replace
+def qat_config(cfg: FinetuneConfig) -> QuantConfig:
+    """The quantization config of the run: ``outlierfree quantize``'s default W8A8 (the paper's grids) on the run's
+    site set, with its weight granularity."""
+    from ..quant.config import configs_from_flags
 
-    from ..quant.config import PRESETS
-
-    qc = PRESETS[cfg.sites]()
-    return qc.replace(weight=replace(qc.weight, granularity=cfg.weight_granularity))
+    (qc,) = configs_from_flags(bits="w8a8", sites=cfg.sites, weight_granularity=cfg.weight_granularity)
+    return qc
 
 
 def batch_order(step: int, n: int, seed: int) -> int:
@@ -146,8 +146,10 @@ def _check_output(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -
             "pass a checkpoint whose forward returns hidden states or logits")
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
-    """Run the fine-tune ``cfg`` describes; returns the cured model's directory ``OUT/model``.
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Run the fine-tune ``cfg`` describes (the library call behind ``outlierfree finetune``; ``cfg`` was validated
+    when it was made); returns its :class:`FinetuneResult`: the cured model's directory ``OUT/model``, its card and
+    the before/after numbers.
 
     Resumes from ``OUT/checkpoint`` with ``cfg.resume`` (same settings), returns at once when ``OUT/DONE`` says this
     same run finished, and refuses an OUT holding another run or other files. One process or many (``accelerate
@@ -166,7 +168,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     run.check_foreign()
     if run.finished():
         console.print(f"[green]{run.out}: this fine-tune already finished; the model is in {run.model_dir}[/green]")
-        return run.model_dir
+        return FinetuneResult.read(run.out, already_finished=True)
     resumed = run.resume_state(cfg.resume)
     state = resumed[1] if resumed else None
     accelerator = Accelerator(step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
@@ -177,8 +179,6 @@ def finetune(cfg: FinetuneConfig) -> Path:
     require(state is None or state.get("world_size", 1) == world, f"the checkpoint was written by "
             f"{(state or {}).get('world_size')} process(es), this run has {world}",
             "resume with the same number of processes")
-    require(cfg.calib_batches <= cfg.train_batches, f"--calib-batches {cfg.calib_batches} exceeds --train-batches "
-            f"{cfg.train_batches}", "calibrate on at most the training batches")
     set_seed(cfg.seed)
     t_start = time.perf_counter()
 
@@ -285,11 +285,12 @@ def finetune(cfg: FinetuneConfig) -> Path:
         qm.remove()
     final = accelerator.unwrap_model(task_student).model
     accelerator.wait_for_everyone()
+    record: dict[str, Any] = {}
     if main:
         attach_ranges(final, learned)
-        _finish(cfg, run, final, teacher, q, qcfg, learned, time.perf_counter() - t_start, world)
+        record = _finish(cfg, run, final, teacher, q, qcfg, learned, time.perf_counter() - t_start, world)
     accelerator.wait_for_everyone()
-    return run.model_dir
+    return FinetuneResult(run.out, run.model_dir, record)
 
 
 def _rows(batch: dict[str, torch.Tensor], parts: int, index: int) -> dict[str, torch.Tensor]:
@@ -307,8 +308,9 @@ def _set_ramp(model: nn.Module, cfg: FinetuneConfig, step: int) -> None:
 
 
 def _finish(cfg: FinetuneConfig, run: FinetuneRunDir, model: nn.Module, teacher: nn.Module, q: Any, qcfg: Any,
-            learned: Any, seconds: float, world: int) -> None:
-    """Measure before/after, save the model with its ranges, config, result and card, log "done", write DONE."""
+            learned: Any, seconds: float, world: int) -> dict[str, Any]:
+    """Measure before/after, save the model with its ranges, config, result and card, log "done", write DONE;
+    returns the result record (finetune_result.json)."""
     from ..data.record import IMAGE_NORMALISATION, TRAIN_CONFIG, model_dir
     from ..models.io import save_model
     from ..quant.learned import save_ranges
@@ -335,8 +337,9 @@ def _finish(cfg: FinetuneConfig, run: FinetuneRunDir, model: nn.Module, teacher:
     save_model(model, run.model_dir, q.tokenizer, extra_json=extra)
     if learned is not None:
         save_ranges(run.model_dir, learned)
-    write_text(run.model_dir / "README.md", card(cfg, result))
+    write_text(run.model_dir / CARD_FILE, card(cfg, result))
     run.log({"event": "done", "step": cfg.steps, **{k: result[k] for k in ("before", "after") if k in result}},
             f"[green]done: model saved to {run.model_dir}[/green]")
     write_json(run.out / DONE_FILE, {"steps": cfg.steps, "train_seconds": seconds})
+    return result
 

@@ -85,8 +85,9 @@ def measure(model: nn.Module, calib: list[dict[str, torch.Tensor]], batches: lis
             progress: bool = False) -> dict[str, Any]:
     """``{"float", "simulated", "int8"}`` metrics of ``model`` against the original float outputs ``refs``.
 
-    ``int8`` is None when not asked or when the config has no integer form (per-channel weights, dynamic
-    activations: the exporter writes per-tensor static QDQ only); ``int8_note`` then says why."""
+    ``int8`` is None when not asked or when the config has no integer form (dynamic activations: the exporter
+    writes static QDQ only, per-tensor activations with per-tensor or per-channel weights); ``int8_note`` then says
+    why."""
     from ..quant.simulator import quantize
 
     t0 = time.perf_counter()
@@ -98,12 +99,11 @@ def measure(model: nn.Module, calib: list[dict[str, torch.Tensor]], batches: lis
         res["simulated"] = metrics(outputs(model, batches, task), refs, batches, task)
         res["learned_ranges_used"] = len(qm.learned_used)
         res["int8"] = None
-        exportable = (config.weight is None or config.weight.granularity == "per_tensor") and \
-            (config.activation is None or not config.activation.dynamic)
+        exportable = config.activation is None or not config.activation.dynamic
         if real_int8 and exportable:
             res["int8"] = _onnxruntime(qm, calib[0], batches, refs, task)
         elif real_int8:
-            res["int8_note"] = "no integer form: the exporter writes per-tensor static QDQ only"
+            res["int8_note"] = "no integer form: the exporter writes static activation ranges only"
     finally:
         qm.remove()
     res["seconds"] = time.perf_counter() - t0

@@ -130,7 +130,7 @@ def train_stage(spec: RunSpec, run_dir: Path, progress: bool) -> Path:
 
     cfg = TrainConfig.from_dict({**spec.train, "seed": spec.seed, "out": str(run_dir / "train"), "resume": True,
                                  "progress": progress})
-    return Path(train(cfg))
+    return train(cfg).model_dir
 
 
 def analysis_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""``outlierfree train``: the command-line face of :func:`outlierfree.train.train`.
+"""``outlierfree train``: the command-line face of :func:`outlierfree.train.train`: flags -> :class:`TrainConfig`
+(the request, validated once by the library call) -> ``train`` -> :class:`TrainResult` -> its lines printed.
 
 Every flag is a :class:`TrainConfig` field. ``--config FILE`` (YAML/JSON) sets any of them; flags given on the
 command line override the file. Flags left out keep the file's value or the dataclass default.
@@ -102,8 +103,8 @@ def train_cmd(config_file: str | None, set_items: tuple[str, ...], print_config:
         return
     from .loop import train
 
-    path = train(cfg)
-    click.echo(str(path))
+    for line in train(cfg).lines():
+        click.echo(line)
 
 
 def build_config(ctx: click.Context, config_file: str | None, set_items: tuple[str, ...],

@@ -1,7 +1,10 @@
 """`TrainConfig`: every setting of a training run, as a plain dataclass (one field per CLI flag).
 
-It is read from YAML/JSON (``TrainConfig.from_file``), overridden by CLI flags, validated, and saved with the
-checkpoints and the final model (``train_config.json``); a resumed run must have the same config.
+It is the request of ``outlierfree train``: read from YAML/JSON (``TrainConfig.from_file``), overridden by CLI flags
+(``train/cli.py`` builds it by keywords), validated once by :meth:`TrainConfig.resolved` (which
+:func:`outlierfree.train.loop.train` calls first, before any work), and saved with the checkpoints and the final
+model (``train_config.json``); a resumed run must have the same config. It is frozen: a changed copy is
+``cfg.replace(...)``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ DROPOUT_KEYS = {"bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
                 "vit": ("hidden_dropout_prob", "attention_probs_dropout_prob")}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """A training run. ``None`` fields take a task-dependent default in :meth:`resolved`.
 
@@ -142,19 +145,17 @@ class TrainConfig:
 
         c = self.replace(attention=dict(self.attention or {}), hf_config=dict(self.hf_config or {}))
         require(c.task in TASKS, f"unknown task {c.task!r}", f"use one of {', '.join(TASKS)}")
-        c.family = c.family or TASK_FAMILY[c.task]
+        c = c.replace(family=c.family or TASK_FAMILY[c.task])
         require(c.family in SIZES, f"unknown model family {c.family!r}", f"use one of {', '.join(SIZES)}")
         require(TASK_FAMILY[c.task] == c.family, f"task {c.task} does not go with family {c.family}",
                 f"use --family {TASK_FAMILY[c.task]} for --task {c.task} (mlm: bert, clm: opt, image: vit)")
         require(c.size in SIZES[c.family], f"unknown size {c.size!r} for {c.family}",
                 f"use one of {', '.join(SIZES[c.family])} (see `outlierfree models`)")
-        c.attention = AttentionConfig.from_dict(c.attention).to_dict()  # validates and fills defaults
-        if c.steps is None:  # defaults sized to finish in a minute or two on a laptop-class CPU
-            c.steps = DEFAULT_STEPS[c.task]
-        if c.batch_size is None:
-            c.batch_size = DEFAULT_BATCH[c.task]
-        if c.val_size is None:
-            c.val_size = 2000 if c.task == "image" else 256
+        # the attention dict is validated and filled; defaults sized to finish in a minute or two on a laptop CPU
+        c = c.replace(attention=AttentionConfig.from_dict(c.attention).to_dict(),
+                      steps=DEFAULT_STEPS[c.task] if c.steps is None else c.steps,
+                      batch_size=DEFAULT_BATCH[c.task] if c.batch_size is None else c.batch_size,
+                      val_size=(2000 if c.task == "image" else 256) if c.val_size is None else c.val_size)
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "log_every", "val_size"):
             v = getattr(c, name)
             require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
@@ -176,11 +177,11 @@ class TrainConfig:
                 f"{c.grad_accum}", "pass a batch size divisible by the accumulation steps")
         require(0 < c.mlm_probability < 1, f"--mlm-probability must be in (0, 1), got {c.mlm_probability}", "pass 0.15")
         if c.warmup_steps is None:
-            c.warmup_steps = max(1, c.steps // 10)
+            c = c.replace(warmup_steps=max(1, c.steps // 10))
         require(isinstance(c.warmup_steps, int) and c.warmup_steps >= 0, f"--warmup-steps must be >= 0, got "
                 f"{c.warmup_steps!r}", "pass e.g. --warmup-steps 100")
         if c.val_fraction is None:
-            c.val_fraction = defaults.val_fraction(images=c.task == "image")  # the one place these live
+            c = c.replace(val_fraction=defaults.val_fraction(images=c.task == "image"))  # the one place these live
         require(0 <= c.val_fraction < 1, f"--val-fraction must be in [0, 1), got {c.val_fraction}", "pass e.g. 0.02")
         from ..models.recipe import NORMS
         from .optim import OPTIMIZERS

@@ -1,7 +1,8 @@
 """The training loop: masked LM (BERT), causal LM (OPT) and image classification (ViT), on Accelerate.
 
     from outlierfree.train import TrainConfig, train
-    model_dir = train(TrainConfig(task="mlm", attention={"variant": "clipped"}, steps=600, out="runs/bert"))
+    result = train(TrainConfig(task="mlm", attention={"variant": "clipped"}, steps=600, out="runs/bert"))
+    result.model_dir, result.metrics  # OUT/model, {"val_loss": ..., "val_ppl": ...}
 
 The loop reads top to bottom; each concern lives in its own module:
     data/training.py   the global batch of a step, from (seed, step) alone (any number of processes, exact resume)
@@ -17,6 +18,7 @@ gradient accumulation all compute the same gradient.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -35,17 +37,20 @@ from .losses import TaskModel
 from .model import build_for_run, describe, image_size
 from .monitor import OutlierTracker, format_validation, validate
 from .optim import optimizer_and_schedule
-from .rundir import RunDir
+from .result import TrainResult
+from .rundir import DONE_FILE, RunDir
 
 # seconds to sleep after each step; a testing aid that makes "kill it mid-run" deterministic on fast machines
 STEP_DELAY_ENV = "OUTLIERFREE_TEST_STEP_DELAY"
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train a model as ``cfg`` says; returns the final model directory ``OUT/model``.
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a model as ``cfg`` says (the library call behind ``outlierfree train``); returns the
+    :class:`TrainResult`: the final model directory ``OUT/model`` and the final validation metrics.
 
-    Resumes from ``OUT/checkpoint`` when ``cfg.resume`` (the checkpoint's config must match), returns at once when
-    ``OUT/DONE`` says the same run already finished, and refuses to overwrite another run.
+    ``cfg`` is validated once, here, before any work (:meth:`TrainConfig.resolved`). Resumes from
+    ``OUT/checkpoint`` when ``cfg.resume`` (the checkpoint's config must match), returns at once when ``OUT/DONE``
+    says the same run already finished, and refuses to overwrite another run.
     Works the same on one CPU, one GPU, or many processes under ``accelerate launch``.
     """
     from accelerate import Accelerator
@@ -57,7 +62,7 @@ def train(cfg: TrainConfig) -> Path:
     run = RunDir(cfg.out, cfg.identity(), console=console)
     if run.finished():
         console.print(f"[green]{run.out}: this run already finished; the model is in {run.model_dir}[/green]")
-        return run.model_dir
+        return TrainResult.from_summary(run.out, run.model_dir, _read_done(run.out), already_finished=True)
     resumed = run.resume_state(cfg.resume)  # (checkpoint, state) or None
     state = resumed[1] if resumed else None
 
@@ -146,9 +151,11 @@ def train(cfg: TrainConfig) -> Path:
         result = validate(task_model, batches, accelerator, cfg.batch_size)
         run.log({"event": "eval", "step": cfg.steps, **result}, f"step {cfg.steps}: " + format_validation(result))
 
-    _save_final(cfg, accelerator, task_model, run, data, result, time.perf_counter() - t_start)
+    done = TrainResult(out=run.out, model_dir=run.model_dir, steps=cfg.steps, metrics=result,
+                       train_seconds=time.perf_counter() - t_start, world_size=accelerator.num_processes)
+    _save_final(cfg, accelerator, task_model, run, data, done)
     accelerator.wait_for_everyone()
-    return run.model_dir
+    return done
 
 
 def _log_start(cfg: TrainConfig, run: RunDir, model: torch.nn.Module, batches: TrainingBatches,
@@ -164,7 +171,7 @@ def _log_start(cfg: TrainConfig, run: RunDir, model: torch.nn.Module, batches: T
 
 
 def _save_final(cfg: TrainConfig, accelerator: Any, task_model: torch.nn.Module, run: RunDir, data: Any,
-                result: dict[str, float], seconds: float) -> None:
+                result: TrainResult) -> None:
     """Gather the weights (FSDP: every process must call this) and save the final model, its config, result and
     image statistics, then DONE (main process)."""
     from accelerate.utils import DistributedType
@@ -177,13 +184,22 @@ def _save_final(cfg: TrainConfig, accelerator: Any, task_model: torch.nn.Module,
             final.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=False)
     if not accelerator.is_main_process:
         return
-    summary = {"steps": cfg.steps, **result, "train_seconds_this_process": seconds,
-               "world_size": accelerator.num_processes}
+    summary = result.summary()
     extra = {"train_config.json": cfg.to_dict(), "train_result.json": summary}
     if cfg.task == "image":
         extra["image_normalisation.json"] = {"mean": list(data.mean), "std": list(data.std),
                                              "classes": data.classes, "source": data.source}
-    run.finish(final, getattr(data, "tokenizer", None), extra, summary, {"event": "done", "step": cfg.steps, **result})
+    run.finish(final, getattr(data, "tokenizer", None), extra, summary,
+               {"event": "done", "step": cfg.steps, **result.metrics})
+
+
+def _read_done(out: Path) -> dict[str, Any]:
+    """The summary a finished run left in ``OUT/DONE`` (empty when unreadable: the run is finished regardless)."""
+    try:
+        d = json.loads((out / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 class Window:
