@@ -70,6 +70,8 @@ class DoctorRequest:
         require(self.calib_batches >= 1 and self.eval_batches >= 1, "doctor needs calibration and evaluation "
                 "batches", "pass --calib-batches >= 1 and --eval-batches >= 1")
         require(self.keep_16bit >= 0, f"--keep-16bit {self.keep_16bit} is negative", "pass 0 or more")
+        require(self.max_sequences is None or self.max_sequences >= 1,
+                f"--max-sequences must be at least 1, got {self.max_sequences}", "pass --max-sequences 1 or more")
         self.analysis_request()  # the analysis's checks (amounts, the model path), before any work
 
     def analysis_request(self) -> AnalyzeRequest:
