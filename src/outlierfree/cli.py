@@ -28,7 +28,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "train": "outlierfree.train.cli:train_cmd",
     "analyze": "outlierfree.analysis.cli:analyze_cmd",
     "quantize": "outlierfree.quant.cli:quantize_cmd",
-    "doctor": "outlierfree.doctor.run:doctor_cmd",
+    "doctor": "outlierfree.doctor.cli:doctor_cmd",
     "export": "outlierfree.export.cli:export_cmd",
     "reproduce": "outlierfree.reproduce.cli:reproduce_cmd",
     "release": "outlierfree.reproduce.cli:release_cmd",

@@ -9,16 +9,36 @@ import torch
 from outlierfree.analysis import metrics
 
 
+def _inf_norms(x, mask=None):
+    """Per-sequence inf-norms as the analysis computes them (HiddenStats.update: masked_abs -> token_max -> max)."""
+    from outlierfree.analysis.inputs import EvalBatch
+    from outlierfree.analysis.stats import HiddenStats
+    from outlierfree.sites import Site
+
+    st = HiddenStats(Site("m:output", "ffn_output", 0, "m", "output"))
+    full = torch.ones(x.shape[:2], dtype=torch.bool)
+    st.update(x, EvalBatch({}, full if mask is None else mask, []))
+    return st.inf_norms
+
+
 def test_inf_norm_per_sequence_ignores_padding():
     x = torch.zeros(2, 3, 4)  # (B, T, d)
     x[0, 1, 2] = -7.0
     x[1, 0, 0] = 2.0
     x[1, 2, 3] = 100.0  # padding: must not count
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    assert metrics.sequence_inf_norms(x, mask).tolist() == [7.0, 2.0]
-    assert metrics.sequence_inf_norms(x).tolist() == [7.0, 100.0]
-    tok = metrics.token_inf_norms(x, mask)
+    assert _inf_norms(x, mask) == [7.0, 2.0]
+    assert _inf_norms(x) == [7.0, 100.0]
+    tok = metrics.token_max(metrics.masked_abs(x, mask), mask)
     assert tok[0].tolist() == [0.0, 7.0, 0.0] and tok[1, 2] == float("-inf")
+    # against a float64 reference on random values with ragged padding
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(3, 7, 5, generator=g, dtype=torch.float64) * 10
+    m = torch.ones(3, 7, dtype=torch.bool)
+    m[1, 4:] = False
+    m[2, 1:] = False
+    ref = [y[b][m[b]].abs().max().item() for b in range(3)]
+    assert _inf_norms(y, m) == pytest.approx(ref, rel=1e-6)
 
 
 def test_kurtosis_hand_values():
@@ -100,7 +120,7 @@ def test_key_mass_hand_example():
 def test_empty_sequence_is_nan():
     x = torch.ones(1, 2, 3)
     mask = torch.zeros(1, 2, dtype=torch.bool)
-    assert math.isnan(metrics.sequence_inf_norms(x, mask).item())
+    assert math.isnan(_inf_norms(x, mask)[0])
     assert math.isnan(metrics.sequence_kurtosis(x, mask).item())
 
 
@@ -110,6 +130,6 @@ def test_metrics_leave_their_input_unchanged():
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
     for m in (None, mask):
         metrics.sequence_kurtosis(x, m)
-        metrics.sequence_inf_norms(x, m)
+        metrics.token_max(metrics.masked_abs(x, m), m)
         metrics.dim_abs_max(x, m)
     assert torch.equal(x, before)

@@ -267,12 +267,12 @@ def test_numbers_of_a_model_trained_here_are_those_of_the_old_batches(zoo, tmp_p
     old builders' batches (golden.json): the data layer changed nothing for a model trained here."""
     from outlierfree.analysis.analyze import analyze_model
     from outlierfree.analysis.inputs import text_batch
-    from outlierfree.analysis.run import analyze_path
+    from outlierfree.analysis.run import AnalyzeRequest, analyze_checkpoint
     from outlierfree.quant.config import configs_from_flags
     from outlierfree.quant.evaluate import evaluate_quantized
 
     tok = load_tokenizer(zoo["bert"])
-    rep = analyze_path(str(zoo["bert"]), batches=2, batch_size=4, seq_len=32, progress=False)
+    rep = analyze_checkpoint(AnalyzeRequest(str(zoo["bert"]), batches=2, batch_size=4, seq_len=32, progress=False))
     gold = GOLDEN["analyze_text_0_auto"]
     old = [text_batch(torch.tensor(i), torch.tensor(m), tok) for i, m in zip(gold["ids"], gold["mask"])]
     ref = analyze_model(load_model(zoo["bert"]), old, progress=False)

@@ -28,19 +28,6 @@ def token_max(a: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor
     return norms if mask is None else norms.masked_fill(~mask.to(device=a.device, dtype=torch.bool), float("-inf"))
 
 
-def token_inf_norms(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """max_j |x[b, t, j]| per token, (B, T); padded tokens get -inf so that they never win a max."""
-    return token_max(masked_abs(x, mask), mask)
-
-
-def sequence_inf_norms(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Infinity norm of each sequence over all its real tokens and hidden dimensions: max_{t,j} |x[b,t,j]|, (B,).
-
-    A sequence without real tokens gets NaN (it is then skipped by the aggregates)."""
-    v = token_inf_norms(x, mask).amax(dim=-1)  # (B,)
-    return torch.where(torch.isinf(v), torch.full_like(v, float("nan")), v)
-
-
 def sequence_kurtosis(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Kurtosis of each sequence over all values of its real tokens, (B,): m4 / m2^2 with central moments
     m_k = mean((x - mean(x))^k) (population moments; a Gaussian gives 3, not 0). NaN where undefined."""

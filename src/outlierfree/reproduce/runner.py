@@ -138,11 +138,12 @@ def analysis_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool
     path = run_dir / "analysis.json"
     if path.exists():
         return read_json(path)
-    from ..analysis.run import analyze_path
+    from ..analysis.run import AnalyzeRequest, analyze_checkpoint
 
     seq_len = int(spec.train.get("seq_len", 128))
-    report = analyze_path(str(model_dir), batches=int(spec.analysis["batches"]),
-                          batch_size=int(spec.analysis["batch_size"]), seq_len=seq_len, seed=0, progress=progress)
+    report = analyze_checkpoint(AnalyzeRequest(str(model_dir), batches=int(spec.analysis["batches"]),
+                                               batch_size=int(spec.analysis["batch_size"]), seq_len=seq_len, seed=0,
+                                               progress=progress))
     report["name"] = f"{spec.family}-{spec.variant}"
     write_json(path, report)
     return report
