@@ -286,3 +286,32 @@ def test_cross_cpu_tolerance_is_measured_not_loose():
             assert golden.tolerance(stored, "released", name, key) <= 1e-2, (name, key)
     fake = {"runs": {"r": {"fp": 100.0}}, "other_cpus": {"x": {"runs": {"r": {"fp": 102.0}}}}}
     assert golden.tolerance(fake, "runs", "r", "fp") == pytest.approx(0.06)
+
+
+def test_library_call_writes_what_the_cli_writes(quick_run, tmp_path, capsys):
+    """reproduce(request).write(dir) and `outlierfree reproduce` with the same flags make the same report (the
+    finished runs' table, plots and records); only the recorded command line and wall time differ."""
+    from outlierfree.cli import main
+
+    out, _ = quick_run
+    lines: list[str] = []
+    result = reproduce(ReproduceRequest("quick", str(out), families="bert,opt", variants=("vanilla", "clipped"),
+                                        max_steps=STEPS, progress=False, released=False, report_only=True),
+                       echo=lines.append)
+    assert [r["name"] for r in result.results] == result.runs == [
+        "bert-vanilla-s0", "bert-clipped-s0", "opt-vanilla-s0", "opt-clipped-s0"]
+    files = result.write(tmp_path)
+    capsys.readouterr()
+    main(["reproduce", "--preset", "quick", "--families", "bert,opt", "--variants", "vanilla,clipped",
+          "--max-steps", str(STEPS), "--no-released", "--report-only", "--quiet", "--out", str(out)])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[:-1] == lines and printed[-1] == f"wrote {out / 'report.md'} and {out / 'results.json'}"
+    assert sorted(p.relative_to(tmp_path) for p in files) == sorted(
+        (out / p.relative_to(tmp_path)).relative_to(out) for p in files if (out / p.relative_to(tmp_path)).exists())
+    lib, cli = (json.loads((d / "results.json").read_text()) for d in (tmp_path, out))
+    assert cli["meta"]["command"].startswith("outlierfree reproduce") and "--report-only" in cli["meta"]["command"]
+    for d in (lib, cli):
+        d["meta"].pop("command"), d["meta"].pop("wall_s")
+    assert lib == cli
+    table = [[ln for ln in (d / "report.md").read_text().splitlines() if ln.startswith("| ")] for d in (tmp_path, out)]
+    assert table[0] == table[1] and len(table[0]) > 4

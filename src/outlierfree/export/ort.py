@@ -21,10 +21,12 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: sessions alone (o
 
 def require_onnx() -> None:
     """One-line error when the deploy extra (onnx, onnxruntime) is not installed."""
+    import importlib
+
     missing = []
     for mod in ("onnx", "onnxruntime"):
         try:
-            __import__(mod)
+            importlib.import_module(mod)
         except ImportError:
             missing.append(mod)
     if missing:
