@@ -137,7 +137,7 @@ def test_per_channel_weights(family, tmp_path):
     import onnx
     from dataclasses import replace
 
-    from outlierfree.export.onnx import _const_values
+    from outlierfree.export.graph import const_values
 
     cfg = paper_w8a8()
     cfg = replace(cfg, weight=replace(cfg.weight, granularity="per_channel"))
@@ -157,7 +157,7 @@ def test_per_channel_weights(family, tmp_path):
     agree(family, sim, real)
     assert real["export"]["weights"] == n_w and real["export"]["transposes_folded"] >= 1
     g = onnx.load(str(tmp_path / "model_int8.onnx")).graph
-    vals = _const_values(g)
+    vals = const_values(g)
     ints = {i.name for i in g.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     dq_w = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in ints]
     names = {n.input[1] for n in dq_w if vals[n.input[1]].size > 1}

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# how the stored numbers were made: reproduce(PRESET, out, **RUN)
+# how the stored numbers were made: reproduce(ReproduceRequest(PRESET, out, **RUN)).write(out)
 PRESET = "quick"
 RUN = {"families": ("bert", "opt", "vit"), "variants": ("vanilla", "clipped"), "max_steps": 3}
 KEYS = ("fp", "w8a8", "w8a8_linear", "w8a8_ort", "max_inf_norm", "avg_kurtosis")

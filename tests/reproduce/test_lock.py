@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from outlierfree.reproduce import PRESETS, reproduce
+from outlierfree.reproduce import PRESETS, ReproduceRequest, reproduce
 from outlierfree.reproduce.runner import RunLock, lock_holder, run_status
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="runs are locked with fcntl.flock (POSIX)")
@@ -76,8 +76,8 @@ def test_a_held_run_is_skipped_and_reported_as_training_by_its_pid(tmp_path):
     try:
         assert run_status(spec, run_dir) == f"training by pid {p.pid}"
         lines: list[str] = []
-        reproduce("quick", str(out), families=("bert",), variants=("vanilla", "clipped"), max_steps=2,
-                  progress=False, echo=lines.append, released=False)
+        reproduce(ReproduceRequest("quick", str(out), families=("bert",), variants=("vanilla", "clipped"), max_steps=2,
+                                   progress=False, released=False), echo=lines.append).write(out)
         assert not (run_dir / "train").exists() and not (run_dir / "result.json").exists()  # not touched
         assert (out / "runs" / "bert-clipped-s0" / "result.json").exists()  # the free run was trained
         res = json.loads((out / "results.json").read_text())
@@ -86,8 +86,8 @@ def test_a_held_run_is_skipped_and_reported_as_training_by_its_pid(tmp_path):
                                                      f"(of 2 steps)"}
         assert any("bert-vanilla-s0: left to another process" in line for line in lines)
         # --report-only, beside the holder, says the same
-        reproduce("quick", str(out), families=("bert",), variants=("vanilla", "clipped"), max_steps=2,
-                  progress=False, echo=quiet, report_only=True, released=False)
+        reproduce(ReproduceRequest("quick", str(out), families=("bert",), variants=("vanilla", "clipped"), max_steps=2,
+                                   progress=False, report_only=True, released=False), echo=quiet).write(out)
         assert json.loads((out / "results.json").read_text())["meta"]["missing"][spec.name].startswith(
             f"training by pid {p.pid}")
     finally:
@@ -95,8 +95,8 @@ def test_a_held_run_is_skipped_and_reported_as_training_by_its_pid(tmp_path):
         p.wait()
     # the holder died: the run is free, and the next command trains it
     assert run_status(spec, run_dir) == "started, no checkpoint yet (of 2 steps)"
-    reproduce("quick", str(out), families=("bert",), variants=("vanilla", "clipped"), max_steps=2, progress=False,
-              echo=quiet, released=False)
+    reproduce(ReproduceRequest("quick", str(out), families=("bert",), variants=("vanilla", "clipped"), max_steps=2,
+                               progress=False, released=False), echo=quiet).write(out)
     res = json.loads((out / "results.json").read_text())
     assert sorted(r["name"] for r in res["runs"]) == ["bert-clipped-s0", "bert-vanilla-s0"]
     assert res["meta"]["missing"] == {}

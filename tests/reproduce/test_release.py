@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from outlierfree import OutlierfreeError, load_model
-from outlierfree.reproduce import reproduce
+from outlierfree.reproduce import ReproduceRequest, reproduce
 from outlierfree.reproduce import release as rel_mod
-from outlierfree.reproduce.release import available, make_release
+from outlierfree.reproduce.release import ReleaseRequest, available, make_release
 
 
 def quiet(*a, **k):
@@ -23,14 +23,14 @@ def quiet(*a, **k):
 def bert_runs(tmp_path_factory):
     """Two finished quick-preset BERT runs (vanilla, gated) of 3 steps, without the shipped releases."""
     out = tmp_path_factory.mktemp("runs")
-    reproduce("quick", str(out), families=("bert",), variants=("vanilla", "gated"), max_steps=3, progress=False,
-              echo=quiet, released=False)
+    reproduce(ReproduceRequest("quick", str(out), families=("bert",), variants=("vanilla", "gated"), max_steps=3,
+                               progress=False, released=False), echo=quiet).write(out)
     return out / "runs"
 
 
 def test_release_is_a_float16_model_directory_that_loads_as_float32(bert_runs, tmp_path):
     run = bert_runs / "bert-vanilla-s0"
-    out = make_release(run, tmp_path / "rel" / "bert-tiny-vanilla", echo=quiet)
+    out = make_release(ReleaseRequest(run, tmp_path / "rel" / "bert-tiny-vanilla"), echo=quiet).out
     for f in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json", "spec.json", "log.jsonl",
               "result.json", "release.json", "README.md"):
         assert (out / f).is_file(), f
@@ -54,12 +54,12 @@ def test_release_is_a_float16_model_directory_that_loads_as_float32(bert_runs, t
 
 def test_release_refuses_bad_input_and_writes_nothing(bert_runs, tmp_path):
     with pytest.raises(OutlierfreeError, match="not a finished reproduce run"):
-        make_release(tmp_path, tmp_path / "r1", echo=quiet)
+        make_release(ReleaseRequest(tmp_path, tmp_path / "r1"), echo=quiet)
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutlierfreeError, match="exists"):
-        make_release(bert_runs / "bert-vanilla-s0", tmp_path / "exists", echo=quiet)
+        make_release(ReleaseRequest(bert_runs / "bert-vanilla-s0", tmp_path / "exists"), echo=quiet)
     with pytest.raises(OutlierfreeError, match="dtype"):
-        make_release(bert_runs / "bert-vanilla-s0", tmp_path / "r2", dtype="int4", echo=quiet)
+        make_release(ReleaseRequest(bert_runs / "bert-vanilla-s0", tmp_path / "r2", dtype="int4"), echo=quiet)
     r = subprocess.run([sys.executable, "-m", "outlierfree", "release", str(tmp_path), "--out",
                         str(tmp_path / "r3")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -75,19 +75,19 @@ def test_release_refused_when_float16_moves_the_numbers(bert_runs, tmp_path, mon
 
     monkeypatch.setattr(rel_mod, "measure", shifted)
     with pytest.raises(OutlierfreeError, match="float16 weights change the numbers"):
-        make_release(bert_runs / "bert-gated-s0", tmp_path / "r", echo=quiet)
+        make_release(ReleaseRequest(bert_runs / "bert-gated-s0", tmp_path / "r"), echo=quiet)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_main_job_opens_its_report_with_the_releases(bert_runs, tmp_path, monkeypatch):
     root = tmp_path / "released"
     for v in ("vanilla", "gated"):
-        make_release(bert_runs / f"bert-{v}-s0", root / f"bert-tiny-{v}", echo=quiet)
+        make_release(ReleaseRequest(bert_runs / f"bert-{v}-s0", root / f"bert-tiny-{v}"), echo=quiet)
     monkeypatch.setattr(rel_mod, "RELEASED", root)
     out = tmp_path / "quick"
     lines = []
-    reproduce("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=3, progress=False,
-              echo=lines.append)
+    reproduce(ReproduceRequest("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=3,
+                               progress=False), echo=lines.append).write(out)
     md = (out / "report.md").read_text()
     sections = [ln for ln in md.splitlines() if ln.startswith("## ")]
     assert sections[0] == "## The paper's effect on released checkpoints"
@@ -115,12 +115,12 @@ def test_main_job_opens_its_report_with_the_releases(bert_runs, tmp_path, monkey
         assert r["fp"] is not None and r["w8a8"] is not None
     # a rerun reuses the measurements
     lines.clear()
-    reproduce("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=3, progress=False,
-              echo=lines.append)
+    reproduce(ReproduceRequest("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=3,
+                               progress=False), echo=lines.append).write(out)
     assert sum("measured earlier, skipped" in ln for ln in lines) == 2
     # --no-released leaves them out
-    reproduce("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=3, progress=False,
-              echo=quiet, released=False)
+    reproduce(ReproduceRequest("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=3,
+                               progress=False, released=False), echo=quiet).write(out)
     assert "released checkpoints" not in (out / "report.md").read_text()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from outlierfree import OutlierfreeError
-from outlierfree.reproduce import PRESETS, reproduce
+from outlierfree.reproduce import PRESETS, ReproduceRequest, reproduce
 from outlierfree.reproduce.report import criteria, table
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,7 +29,8 @@ def quiet(*a, **k):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
-    files = reproduce(golden.PRESET, str(out), progress=False, echo=quiet, **golden.RUN)  # the stored copy's run
+    # the stored copy's run
+    files = reproduce(ReproduceRequest(golden.PRESET, str(out), progress=False, **golden.RUN), echo=quiet).write(out)
     FIRST_NUMBERS.update(golden.numbers(out))  # before other tests edit the output (they rerun, delete, poison)
     return out, files
 
@@ -70,8 +71,8 @@ def test_rerun_skips_finished_runs_and_table_follows_run_json(quick_run):
     result.write_text(json.dumps(r))
     mtime = result.stat().st_mtime_ns
     lines = []
-    reproduce("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=STEPS, progress=False,
-              echo=lines.append)
+    reproduce(ReproduceRequest("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=STEPS,
+                               progress=False), echo=lines.append).write(out)
     assert any("done earlier, skipped" in line for line in lines)
     assert result.stat().st_mtime_ns == mtime
     md = (out / "report.md").read_text()
@@ -81,8 +82,8 @@ def test_rerun_skips_finished_runs_and_table_follows_run_json(quick_run):
 def test_different_config_in_same_out_is_refused(quick_run):
     out, _ = quick_run
     with pytest.raises(OutlierfreeError, match="holds a run of a different config"):
-        reproduce("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=STEPS + 1,
-                  progress=False, echo=quiet)
+        reproduce(ReproduceRequest("quick", str(out), families=("bert",), variants=("vanilla",), max_steps=STEPS + 1,
+                                   progress=False), echo=quiet).write(out)
 
 
 def test_report_only_reports_finished_runs_and_where_the_others_stand(quick_run):
@@ -97,8 +98,9 @@ def test_report_only_reports_finished_runs_and_where_the_others_stand(quick_run)
         finished = out / "runs" / "opt-vanilla-s0" / "result.json"
         mtime = finished.stat().st_mtime_ns
         lines = []
-        reproduce("quick", str(out), families=("opt",), variants=("vanilla", "clipped"), seeds=(0, 1, 2),
-                  max_steps=STEPS, progress=False, echo=lines.append, report_only=True)
+        reproduce(ReproduceRequest("quick", str(out), families=("opt",), variants=("vanilla", "clipped"),
+                                   seeds=(0, 1, 2), max_steps=STEPS, progress=False, report_only=True),
+                  echo=lines.append).write(out)
         assert finished.stat().st_mtime_ns == mtime  # nothing rerun
         assert not (out / "runs" / "opt-vanilla-s2").exists()  # nothing started
         assert not (run_dir / "train" / "model").exists()
@@ -111,11 +113,11 @@ def test_report_only_reports_finished_runs_and_where_the_others_stand(quick_run)
         assert any("opt-vanilla-s1: not in the report" in line for line in lines)
         # a selection with no finished run, or another config, is refused without writing anything
         with pytest.raises(OutlierfreeError, match="none of the 1 selected runs"):
-            reproduce("quick", str(out), families=("opt",), variants=("vanilla",), seeds=(2,), max_steps=STEPS,
-                      progress=False, echo=quiet, report_only=True)
+            reproduce(ReproduceRequest("quick", str(out), families=("opt",), variants=("vanilla",), seeds=(2,),
+                                       max_steps=STEPS, progress=False, report_only=True), echo=quiet).write(out)
         with pytest.raises(OutlierfreeError, match="different config"):
-            reproduce("quick", str(out), families=("opt",), variants=("vanilla",), max_steps=STEPS + 1,
-                      progress=False, echo=quiet, report_only=True)
+            reproduce(ReproduceRequest("quick", str(out), families=("opt",), variants=("vanilla",),
+                                       max_steps=STEPS + 1, progress=False, report_only=True), echo=quiet).write(out)
     finally:  # the planted run must not leak into the module's other tests
         shutil.rmtree(run_dir)
 
@@ -233,8 +235,8 @@ def test_report_names_the_machines_and_commits_runs_were_made_on(quick_run, tmp_
     r = json.loads(result.read_text())
     r["how"]["machine"], r["how"]["commit"] = "x86_64 Linux, 16 CPU cores, GPU Test-GPU", "abc123"
     result.write_text(json.dumps(r))
-    reproduce("quick", str(copy), families=("bert", "opt", "vit"), variants=("vanilla", "clipped"),
-              max_steps=STEPS, progress=False, echo=quiet, report_only=True)
+    reproduce(ReproduceRequest("quick", str(copy), families=("bert", "opt", "vit"), variants=("vanilla", "clipped"),
+                               max_steps=STEPS, progress=False, report_only=True), echo=quiet).write(copy)
     md = (copy / "report.md").read_text()
     assert "- runs trained on: " in md and "GPU Test-GPU (1 run)" in md and "(5 runs)" in md
     assert "- runs' commits: " in md and "abc123 (1 run)" in md
@@ -284,3 +286,32 @@ def test_cross_cpu_tolerance_is_measured_not_loose():
             assert golden.tolerance(stored, "released", name, key) <= 1e-2, (name, key)
     fake = {"runs": {"r": {"fp": 100.0}}, "other_cpus": {"x": {"runs": {"r": {"fp": 102.0}}}}}
     assert golden.tolerance(fake, "runs", "r", "fp") == pytest.approx(0.06)
+
+
+def test_library_call_writes_what_the_cli_writes(quick_run, tmp_path, capsys):
+    """reproduce(request).write(dir) and `outlierfree reproduce` with the same flags make the same report (the
+    finished runs' table, plots and records); only the recorded command line and wall time differ."""
+    from outlierfree.cli import main
+
+    out, _ = quick_run
+    lines: list[str] = []
+    result = reproduce(ReproduceRequest("quick", str(out), families="bert,opt", variants=("vanilla", "clipped"),
+                                        max_steps=STEPS, progress=False, released=False, report_only=True),
+                       echo=lines.append)
+    assert [r["name"] for r in result.results] == result.runs == [
+        "bert-vanilla-s0", "bert-clipped-s0", "opt-vanilla-s0", "opt-clipped-s0"]
+    files = result.write(tmp_path)
+    capsys.readouterr()
+    main(["reproduce", "--preset", "quick", "--families", "bert,opt", "--variants", "vanilla,clipped",
+          "--max-steps", str(STEPS), "--no-released", "--report-only", "--quiet", "--out", str(out)])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[:-1] == lines and printed[-1] == f"wrote {out / 'report.md'} and {out / 'results.json'}"
+    assert sorted(p.relative_to(tmp_path) for p in files) == sorted(
+        (out / p.relative_to(tmp_path)).relative_to(out) for p in files if (out / p.relative_to(tmp_path)).exists())
+    lib, cli = (json.loads((d / "results.json").read_text()) for d in (tmp_path, out))
+    assert cli["meta"]["command"].startswith("outlierfree reproduce") and "--report-only" in cli["meta"]["command"]
+    for d in (lib, cli):
+        d["meta"].pop("command"), d["meta"].pop("wall_s")
+    assert lib == cli
+    table = [[ln for ln in (d / "report.md").read_text().splitlines() if ln.startswith("| ")] for d in (tmp_path, out)]
+    assert table[0] == table[1] and len(table[0]) > 4

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import OutlierfreeError
+from .graph import const_values, consumers
 from .ort import require_onnx  # noqa: F401  (re-exported: callers import it from here)
 
 OPSET = 17
@@ -78,26 +79,6 @@ def _export(model: nn.Module, batch: dict[str, torch.Tensor], task: str, path: P
         model.train(was)
 
 
-def _consumers(graph: Any) -> dict[str, list]:
-    """Tensor name -> the nodes of ``graph`` that read it (in graph order)."""
-    users: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    return users
-
-
-def _const_values(graph: Any) -> dict[str, Any]:
-    """name -> numpy value of every initializer and Constant node output."""
-    from onnx import numpy_helper
-
-    vals = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            vals[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return vals
-
-
 def fold_weight_qdq(path: Path) -> dict[str, int]:
     """Replace every weight QuantizeLinear (input: a float initializer) by an int8/uint8 initializer, in place.
 
@@ -109,7 +90,7 @@ def fold_weight_qdq(path: Path) -> dict[str, int]:
     model = onnx.load(str(path))
     g = model.graph
     inits = {i.name for i in g.initializer}
-    vals = _const_values(g)
+    vals = const_values(g)
     # the exporter deduplicates equal initializers (LayerNorm gains at init) into Identity nodes of one of them
     alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity" and n.input[0] in inits}
     keep, new_inits, folded = [], [], 0
@@ -165,8 +146,8 @@ def _transpose_into_weights(g: Any, int_weights: set[str]) -> int:
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in g.initializer}
-    vals = _const_values(g)
-    users = _consumers(g)
+    vals = const_values(g)
+    users = consumers(g)
     graph_outputs = {o.name for o in g.output}
     done = 0
     for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in int_weights]:
@@ -204,8 +185,8 @@ def _gather_before_dequantize(g: Any, int_weights: set[str]) -> int:
     import onnx
     from onnx import helper
 
-    vals = _const_values(g)
-    users = _consumers(g)
+    vals = const_values(g)
+    users = consumers(g)
     graph_outputs = {o.name for o in g.output}
     nodes = list(g.node)
     done = 0
@@ -278,7 +259,7 @@ def additive_masks(path: Path) -> int:
 
     model = onnx.load(str(path))
     g = model.graph
-    vals = _const_values(g)
+    vals = const_values(g)
 
     def scalar(name: str) -> float | None:
         v = vals.get(name)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import OutlierfreeError
+from .graph import const_values
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: sessions alone (outlierfree.deploy) run without it
     import torch
@@ -20,10 +21,12 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: sessions alone (o
 
 def require_onnx() -> None:
     """One-line error when the deploy extra (onnx, onnxruntime) is not installed."""
+    import importlib
+
     missing = []
     for mod in ("onnx", "onnxruntime"):
         try:
-            __import__(mod)
+            importlib.import_module(mod)
         except ImportError:
             missing.append(mod)
     if missing:
@@ -119,11 +122,10 @@ def site_agreement(qm: Any, path: str | Path, batch: dict[str, torch.Tensor]) ->
 
     from ..quant.quantizer import qparams
     from ..quant.evaluate import model_output
-    from .onnx import _const_values
 
     m = onnx.load(str(path))
     g = m.graph
-    vals = _const_values(g)
+    vals = const_values(g)
     inits = {i.name for i in g.initializer}
     by_grid: dict[tuple, list[str]] = {}
     for n in g.node:  # activation pairs: QuantizeLinear of a computed tensor -> DequantizeLinear

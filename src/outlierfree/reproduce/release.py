@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +31,8 @@ import torch
 from ..errors import require
 from ..records import make_dir, read_json, read_log, write_json, write_text
 from .presets import METRIC, RunSpec, degradation
-from .runner import _fmt_s, _g, analysis_stage, git_commit, machine, quant_inputs, quant_stage, summarise
+from .runner import (analysis_stage, fmt_duration, fmt_number, git_commit, machine, quant_inputs, quant_stage,
+                     summarise)
 
 # the package directory that holds the releases (package data, so an installed wheel has them too)
 RELEASED = Path(__file__).resolve().parent.parent / "released"
@@ -82,22 +84,77 @@ def measure(model_dir: Path, spec: RunSpec, progress: bool = False) -> dict[str,
     return {"metric": metric, "fp": m.float, "w8a8": m.quantized}
 
 
-def make_release(run_dir: str | Path, out: str | Path, dtype: str = "float16", note: str | None = None,
-                 echo: Callable[[str], None] = print) -> Path:
-    """Pack the finished reproduce run ``run_dir`` as a release at ``out`` (written to a temporary directory,
-    then renamed: an interrupted release leaves nothing behind). Returns ``out``.
+DTYPES = ("float16", "float32")
 
-    ``dtype``: ``float16`` (default) or ``float32`` weights. The float16 release is re-measured (FP and W8A8 on the
-    run's own batches) and refused if its FP metric moves by more than 0.5 % or its W8A8 degradation by more than
-    10 % of the float32 model's; ``note``: a line for the card (e.g. where and how it was trained)."""
-    run_dir, out = Path(run_dir), Path(out)
-    require(dtype in ("float16", "float32"), f"unknown --dtype {dtype!r}", "use float16 or float32")
-    require((run_dir / "result.json").is_file(), f"{str(run_dir)!r} is not a finished reproduce run (no result.json)",
-            "pass a run directory such as runs/gpu/runs/bert-vanilla-s0 after its reproduce command has finished")
-    require(not out.exists(), f"{str(out)!r} exists", "pass a new --out directory, or delete the old release")
-    model_dir = run_dir / "train" / "model"
-    require((model_dir / "model.safetensors").is_file(), f"{str(model_dir)!r} has no model.safetensors",
-            "rerun the reproduce command: it writes the model at the end of training")
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """What ``outlierfree release`` is asked to do, as data; every field is checked when it is made, with a
+    one-line error naming the flag.
+
+    Attributes:
+        run_dir: a finished reproduce run (``OUT/runs/<family>-<variant>-s<seed>``, with its result.json).
+        out: the release directory to write (refused if it exists).
+        dtype: ``float16`` (re-measured, refused if that moves the numbers) or ``float32`` weights.
+        note: a line for the card (e.g. where and how it was trained).
+    """
+
+    run_dir: str
+    out: str
+    dtype: str = "float16"
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", str(self.run_dir))
+        object.__setattr__(self, "out", str(self.out))
+        run_dir = Path(self.run_dir)
+        require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}", f"use {' or '.join(DTYPES)}")
+        require((run_dir / "result.json").is_file(),
+                f"{self.run_dir!r} is not a finished reproduce run (no result.json)",
+                "pass a run directory such as runs/gpu/runs/bert-vanilla-s0 after its reproduce command has finished")
+        require(not Path(self.out).exists(), f"{self.out!r} exists",
+                "pass a new --out directory, or delete the old release")
+        require((self.model_dir / "model.safetensors").is_file(), f"{str(self.model_dir)!r} has no model.safetensors",
+                "rerun the reproduce command: it writes the model at the end of training")
+
+    @property
+    def model_dir(self) -> Path:
+        """The run's trained model directory (what is released)."""
+        return Path(self.run_dir) / "train" / "model"
+
+
+@dataclass
+class ReleaseResult:
+    """A release ``outlierfree release`` wrote: where, which run, and its release.json (how it was made, its
+    numbers re-measured on the released weights). The call wrote the directory already (atomically)."""
+
+    out: Path
+    run: str
+    info: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """release.json."""
+        return dict(self.info)
+
+    @property
+    def files(self) -> list[Path]:
+        """The files of the release directory."""
+        return sorted(p for p in self.out.iterdir() if p.is_file())
+
+    def lines(self) -> list[str]:
+        """The console summary."""
+        return [f"released {self.run} to {self.out} ({sum(p.stat().st_size for p in self.files) / 1e6:.1f} MB)"]
+
+
+def make_release(request: ReleaseRequest, *, echo: Callable[[str], None] | None = None) -> ReleaseResult:
+    """Pack the finished reproduce run ``request.run_dir`` as a release at ``request.out`` (written to a temporary
+    directory, then renamed: an interrupted release leaves nothing behind); the library call behind
+    ``outlierfree release``.
+
+    Float16 weights are re-measured (FP and W8A8 on the run's own batches) and refused if the FP metric moves by more
+    than 0.5 % or the W8A8 degradation by more than 10 % of the float32 model's. ``echo`` receives progress notes."""
+    echo = echo or (lambda line: None)
+    run_dir, out, dtype, model_dir = Path(request.run_dir), Path(request.out), request.dtype, request.model_dir
     result = read_json(run_dir / "result.json")
     spec = release_spec(run_dir)  # a run directory holds the same spec.json
     make_dir(out.parent)
@@ -120,12 +177,12 @@ def make_release(run_dir: str | Path, out: str | Path, dtype: str = "float16", n
         now = measure(tmp, spec)
         check = _check(result, now)
         require(check["ok"], f"the {dtype} weights change the numbers ({check['why']})",
-                 "release in float32 (--dtype float32)")
+                "release in float32 (--dtype float32)")
         starts = read_log(run_dir / "train" / "log.jsonl", ("start",))  # one per training sitting
         info = {"name": out.name, "run": spec.name, "preset": result.get("preset"), "dtype": dtype, **counts,
                 "training_commits": sorted({e["commit"] for e in starts if e.get("commit")}),
                 "measured": now, "check": check, "measure_seconds": round(time.perf_counter() - t0, 1),
-                "released_at_commit": git_commit(), "released_on": machine(), "note": note,
+                "released_at_commit": git_commit(), "released_on": machine(), "note": request.note,
                 "retrain": retrain_command(result.get("preset"), spec)}
         write_json(tmp / "release.json", info)
         write_text(tmp / "README.md", card(info, result, _training_config(tmp)))
@@ -133,8 +190,7 @@ def make_release(run_dir: str | Path, out: str | Path, dtype: str = "float16", n
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    echo(f"released {spec.name} to {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")
-    return out
+    return ReleaseResult(out=out, run=spec.name, info=info)
 
 
 def _check(result: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
@@ -205,7 +261,7 @@ def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> st
          f"- Commit at which reproduce measured the run (its training log predates recording the commit): "
          f"`{how.get('commit', 'not recorded')}`"),
         f"- Machine of that measurement: {how.get('machine', 'not recorded')}",
-        f"- Training time: {_fmt_s(train_s)} of wall time (one process; summed over resumed sittings)."
+        f"- Training time: {fmt_duration(train_s)} of wall time (one process; summed over resumed sittings)."
         if train_s else "- Training time: not recorded.",
     ]
     if info.get("note"):
@@ -217,23 +273,23 @@ def card(info: dict[str, Any], result: dict[str, Any], tr: dict[str, Any]) -> st
         "## Numbers (measured by reproduce on the float32 model)",
         "",
         "| metric | value |", "|---|---|",
-        f"| FP {result.get('metric')} | {_g(result.get('fp'))} |",
-        f"| W8A8, paper's site set (simulated) | {_g(result.get('w8a8'))} |",
-        f"| W8A8 real INT8 (ONNX Runtime) | {_g(result.get('w8a8_ort'))} |",
-        f"| W8A8 degradation | {_g(deg, 3)} |",
-        f"| W8A8, linear layers only | {_g(result.get('w8a8_linear'))} |",
-        f"| max inf-norm of LayerNorm inputs | {_g(result.get('max_inf_norm'))} "
+        f"| FP {result.get('metric')} | {fmt_number(result.get('fp'))} |",
+        f"| W8A8, paper's site set (simulated) | {fmt_number(result.get('w8a8'))} |",
+        f"| W8A8 real INT8 (ONNX Runtime) | {fmt_number(result.get('w8a8_ort'))} |",
+        f"| W8A8 degradation | {fmt_number(deg, 3)} |",
+        f"| W8A8, linear layers only | {fmt_number(result.get('w8a8_linear'))} |",
+        f"| max inf-norm of LayerNorm inputs | {fmt_number(result.get('max_inf_norm'))} "
         f"({result.get('max_inf_norm_site')}) |",
-        f"| average kurtosis | {_g(result.get('avg_kurtosis'))} |",
+        f"| average kurtosis | {fmt_number(result.get('avg_kurtosis'))} |",
         f"| no-op heads | {result.get('noop_heads')} |",
         "",
         f"FP and W8A8: {quant.get('eval_batches')} validation batches of {quant.get('batch_size')} "
         f"sequences, calibration on {quant.get('calib_batches')} training batches; outliers: "
         f"{analysis.get('batches')} validation batches of {analysis.get('batch_size')}.",
         "",
-        f"Re-measured on the {info['dtype']} weights when released (same batches): FP {_g(c['fp_now'])} "
-        f"(float32: {_g(c['fp_float32'])}), W8A8 degradation {_g(c['degradation_now'], 3)} (float32: "
-        f"{_g(c['degradation_float32'], 3)}).",
+        f"Re-measured on the {info['dtype']} weights when released (same batches): FP "
+        f"{fmt_number(c['fp_now'])} (float32: {fmt_number(c['fp_float32'])}), W8A8 degradation "
+        f"{fmt_number(c['degradation_now'], 3)} (float32: {fmt_number(c['degradation_float32'], 3)}).",
         "",
     ]
     return "\n".join(lines)
@@ -274,6 +330,7 @@ def evaluate_releases(releases: list[Path], out: Path, progress: bool = True,
                            "retrain": info.get("retrain"), "note": info.get("note")}
         write_json(run_dir / "result.json", res)
         results.append(res)
-        echo(f"[released {i}/{len(releases)}] {rel.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "
-             f"max inf-norm {_g(res['max_inf_norm'])} ({_fmt_s(time.perf_counter() - t0)})")
+        echo(f"[released {i}/{len(releases)}] {rel.name}: FP {res['metric']} {fmt_number(res['fp'])}, W8A8 "
+             f"{fmt_number(res['w8a8'])}, max inf-norm {fmt_number(res['max_inf_norm'])} "
+             f"({fmt_duration(time.perf_counter() - t0)})")
     return results

@@ -312,9 +312,10 @@ def released_section(results: list[dict[str, Any]], out: Path) -> tuple[list[str
 
 
 def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any],
-          released: list[dict[str, Any]] | None = None) -> dict[str, Path]:
-    """Write report.md, results.json and the plots into ``out``; returns their paths. ``released``: the released
-    checkpoints' results (:func:`outlierfree.reproduce.release.evaluate_releases`), shown first."""
+          released: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write report.md, results.json and the plots into ``out``; returns their paths (``plots``: the plots' paths
+    relative to ``out``). ``released``: the released checkpoints' results
+    (:func:`outlierfree.reproduce.release.evaluate_releases`), shown first."""
     rows = table(results)
     checks = criteria(rows)
     rel_lines, rel_json = released_section(released, out) if released else (None, None)
@@ -334,7 +335,7 @@ def write(results: list[dict[str, Any]], out: Path, meta: dict[str, Any],
     write_json(out / "results.json", {"meta": meta, "released": rel_json, "table": rows, "criteria": checks,
                                       "runs": results})
     md = write_text(out / "report.md", markdown(rows, checks, meta, plots, rel_lines))  # atomic, per process
-    return {"markdown": md, "json": out / "results.json"}
+    return {"markdown": md, "json": out / "results.json", "plots": plots}
 
 
 def _noop_plots(results: list[dict[str, Any]], out: Path, prefix: str = "analysis") -> list[str]:

@@ -375,7 +375,7 @@ def _run_one(i: int, spec: RunSpec, specs: list[RunSpec], run_dir: Path, preset:
         echo(f"[{i}/{len(specs)}] {spec.name}: W8A8 was simulated with the old site set; simulating it again "
              f"with the paper's")
     left = len(specs) - i + 1
-    eta = f", ETA {_fmt_s(sum(spent) / len(spent) * left)} for the {left} left" if spent else ""
+    eta = f", ETA {fmt_duration(sum(spent) / len(spent) * left)} for the {left} left" if spent else ""
     echo(f"[{i}/{len(specs)}] {spec.name}: training {spec.train.get('size')} for {spec.train.get('steps')} "
          f"steps{eta}")
     t0 = time.perf_counter()
@@ -389,14 +389,17 @@ def _run_one(i: int, spec: RunSpec, specs: list[RunSpec], run_dir: Path, preset:
     spent.append(dt)
     res = summarise(spec, model_dir, run_dir, analysis, quant, dt, commit, preset)
     write_json(result_path, res)
-    echo(f"[{i}/{len(specs)}] {spec.name}: FP {res['metric']} {_g(res['fp'])}, W8A8 {_g(res['w8a8'])}, "
-         f"max inf-norm {_g(res['max_inf_norm'])} ({_fmt_s(dt)})")
+    echo(f"[{i}/{len(specs)}] {spec.name}: FP {res['metric']} {fmt_number(res['fp'])}, W8A8 "
+         f"{fmt_number(res['w8a8'])}, max inf-norm {fmt_number(res['max_inf_norm'])} ({fmt_duration(dt)})")
     return res
 
-def _g(v: Any, digits: int = 4) -> str:
+
+def fmt_number(v: Any, digits: int = 4) -> str:
+    """``v`` to ``digits`` significant digits, or ``n/a`` when it is not a number (a run that recorded none)."""
     return f"{v:.{digits}g}" if isinstance(v, (int, float)) else "n/a"
 
 
-def _fmt_s(s: float) -> str:
+def fmt_duration(s: float) -> str:
+    """Seconds as ``1h02m`` or ``3m05s``."""
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
