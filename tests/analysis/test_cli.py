@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from outlierfree.cli import main
+from outlierfree.analysis.tracking import headline_metrics
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def runs(tmp_path_factory):
     try:
         model_dir = train(TrainConfig(task="mlm", steps=6, batch_size=4, vocab_size=600, track_outliers=3,
                                       eval_every=0, save_every=0, val_size=8, out=str(root / "bert"),
-                                      progress=False)).model_dir
+                                      progress=False), outlier_metrics=headline_metrics).model_dir
     finally:
         if old is None:
             os.environ.pop("OUTLIERFREE_CACHE", None)

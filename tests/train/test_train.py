@@ -147,20 +147,9 @@ def test_outlier_tracking_hook(corpus, tmp_path, monkeypatch):
         seen.append((model.training, tuple(batch["input_ids"].shape)))
         return {"max_inf_norm": float(len(seen)), "kurtosis": 3.0}
 
-    import outlierfree.analysis as analysis
-
-    try:  # the real module (issue 4) when it is there: replace only its function
-        from outlierfree.analysis import tracking
-
-        monkeypatch.setattr(tracking, "headline_metrics", headline_metrics)
-    except ImportError:
-        fake = types.ModuleType("outlierfree.analysis.tracking")
-        fake.headline_metrics = headline_metrics
-        monkeypatch.setitem(sys.modules, "outlierfree.analysis.tracking", fake)
-        monkeypatch.setattr(analysis, "tracking", fake, raising=False)
     out = tmp_path / "t"
     common = dict(hidden_dropout=0.0, attention_dropout=0.0, steps=4, eval_every=0, save_every=0)
-    train(small("mlm", corpus, out, track_outliers=2, **common))
+    train(small("mlm", corpus, out, track_outliers=2, **common), outlier_metrics=headline_metrics)
     ev = events(out, "outliers")
     assert [(e["step"], e["max_inf_norm"], e["kurtosis"]) for e in ev] == [(2, 1.0, 3.0), (4, 2.0, 3.0)]
     assert seen == [(False, (16, 32))] * 2  # eval mode, a fixed validation batch
@@ -169,9 +158,8 @@ def test_outlier_tracking_hook(corpus, tmp_path, monkeypatch):
     a = load_file(str(out / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "u" / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    monkeypatch.setitem(sys.modules, "outlierfree.analysis.tracking", None)  # the module is missing
-    monkeypatch.delattr(analysis, "tracking", raising=False)
-    with pytest.raises(OutlierfreeError, match="--track-outliers needs outlierfree.analysis.tracking"):
+    # no probe given: one line naming the fix, before the run directory is made
+    with pytest.raises(OutlierfreeError, match="--track-outliers needs an outlier probe.*headline_metrics"):
         train(small("mlm", corpus, tmp_path / "v", track_outliers=2))
     assert not (tmp_path / "v").exists()
 

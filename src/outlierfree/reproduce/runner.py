@@ -126,11 +126,12 @@ def lock_holder(run_dir: Path) -> int | None:
 
 def train_stage(spec: RunSpec, run_dir: Path, progress: bool) -> Path:
     """Train (or resume, or skip if finished) and return the final model directory."""
+    from ..analysis.tracking import headline_metrics
     from ..train import TrainConfig, train
 
     cfg = TrainConfig.from_dict({**spec.train, "seed": spec.seed, "out": str(run_dir / "train"), "resume": True,
                                  "progress": progress})
-    return train(cfg).model_dir
+    return train(cfg, outlier_metrics=headline_metrics).model_dir
 
 
 def analysis_stage(spec: RunSpec, model_dir: Path, run_dir: Path, progress: bool) -> dict[str, Any]:

@@ -101,9 +101,10 @@ def train_cmd(config_file: str | None, set_items: tuple[str, ...], print_config:
 
         click.echo(yaml.safe_dump(cfg.resolved().to_dict(), sort_keys=False))
         return
+    from ..analysis.tracking import headline_metrics  # the command layer composes analysis into training
     from .loop import train
 
-    for line in train(cfg).lines():
+    for line in train(cfg, outlier_metrics=headline_metrics).lines():
         click.echo(line)
 
 

@@ -35,7 +35,7 @@ from ..records import git_commit, machine, progress
 from .config import TrainConfig
 from .losses import TaskModel
 from .model import build_for_run, describe, image_size
-from .monitor import OutlierTracker, format_validation, validate
+from .monitor import OutlierMetrics, OutlierTracker, format_validation, validate
 from .optim import optimizer_and_schedule
 from .result import TrainResult
 from .rundir import DONE_FILE, RunDir
@@ -44,9 +44,12 @@ from .rundir import DONE_FILE, RunDir
 STEP_DELAY_ENV = "OUTLIERFREE_TEST_STEP_DELAY"
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, *, outlier_metrics: OutlierMetrics | None = None) -> TrainResult:
     """Train a model as ``cfg`` says (the library call behind ``outlierfree train``); returns the
     :class:`TrainResult`: the final model directory ``OUT/model`` and the final validation metrics.
+
+    ``outlier_metrics`` is the probe ``cfg.track_outliers`` calls every K steps (the commands pass
+    :func:`outlierfree.analysis.tracking.headline_metrics`; analysis sits above training, which does not import it).
 
     ``cfg`` is validated once, here, before any work (:meth:`TrainConfig.resolved`). Resumes from
     ``OUT/checkpoint`` when ``cfg.resume`` (the checkpoint's config must match), returns at once when ``OUT/DONE``
@@ -82,7 +85,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         data = load_training_data(cfg, run.own_tokenizer() if state else None, image_size(cfg))
     batches = TrainingBatches(cfg.task, data, cfg.batch_size, cfg.seed, cfg.mlm_probability, cfg.val_size)
     model = build_for_run(cfg, data)
-    tracker = OutlierTracker(batches, accelerator.device) if cfg.track_outliers and main else None
+    tracker = OutlierTracker(batches, accelerator.device, outlier_metrics) if cfg.track_outliers and main else None
     optimizer, scheduler = optimizer_and_schedule(model, cfg)
     task_model, optimizer, scheduler = accelerator.prepare(TaskModel(model, cfg.task), optimizer, scheduler)
     run.begin(state, getattr(data, "tokenizer", None))  # only now: bad input leaves no directory behind

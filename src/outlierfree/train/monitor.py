@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..data.training import TrainingBatches
-from ..errors import OutlierfreeError, require
+from ..errors import require
 
 
 @torch.no_grad()
@@ -58,22 +58,23 @@ def format_validation(r: dict[str, float]) -> str:
     return "no validation data"
 
 
+# what --track-outliers measures: (model, one batch of its inputs) -> metrics; the command layer passes
+# outlierfree.analysis.tracking.headline_metrics (analysis sits above training, so training does not import it)
+OutlierMetrics = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, Any]]
+
+
 class OutlierTracker:
-    """``--track-outliers N``: every N steps, the outlier metrics of ``analysis.tracking.headline_metrics`` on a
-    fixed validation batch of 16 rows (main process only)."""
+    """``--track-outliers N``: every N steps, ``metrics_fn`` (the outlier probe the caller of :func:`train` passes,
+    e.g. ``analysis.tracking.headline_metrics``) on a fixed validation batch of 16 rows (main process only)."""
 
     ROWS = 16
 
-    def __init__(self, batches: TrainingBatches, device: Any):
-        try:
-            from ..analysis import tracking
-        except ImportError as e:
-            raise OutlierfreeError(f"--track-outliers needs outlierfree.analysis.tracking, which is not available "
-                                   f"({e})", "install the analysis module, or drop --track-outliers") from e
-        self.fn: Callable[..., dict[str, Any]] = getattr(tracking, "headline_metrics", None)
-        require(callable(self.fn), "--track-outliers needs outlierfree.analysis.tracking.headline_metrics, which "
-                "is missing", "update outlierfree, or drop --track-outliers")
+    def __init__(self, batches: TrainingBatches, device: Any, metrics_fn: OutlierMetrics | None):
+        require(metrics_fn is not None, "--track-outliers needs an outlier probe and none was given",
+                "pass outlier_metrics=outlierfree.analysis.tracking.headline_metrics to train() (the train and "
+                "reproduce commands do), or set track_outliers=0")
         require(batches.val_size() > 0, "--track-outliers needs validation data", "pass a --val-fraction above 0")
+        self.fn = metrics_fn
         self.batch = {k: v.to(device) for k, v in batches.model_inputs(self.ROWS).items()}
 
     def __call__(self, model: nn.Module) -> dict[str, Any]:
