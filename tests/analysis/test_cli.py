@@ -137,9 +137,9 @@ def test_out_never_replaces_a_foreign_directory(runs, tmp_path, capsys):
 
 
 def test_training_data_is_read_from_train_config(tmp_path):
-    """What training recorded comes from the one reader (data/record.py): its data and validation fraction; a torn
+    """What training recorded comes from the one reader (data/training_record.py): its data and validation fraction; a torn
     or absent train_config.json counts as no record."""
-    from outlierfree.data.record import read_training_record
+    from outlierfree.data.training_record import read_training_record
 
     (tmp_path / "train_config.json").write_text(json.dumps({"data": "corpus.txt", "val_fraction": 0.25}))
     record = read_training_record(tmp_path)

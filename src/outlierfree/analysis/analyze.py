@@ -76,7 +76,7 @@ def analyze_model(model: nn.Module, batches: Iterable[EvalBatch | dict[str, torc
     require(len(batches) > 0, "no evaluation batches to analyse", "pass --batches 1 or more, and data with tokens")
     batches = [b if isinstance(b, EvalBatch) else from_inputs(b, tokenizer) for b in batches]
     sites = analysis_sites(model, kinds, attention)
-    residual = "residual" in kinds  # residual sums are found while the forward runs (outlierfree.sites.ops)
+    residual = "residual" in kinds  # residual sums are found while the forward runs (outlierfree.sites.opmode)
     require(len(sites) > 0 or residual, f"found no sites of kinds {', '.join(kinds)} in {type(model).__name__}",
             "pass other --sites kinds (see docs/metrics.md), e.g. --sites all")
     stats: dict[str, HiddenStats | AttentionStats] = {

@@ -188,7 +188,7 @@ def _analyze_one(request: AnalyzeRequest, path: str) -> dict[str, Any]:
 
     The batches come from the shared evaluation-data layer (:mod:`outlierfree.data.evaluation`): a model trained
     here is analysed on its own validation split, any other text given with ``data`` is used whole."""
-    from ..data.record import read_training_record
+    from ..data.training_record import read_training_record
     from ..models.io import load_model, load_tokenizer
     from .analyze import analyze_model
     from .inputs import image_batches, text_batches

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import OutlierfreeError, require
 from . import defaults
-from .record import TrainingRecord, read_training_record
+from .training_record import TrainingRecord, read_training_record
 
 PURPOSES = ("quantize", "analyze")
 PACKINGS = ("auto", "packed", "documents")

@@ -311,7 +311,7 @@ def _finish(cfg: FinetuneConfig, run: FinetuneRunDir, model: nn.Module, teacher:
             learned: Any, seconds: float, world: int) -> dict[str, Any]:
     """Measure before/after, save the model with its ranges, config, result and card, log "done", write DONE;
     returns the result record (finetune_result.json)."""
-    from ..data.record import IMAGE_NORMALISATION, TRAIN_CONFIG, model_dir
+    from ..data.training_record import IMAGE_NORMALISATION, TRAIN_CONFIG, model_dir
     from ..models.io import save_model
     from ..quant.learned import save_ranges
     from .card import card

@@ -11,7 +11,7 @@ hooks, attention internals, residual sums and weight interception); which of the
 site set (:mod:`.sitesets`: ``paper``, ``full``, ``linear`` or kinds).
 
 **A tensor is rounded at most once, by construction.** Every quantized tensor carries the name of its site, and the
-op mode of :mod:`outlierfree.sites.ops` carries that name through every operation that keeps values on the grid
+op mode of :mod:`outlierfree.sites.opmode` carries that name through every operation that keeps values on the grid
 (views, copies, ``transpose().contiguous()``, casts, splits, concatenation, scaling by a number). A site whose tensor
 already lies on a grid is recorded as an alias of the site that quantized it and left alone.
 

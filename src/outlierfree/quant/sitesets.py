@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from .. import hf_compat
 from ..sites import Site, in_head
-from ..sites.core import _is_norm
-from ..sites.ops import MATMUL_FUNCS
+from ..sites.observe import _is_norm
+from ..sites.opmode import MATMUL_FUNCS
 
 PAPER_KINDS = frozenset({"residual", "ln_input", "ln_output", "linear_input", "linear_output", "query", "key", "value",
                          "attn_scores", "attn_probs", "context", "attn_output", "ffn_hidden", "ffn_output",

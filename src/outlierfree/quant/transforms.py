@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import require
-from ..sites.core import _is_norm
+from ..sites.observe import _is_norm
 from .simulator import default_forward as _default_forward
 
 ForwardFn = Callable[[nn.Module, Any], Any]

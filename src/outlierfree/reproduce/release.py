@@ -211,7 +211,7 @@ def _check(result: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
 
 def _training_config(model_dir: Path) -> dict[str, Any]:
     """train_config.json of a model directory, through the package's one reader of training records."""
-    from ..data.record import read_training_record
+    from ..data.training_record import read_training_record
 
     record = read_training_record(model_dir)
     return dict(record.config) if record is not None else {}

@@ -1,8 +1,8 @@
-"""Named tensor sites shared by outlier analysis and the quantization simulator (see :mod:`.core` and :mod:`.ops`)."""
+"""Named tensor sites shared by outlier analysis and the quantization simulator (see :mod:`.observe` and :mod:`.opmode`)."""
 
-from .core import ATTENTION_POINTS, Observed, discover, in_head, layer_index, observe, parse_kinds, select
+from .observe import ATTENTION_POINTS, Observed, discover, in_head, layer_index, observe, parse_kinds, select
 from .site import SITE_KINDS, Site
-from .ops import RESIDUAL_KIND, grid_of, mark
+from .opmode import RESIDUAL_KIND, grid_of, mark
 
 __all__ = ["Site", "SITE_KINDS", "ATTENTION_POINTS", "RESIDUAL_KIND", "Observed", "discover", "observe", "select",
            "layer_index", "parse_kinds", "in_head", "grid_of", "mark"]

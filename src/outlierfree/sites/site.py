@@ -1,5 +1,5 @@
 """What a site is: one named activation tensor of a forward pass, and the kinds of sites there are (the one list
-that analysis and quantization share). :mod:`.core` finds sites on a model and observes them; :mod:`.ops` finds the
+that analysis and quantization share). :mod:`.observe` finds sites on a model and observes them; :mod:`.opmode` finds the
 ones that only exist as operations (residual sums)."""
 
 from __future__ import annotations

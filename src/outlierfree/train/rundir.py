@@ -174,7 +174,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 def _saved_identity(model_dir: Path) -> dict[str, Any] | None:
     """The identity of the finished run's train_config.json (read by the package's one reader of training
     records), or None when it is missing or unreadable."""
-    from ..data.record import read_training_record
+    from ..data.training_record import read_training_record
 
     try:
         record = read_training_record(model_dir)

@@ -9,7 +9,7 @@ Module-boundary sites are observed with forward hooks; attention internals (quer
 context, gate) through the ``outlierfree_probe`` of :mod:`outlierfree.attention.interface`, which is why
 :func:`observe` routes the model through the ``outlierfree`` attention implementation while it is active.
 Residual and embedding sums, the weights every operation uses, and the grids of quantized tensors come from the
-op mode of :mod:`.ops`. Known families (BERT, OPT, ViT) get precise names for attention output and FFN output; any
+op mode of :mod:`.opmode`. Known families (BERT, OPT, ViT) get precise names for attention output and FFN output; any
 other transformer gets the generic rule: every norm's input and output, every linear's input and output, every
 activation function's output, the embeddings, the task head's input and logits, and the internals of every module
 that calls transformers' attention interface.
@@ -31,6 +31,7 @@ from ..errors import require
 from .. import hf_compat
 from ..hf_compat import layer_index
 from ..attention.interface import outlierfree_attention
+from . import opmode
 from .site import SITE_KINDS, Site
 
 ATTENTION_POINTS = {"query": "query", "key": "key", "value": "value", "scores": "attn_scores",
@@ -151,7 +152,7 @@ SiteFn = Callable[[Site, torch.Tensor], "torch.Tensor | None"]
 
 
 class Observed(list):
-    """The static sites being observed, and the op mode (:class:`.ops.OpMode`, or None) that traces the forward."""
+    """The static sites being observed, and the op mode (:class:`.opmode.OpMode`, or None) that traces the forward."""
 
     def __init__(self, sites: list[Site], mode: Any):
         super().__init__(sites)
@@ -179,19 +180,17 @@ def observe(model: nn.Module, fn: SiteFn, sites: list[Site] | None = None, *, re
     """Call ``fn(site, tensor)`` for every site during forward passes inside the ``with`` block.
 
     If ``fn`` returns a tensor, it replaces the activation (inputs and outputs of modules, attention internals and
-    residual sums alike) and is marked as lying on that site's grid (:func:`.ops.grid_of`), so the same mechanism
+    residual sums alike) and is marked as lying on that site's grid (:func:`.opmode.grid_of`), so the same mechanism
     measures (analysis) and fake-quantizes (simulator). Hooks, probes, the op mode and the attention implementation
     are restored on exit, also after an exception.
 
     Args:
         sites: the static sites to observe (``discover(model)`` when None).
-        residual: also call ``fn`` at every residual / embedding sum (kind ``residual``, found by :mod:`.ops`).
-        weight_fn: offered every parameter the model computes with (see :mod:`.ops`), may return a replacement.
+        residual: also call ``fn`` at every residual / embedding sum (kind ``residual``, found by :mod:`.opmode`).
+        weight_fn: offered every parameter the model computes with (see :mod:`.opmode`), may return a replacement.
         grids: run the op mode even without residual sums or weights, so that grids propagate.
     Yields the list of static sites being observed (an :class:`Observed`, whose ``mode`` is the op mode or None).
     """
-    from . import ops
-
     sites = discover(model) if sites is None else sites
     modules = dict(model.named_modules())
     by_module: dict[str, dict[str, Site]] = {}
@@ -219,7 +218,7 @@ def observe(model: nn.Module, fn: SiteFn, sites: list[Site] | None = None, *, re
             if mode is not None:
                 mode.busy = False
         if new is not None and new is not t:
-            ops.mark(new, site.name)
+            opmode.mark(new, site.name)
         return new
 
     handles = []
@@ -243,7 +242,7 @@ def observe(model: nn.Module, fn: SiteFn, sites: list[Site] | None = None, *, re
                     m.outlierfree_probe = _probe(internal, call)
                     probed.append(m)
             if residual or weight_fn is not None or grids:
-                state["mode"] = stack.enter_context(ops.trace(model, weight_fn, call if residual else None))
+                state["mode"] = stack.enter_context(opmode.trace(model, weight_fn, call if residual else None))
             yield Observed(sites, state["mode"])
         finally:
             for h in handles:

@@ -1,6 +1,6 @@
 """The op-level half of the site mechanism: a ``TorchFunctionMode`` active only while the model's own forward runs.
 
-Module hooks and the attention probe (:mod:`.core`) see tensors at module boundaries; some things are only visible
+Module hooks and the attention probe (:mod:`.observe`) see tensors at module boundaries; some things are only visible
 as tensor operations, named here by the path of the module whose forward runs them:
 
 1. **residual sums** (kind ``residual``, named ``<module path>:add<k>``): every ``tensor + tensor`` (``+``,
