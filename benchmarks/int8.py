@@ -3,6 +3,7 @@
     python benchmarks/int8.py                                   # all-MiniLM-L6-v2 (the installed checkpoint)
     python benchmarks/int8.py --models released                 # the released bert-mini vanilla, clipped, gated
     python benchmarks/int8.py --skip pytorch,ort-static --rounds 3 --iters 10
+    python benchmarks/int8.py --sites paper --profile   # + OpenVINO's per-layer time of each OpenVINO engine
 
 Memory: every engine of every model stays loaded for the interleaved rounds; with all engines and both outlierfree
 site sets the three released models took over 15 GB (killed for memory on a 24 GiB machine shared with other
@@ -151,8 +152,32 @@ def task_metrics(task: str, outs: list[np.ndarray], refs: list[np.ndarray], batc
 class Engine:
     """One way of running the model: ``fn(feed) -> output array``, its files, how it was made."""
 
-    def __init__(self, name: str, label: str, fn: Callable[[dict], np.ndarray], files: list[Path], how: str):
+    def __init__(self, name: str, label: str, fn: Callable[[dict], np.ndarray], files: list[Path], how: str,
+                 ov: tuple[Path, str] | None = None):
         self.name, self.label, self.fn, self.files, self.how = name, label, fn, files, how
+        self.ov = ov  # OpenVINO engines: (model file, precision hint), for --profile
+
+
+def profile_ov(path: Path, precision: str, feed: dict[str, np.ndarray], threads: int, runs: int = 10
+               ) -> dict[str, float]:
+    """OpenVINO's own per-layer timing (``PERF_COUNT``) of one model on ``feed``: milliseconds per run summed by
+    ``node_type / exec_type`` (e.g. ``Transpose / unknown_I8``), after 3 warm-up runs; largest first."""
+    import collections
+
+    import openvino as ov
+
+    cfg = {"INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True, "NUM_STREAMS": 1,
+           "INFERENCE_PRECISION_HINT": precision}
+    req = ov.Core().compile_model(str(path), "CPU", {k: v for k, v in cfg.items() if v}).create_infer_request()
+    for _ in range(3):
+        req.infer(feed)
+    tot: collections.Counter = collections.Counter()
+    for _ in range(runs):
+        req.infer(feed)
+        for p in req.profiling_info:
+            if p.status == p.Status.EXECUTED:
+                tot[f"{p.node_type} / {p.exec_type}"] += p.real_time.total_seconds() * 1e3 / runs
+    return dict(tot.most_common())
 
 
 def mask_nodes(path: Path) -> list[str]:
@@ -205,7 +230,8 @@ def build_engines(model: Any, model_path: str, task: str, calib: list[dict], wor
 
         c = compile_model(path, threads=th, precision=precision)
         files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
-        return Engine(name, label, lambda feed: np.array(c(feed)[0]), files, how)
+        return Engine(name, label, lambda feed: np.array(c(feed)[0]), files, how,
+                      ov=(path, {"f32": "f32", "default": ""}.get(precision, precision)))
 
     cfgs = {"paper": paper_w8a8, "full": full_w8a8, "linear": linear_w8a8}
     float_onnx = None
@@ -291,6 +317,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--skip", default="", help="engines to leave out, comma-separated")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record OpenVINO's per-layer time (PERF_COUNT) of every OpenVINO engine at batch 8")
     ap.add_argument("--name", default=None, help="result file stem [default: from the models]")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -354,6 +382,11 @@ def main() -> None:
                 ts = lat[(m["name"], row["engine"], bs)]
                 row[f"ms_b{bs}"] = 1e3 * statistics.median(ts)
                 row[f"ms_b{bs}_rounds"] = [1e3 * t for t in ts]
+    if args.profile:  # where OpenVINO spends the time, by layer type (its own counters, not our timer)
+        for m in per_model:
+            for e, row in zip(m["engines"], m["rows"]):
+                if e.ov is not None:
+                    row["ov_profile_ms_b8"] = profile_ov(e.ov[0], e.ov[1], m["inputs"][8], args.threads)
     write(per_model, args, mach)
 
 
@@ -400,6 +433,14 @@ def write(per_model: list[dict[str, Any]], args: Any, mach: dict[str, Any]) -> N
             f"{(rec['ov_kernels'] or {}).get('integer_ops')} float {(rec['ov_kernels'] or {}).get('float_compute_ops')}"
             for s, rec in m["records"].items()), ""]
         md += ["How each engine was made: " + "; ".join(f"{r['engine']}: {r['how']}" for r in m["rows"]), ""]
+        prof = [r for r in m["rows"] if r.get("ov_profile_ms_b8")]
+        if prof:  # --profile: OpenVINO's per-layer counters, the 8 largest layer types of each engine
+            md += [f"OpenVINO time by layer type, batch 8 x {args.seq} (PERF_COUNT, ms per run summed over layers):", ""]
+            for r in prof:
+                top = list(r["ov_profile_ms_b8"].items())[:8]
+                total = sum(r["ov_profile_ms_b8"].values())
+                md.append(f"- {r['label']} ({total:.1f} ms): " + ", ".join(f"{k} {v:.1f}" for k, v in top))
+            md.append("")
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     rec = {"command": command, "machine": mach, "versions": versions(), "commit": git_commit(),
            "threads": args.threads, "rounds": args.rounds, "iters": args.iters, "seq": args.seq,
