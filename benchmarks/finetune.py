@@ -22,9 +22,10 @@ from pathlib import Path
 
 def isa() -> str:
     """CPU model and the ISA flags that decide INT8 speed."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    from outlierfree.records import cpu
+
+    name, flags = cpu()
+    name = "?" if name == "unknown" else name
     have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     return f"{name}; {' '.join(have) or 'no avx2'}"
 

@@ -65,16 +65,9 @@ def released_paths() -> list[str]:
 
 def machine() -> dict[str, Any]:
     """CPU model, cores and the instruction sets the integer and bf16 kernels use."""
-    model, flags = "unknown", []
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name") and model == "unknown":
-                model = ln.split(":", 1)[1].strip()
-            if ln.startswith("flags"):
-                flags = ln.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
+    from outlierfree.records import cpu
+
+    model, flags = cpu()
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
                        "amx_bf16") if f in flags]
     return {"cpu": model, "cores": os.cpu_count(), "isa": isa, "arch": platform.machine(),

@@ -172,7 +172,7 @@ def main() -> None:
 
     from outlierfree.attention import native
     from outlierfree.attention.two_pass import compiled_available
-    from outlierfree.records import git_commit, machine, progress, write_json
+    from outlierfree.records import cpu, git_commit, machine, progress, write_json
 
     if not compiled_available():
         sys.exit("benchmarks/softmax.py: the compiled kernels are not available (no g++?); nothing to measure")
@@ -185,9 +185,7 @@ def main() -> None:
         rows = softmax_rows(sizes, threads, a.repeats, bar)
         brows = blocked_rows(threads, a.repeats, bar, a.quick)
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
-    setup = dict(command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), cpu=cpu, isa=native.isa(),
+    setup = dict(command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), cpu=cpu()[0], isa=native.isa(),
                  compiled_with=" ".join(native.FLAGS), machine=machine(), commit=git_commit(),
                  llc_mib=llc_bytes() / 2**20, repeats=a.repeats, dtype="float32", min_elems=MIN_ELEMS)
     con = Console(width=200)

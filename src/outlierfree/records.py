@@ -208,6 +208,18 @@ def git_commit() -> str:
     return "unknown"
 
 
+def cpu() -> tuple[str, list[str]]:
+    """This CPU's model name and its feature flags, in /proc/cpuinfo's order (``("unknown", [])`` where there is
+    none): the one reader of /proc/cpuinfo, for every timing's record of which instruction sets ran it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown", []
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return name, flags
+
+
 def machine() -> str:
     """A one-line description of this machine: processor, cores, torch and its threads, GPU."""
     import torch

@@ -59,16 +59,10 @@ def tolerance(stored: dict[str, Any], group: str, name: str, key: str) -> float:
 
 def _cpu() -> str:
     """The CPU's model name and the instruction sets that change float and int8 kernels."""
-    name, flags = "unknown CPU", []
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and name == "unknown CPU":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = line.split()
-                break
-    except OSError:
-        pass
+    from outlierfree.records import cpu
+
+    name, flags = cpu()
+    name = "unknown CPU" if name == "unknown" else name
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     return f"{name} ({', '.join(isa)})"
 

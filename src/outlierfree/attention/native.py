@@ -22,6 +22,8 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from ..records import cpu
+
 SOURCE = Path(__file__).with_name("csrc") / "row_softmax.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 
@@ -29,19 +31,16 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 def isa() -> str:
     """The vector instruction sets of this CPU that the kernels can use, e.g. ``"avx2 fma avx512f"`` (from
     /proc/cpuinfo; ``platform.machine()`` elsewhere)."""
-    try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
+    flags = cpu()[1]
+    if not flags:
         return platform.machine()
     keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
     return " ".join(f for f in keep if f in flags) or platform.machine()
 
 
 def _cpu_key() -> str:
-    try:
-        return next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor() + platform.machine()
+    flags = cpu()[1]
+    return " ".join(flags) if flags else platform.processor() + platform.machine()
 
 
 def _compiler() -> str | None:
