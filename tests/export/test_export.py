@@ -27,13 +27,7 @@ except ImportError:
     RUNTIMES = ("onnxruntime",)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: torch's thread pool only adds overhead (2x the CPU time here on 2 shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 # The paper's clipped softmax, what "clipped" meant in Python before issue 25 (now: alpha = 1 with T per row, where
 # ORT and the simulator differ by 2 quantization steps at one site of OPT/ViT tiny; the same before issue 25)

@@ -13,21 +13,9 @@ from outlierfree.models.io import save_model
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from outlierfree.data.text import train_tokenizer
+    from toy import paragraphs, save_tiny_bert
 
-    root = tmp_path_factory.mktemp("q")
-    text = root / "text.txt"
-    words = "the cat sat on a mat while a dog ran in the park and birds sang in the tall green trees".split()
-    g = torch.Generator().manual_seed(0)
-    paras = []
-    for i in range(400):
-        idx = torch.randint(len(words), (40,), generator=g).tolist()
-        paras.append(" ".join(words[j] for j in idx).capitalize() + ". " + " ".join(words[:8]).capitalize() + ".")
-    text.write_text("\n\n".join(paras))
-    tok = train_tokenizer(paras, "wordpiece", 300)
-    model = build_model("bert", "tiny", "clipped", seed=0, vocab_size=len(tok))
-    save_model(model, root / "model", tok)
-    return root
+    return save_tiny_bert(tmp_path_factory.mktemp("q"), "clipped", paragraphs(400, tail=True))
 
 
 def run(*args):
