@@ -7,10 +7,7 @@ from typing import Any
 
 import click
 
-from ..quant.config import configs_from_flags
-
-# the flags that make the quantization config (the rest are the request's fields, by the same names)
-CONFIG_FLAGS = ("bits", "sites", "estimator", "weight_estimator", "weight_granularity", "fp32_head")
+from ..quant.config import configs_from_flags, pop_config_flags
 
 
 @click.command("export")
@@ -51,7 +48,7 @@ def export_cmd(model_path: str, out: str, quiet: bool, **flags: Any) -> None:
     from .run import ExportRequest, export_checkpoint
 
     # flags -> one typed request, every flag checked before any expensive work
-    configs = configs_from_flags(**{k: flags.pop(k) for k in CONFIG_FLAGS})
+    configs = configs_from_flags(**pop_config_flags(flags))
     request = ExportRequest(model_path, out, configs, progress=not quiet, **flags)
     result = export_checkpoint(request, command=command_line())
     for line in result.lines():

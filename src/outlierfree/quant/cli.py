@@ -6,11 +6,7 @@ from typing import Any
 
 import click
 
-from .config import ESTIMATORS, QuantConfig, configs_from_flags
-
-# the flags that make the quantization configs (the rest are the request's fields, by the same names)
-CONFIG_FLAGS = ("bits", "sites", "estimator", "weight_estimator", "act_granularity", "weight_granularity",
-                "act_symmetric", "weight_symmetric", "dynamic", "momentum", "percentile", "fp32_head")
+from .config import ESTIMATORS, QuantConfig, configs_from_flags, pop_config_flags
 
 
 @click.command("quantize")
@@ -81,7 +77,7 @@ def quantize_cmd(model_path: str, out: str, quiet: bool, transform: str | None, 
     from .transforms import parse_transforms
 
     # flags -> one typed request, every flag checked before any expensive work
-    configs = configs_from_flags(**{k: flags.pop(k) for k in CONFIG_FLAGS})
+    configs = configs_from_flags(**pop_config_flags(flags))
     request = QuantizeRequest(model_path, configs, transforms=parse_transforms(transform), progress=not quiet,
                               **flags)
     real = None

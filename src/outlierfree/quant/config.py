@@ -179,6 +179,15 @@ def parse_site_set(sites: str | tuple[str, ...] | list[str], flag: str = "--site
     return parse_kinds(tuple(words), flag)
 
 
+def pop_config_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Take out of a command's ``flags`` the ones :func:`configs_from_flags` reads (the rest are the request's
+    fields): the signature is the one list of them, so a command cannot forget one."""
+    import inspect
+
+    names = inspect.signature(configs_from_flags).parameters
+    return {k: flags.pop(k) for k in list(flags) if k in names}
+
+
 def configs_from_flags(*, bits: str = "w8a8", sites: str = "paper", estimator: str = "running_minmax",
                        weight_estimator: str = "current_minmax", act_granularity: str = "per_tensor",
                        weight_granularity: str = "per_tensor", act_symmetric: bool = False,
