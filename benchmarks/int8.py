@@ -20,7 +20,7 @@ Engines (each skipped when its package is missing; ``--skip`` names more):
 - ``ov-float-f32``, ``ov-float``: OpenVINO on the float model, float32 forced and its default precision (bf16 on
   CPUs with AVX512-BF16 / AMX);
 - ``nncf``: ``nncf.quantize(model_type=TRANSFORMER)`` on the same calibration batches, run by OpenVINO (f32 hint);
-- ``of-{sites}-ort``, ``of-{sites}-ov``: ``outlierfree export`` of each site set (``--sites``: paper, full,
+- ``of-{sites}-ort``, ``of-{sites}-ov``: ``outlierfree export`` of each site set (``--sites``: paper, paper:sym:head (with ``--symmetric-attention --int8-head``), full,
   linear; ``--weight-granularity``), the same file in ONNX Runtime and as OpenVINO IR.
 
 Accuracy against PyTorch float on the evaluation batches: encoders: mean token cosine over real tokens, mean
@@ -229,7 +229,14 @@ def build_engines(model: Any, model_path: str, task: str, calib: list[dict], wor
     cfgs = {"paper": paper_w8a8, "full": full_w8a8, "linear": linear_w8a8}
     float_onnx = None
     for sites in args.sites.split(","):
-        cfg = cfgs[sites]()
+        # modifiers after ":" -- sym: --symmetric-attention (queries, keys, values on symmetric grids); head:
+        # --int8-head (the masked-LM head in integers too), e.g. paper:sym:head
+        base, *mods = sites.split(":")
+        unknown = set(mods) - {"sym", "head"}
+        if base not in cfgs or unknown:
+            raise SystemExit(f"error: unknown --sites entry {sites!r}; use paper|full|linear with optional :sym, :head")
+        sym, head = "sym" in mods, "head" in mods
+        cfg = cfgs[base]().replace(symmetric_attention=sym, int8_head=head)
         if args.weight_granularity != "per_tensor":
             from dataclasses import replace
 
@@ -245,7 +252,8 @@ def build_engines(model: Any, model_path: str, task: str, calib: list[dict], wor
             float_onnx = d / "model_float.onnx"
         records[sites] = {"config": cfg.to_dict(), "export": real["export"], "ort_kernels": real["kernels"],
                           "ov_kernels": (real.get("openvino") or {}).get("kernels")}
-        how = f"outlierfree export --sites {sites} --weight-granularity {args.weight_granularity}"
+        how = (f"outlierfree export --sites {base} --weight-granularity {args.weight_granularity}"
+               + (" --symmetric-attention" if sym else "") + (" --int8-head" if head else ""))
         if f"of-{sites}-ort" not in skip:
             engines.append(ort_engine(f"of-{sites}-ort", f"outlierfree INT8 ({sites}), ONNX Runtime",
                                       d / "model_int8.onnx", how))
@@ -301,7 +309,9 @@ def main() -> None:
     ap.add_argument("--models", default="minilm",
                     help="comma-separated model directories; 'minilm' (the installed all-MiniLM-L6-v2), "
                          "'released' (bert-mini vanilla, clipped, gated)")
-    ap.add_argument("--sites", default="paper,full,linear")
+    ap.add_argument("--sites", default="paper,paper:sym:head,full,linear",
+                    help="site sets, comma-separated; modifiers after ':': sym (--symmetric-attention), head "
+                         "(--int8-head), e.g. paper:sym:head")
     ap.add_argument("--weight-granularity", default="per_tensor", choices=["per_tensor", "per_channel"])
     ap.add_argument("--calib-batches", type=int, default=8, help="of 8 sequences (64 paragraphs)")
     ap.add_argument("--eval-batches", type=int, default=22, help="of 8 sequences (176: the offline validation split has 179)")

@@ -169,6 +169,86 @@ def test_per_channel_weights(family, tmp_path):
             assert users[n.output[0]][0].op_type != "Transpose", n.name
 
 
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+def test_symmetric_attention(family, tmp_path):
+    """``symmetric_attention``: the grids of queries, keys and values get zero point 0 (and nothing else changes
+    grid type), the runtimes still agree with the simulator, and in the exported graph every DequantizeLinear
+    that feeds an attention matmul (Q K^T, P V: a MatMul of two activations) has zero point 0, which is what
+    OpenVINO's int8 attention kernel needs (docs/export.md)."""
+    import numpy as np
+    import onnx
+
+    from outlierfree.export.graph import const_values
+    from outlierfree.quant.simulator import ATTENTION_OPERANDS
+
+    cfg = paper_w8a8().replace(symmetric_attention=True)
+    model = build_model(family, "tiny", "gated", seed=0).eval()
+    data = batches(family)
+    task = TASK[family]
+    with quantize(model, cfg, task) as qm:
+        qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
+        sim = evaluate_pair(qm, data[1:], task, progress=False)
+        real = real_int8(qm, data[1:], task, data[0], out_dir=tmp_path, threads=1, with_float=False,
+                         runtimes=RUNTIMES)
+        operand_grids = {qm.aliases.get(n, n) for n, s in qm.site_of.items() if s.kind in ATTENTION_OPERANDS}
+        operand_grids |= {g for a, g in qm.aliases.items() if a.rsplit(":", 1)[-1] in ATTENTION_OPERANDS}
+        sym = {n for n, q in qm.act.items() if q.spec.symmetric}
+    agree(family, sim, real)
+    assert operand_grids and operand_grids <= set(qm.act), operand_grids
+    assert sym == operand_grids  # exactly the attention operands, every one of them
+    g = onnx.load(str(tmp_path / "model_int8.onnx")).graph
+    vals = const_values(g)
+    prod = {o: n for n in g.node for o in n.output}
+
+    def dq_above(name, depth=6):
+        """The DequantizeLinear nodes reached upstream from tensor ``name`` through layout / scaling ops."""
+        n = prod.get(name)
+        if n is None or depth == 0:
+            return []
+        if n.op_type == "DequantizeLinear":
+            return [n]
+        return [d for i in n.input if i not in vals for d in dq_above(i, depth - 1)]
+
+    def activation_only(n):  # both inputs come from activations (no int8 weight initializer upstream)
+        ups = [dq_above(i) for i in n.input]
+        return all(ups) and all(d.input[0] not in vals for u in ups for d in u)
+
+    matmuls = [n for n in g.node if n.op_type == "MatMul" and activation_only(n)]  # Q K^T and P V, per layer
+    assert len(matmuls) >= 2, [n.name for n in g.node if n.op_type == "MatMul"]
+    for mm in matmuls:
+        dqs = [d for i in mm.input for d in dq_above(i)]
+        assert dqs, mm.name
+        for d in dqs:
+            assert np.all(vals[d.input[2]] == 0), (mm.name, d.name, vals[d.input[2]])
+
+
+def test_int8_head_quantizes_the_masked_lm_head(tmp_path):
+    """--int8-head: the paper set leaves a masked LM's head float (as the reference does); with int8_head the head's
+    weights and inputs are quantized like any block's, the runtimes still agree with the simulator, and the INT8
+    file shrinks (the tied decoder no longer needs its float copy). With --fp32-head it is a one-line error."""
+    from outlierfree.errors import OutlierfreeError
+
+    data, sizes, floats = batches("bert"), {}, {}
+    for head in (False, True):
+        model = build_model("bert", "tiny", "gated", seed=0).eval()
+        cfg = paper_w8a8().replace(int8_head=head)
+        (tmp_path / str(head)).mkdir()
+        with quantize(model, cfg, "mlm") as qm:
+            qm.calibrate(data[:2], lambda m, b: model_output(m, b, "mlm"), progress=False)
+            sim = evaluate_pair(qm, data[1:], "mlm", progress=False)
+            real = real_int8(qm, data[1:], "mlm", data[0], out_dir=tmp_path / str(head), threads=1,
+                             with_float=False, runtimes=RUNTIMES)
+            floats[head] = {k: v for k, v in qm.float_weights.items() if "task head" in v}
+            head_sites = [n for n, st in qm.site_of.items() if st.module.startswith("cls")]
+        agree("bert", sim, real)
+        sizes[head] = (tmp_path / str(head) / "model_int8.onnx").stat().st_size
+        assert bool(head_sites) == head
+    assert floats[False] and not floats[True]  # the head's weights: float without, quantized with
+    assert sizes[True] < sizes[False]
+    with pytest.raises(OutlierfreeError, match="--fp32-head and --int8-head"):
+        paper_w8a8().replace(fp32_head=True, int8_head=True)
+
+
 def test_planted_outlier_hurts_simulator_and_runtime_alike():
     model = build_model("bert", "tiny", "vanilla", seed=0).eval()
     data = batches("bert")

@@ -55,6 +55,42 @@ def test_gated_retrofit_at_step_0_leaves_outputs_unchanged(family):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["bert", "opt"])
+def test_layer_distillation_taps_every_norm_and_is_zero_only_for_the_original(family):
+    """--layer-weight: the tap captures one (B, T, D) output per LayerNorm (what nn.LayerNorm computes: checked
+    against calling each norm on the captured input), the layer loss is 0 between the original and its retrofit at
+    step 0 (outputs unchanged), positive once a weight moves, and its gradient reaches the early layers."""
+    from outlierfree.finetune.losses import NormTap, layer_loss
+    from outlierfree.hf_compat import layer_norms
+
+    model = build_model(family, "tiny", "vanilla", seed=0).eval()
+    data = _batches(1, vocab=min(100, model.config.vocab_size))[0]
+    task = "clm" if family == "opt" else "mlm"
+    norms = [m for _, _, m in layer_norms(model)]
+    with NormTap(model, "input") as ins, NormTap(model, "output") as outs, torch.no_grad():
+        model_output(model, data, task)
+    assert len(outs.tensors) == len(ins.tensors) == len(norms) >= 3
+    for m, x, y in zip(norms, ins.tensors, outs.tensors):
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps))
+    teacher = outs.tensors
+    student = build_model(family, "tiny", "vanilla", seed=0).eval()
+    patch_model(student, FinetuneConfig(model="m", out="o", method="retrofit").attention_config())
+    with NormTap(student, "output") as tap:
+        model_output(student, data, task)
+    assert float(layer_loss(tap.tensors, teacher, data["attention_mask"]).detach()) < 1e-6  # float32 rounding
+    emb = next(p for n, p in student.named_parameters() if "embed" in n and p.dim() == 2)  # the word table
+    with torch.no_grad():
+        emb.add_(0.5 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0)))
+    with NormTap(student, "output") as tap:
+        model_output(student, data, task)
+    loss = layer_loss(tap.tensors, teacher, data["attention_mask"])
+    assert float(loss.detach()) > 1e-4
+    loss.backward()
+    assert emb.grad is not None and float(emb.grad.abs().sum()) > 0
+    with pytest.raises(ValueError):
+        layer_loss(tap.tensors[:-1], teacher, None)
+
+
 def test_trainable_ranges_start_at_the_calibrated_simulator_and_gradients_reach_them():
     model = build_model("bert", "tiny", "vanilla", seed=0).eval()
     data = _batches(3)

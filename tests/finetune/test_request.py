@@ -34,6 +34,7 @@ def make(**kw):
     (dict(penalty="kurtosis"), "--outlier-penalty kurtosis needs a weight"),
     (dict(float_weight=-0.5), "--float-weight -0.5 is negative"),
     (dict(penalty_weight=-1.0), "--penalty-weight -1.0 is negative"),
+    (dict(layer_weight=-1.0), "--layer-weight -1.0 is negative"),
     (dict(batch_size=0), "--batch-size must be at least 1"),
     (dict(calib_batches=0), "--calib-batches must be at least 1"),
     (dict(train_batches=0), "--train-batches must be at least 1"),
@@ -104,7 +105,7 @@ def parsed_by_the_cli(args, monkeypatch):
          data="text.txt", save_every=0, measure=False),
     dict(method="retrofit", attention=retrofit_attention("clipped", alpha=2.0), gate_lr=0.5, real_int8=False),
     dict(method="retrofit+qat", attention=retrofit_attention("ncs", eta=1.1, beta=1.05), float_weight=0.5,
-         penalty="infnorm", penalty_weight=1e-3, sites="ln_input+residual"),
+         penalty="infnorm", penalty_weight=1e-3, sites="ln_input+residual", layer_weight=0.25),
     dict(attention=retrofit_attention("gated", gate_init=0.5), model="dir with space/m", out="o u t"),
     dict(attention={"variant": "clipped"}),  # from Python: the flags' clipped default (alpha 1, T per row)
 ])

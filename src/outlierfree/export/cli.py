@@ -20,6 +20,10 @@ from ..quant.config import configs_from_flags, pop_config_flags
               show_default=True, help="per_channel: one weight grid per output channel (the paper's setting is "
               "per_tensor)")
 @click.option("--fp32-head", is_flag=True, help="keep the task head (LM head / classifier) in float")
+@click.option("--int8-head", is_flag=True,
+              help="quantize the task head too where the site set leaves it float (the paper set on masked LMs): a float LM decoder is most of a small model's time and size")
+@click.option("--symmetric-attention", is_flag=True,
+              help="queries, keys and values on symmetric grids (zero point 0): OpenVINO then runs the attention as one int8 kernel (the paper's grids are asymmetric)")
 @click.option("--calib-batches", type=int, default=16, show_default=True, help="calibration batches (training split)")
 @click.option("--eval-batches", type=int, default=4, show_default=True,
               help="validation batches scored in PyTorch float, the simulator and ONNX Runtime (0: no evaluation)")

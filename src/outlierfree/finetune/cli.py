@@ -41,6 +41,8 @@ def _d(name: str) -> Any:
 @click.option("--beta", type=float, default=None, help="ncs: beta [default: 1]")
 @click.option("--float-weight", type=float, default=0.0, show_default=True,
               help="QAT: also distil the float forward with this weight (keeps float quality)")
+@click.option("--layer-weight", type=float, default=0.0, show_default=True,
+              help="also distil every LayerNorm output (hidden states) of the original with this weight")
 @click.option("--outlier-penalty", "penalty", default="none", show_default=True, help="|".join(PENALTIES))
 @click.option("--penalty-weight", type=float, default=0.0, show_default=True, help="weight of the outlier penalty")
 @click.option("--batch-size", type=int, default=_d("batch_size"), show_default=True)

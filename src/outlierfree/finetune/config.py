@@ -23,7 +23,7 @@ PYTHON_ONLY = ("grad_clip", "measure_batches")
 # fields that are flags of their (dashed) name, except as _FLAG_NAMES says; the attention and the --no-* flags are
 # written by FinetuneConfig.flags() itself
 _FLAG_FIELDS = ("method", "steps", "lr", "range_lr", "gate_lr", "data", "sites", "weight_granularity",
-                "float_weight", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
+                "float_weight", "layer_weight", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
                 "train_batches", "eval_batches", "warmup_steps", "save_every")
 _FLAG_NAMES = {"penalty": "--outlier-penalty"}
 
@@ -67,6 +67,8 @@ class FinetuneConfig:
         attention: the retrofitted variant (``AttentionConfig`` dict); gated gets ``gate_finetune``.
         float_weight: QAT only: also distil the student's float forward (same weights, no quantization) with this
             weight, so that the cured model's float quality is kept while its W8A8 quality improves (0: off).
+        layer_weight: also distil every LayerNorm output (the hidden states between and inside the blocks) of the
+            original, with this weight (0: only the model's output; see losses.py).
         penalty, penalty_weight: outlier penalty on the residual sums (LayerNorm inputs): ``kurtosis`` or
             ``infnorm`` (see losses.py).
         batch_size, seq_len, seed: batches of the run; ``seq_len`` None: the model's training length, else 128.
@@ -90,6 +92,7 @@ class FinetuneConfig:
     weight_granularity: str = "per_tensor"
     attention: dict[str, Any] = field(default_factory=lambda: {"variant": "gated"})
     float_weight: float = 0.0
+    layer_weight: float = 0.0
     penalty: str = "none"
     penalty_weight: float = 0.0
     batch_size: int = 8
@@ -129,6 +132,7 @@ class FinetuneConfig:
         require(self.penalty in PENALTIES, f"unknown --outlier-penalty {self.penalty!r}",
                 f"use one of {'|'.join(PENALTIES)}")
         require(self.float_weight >= 0, f"--float-weight {self.float_weight} is negative", "pass 0 or more")
+        require(self.layer_weight >= 0, f"--layer-weight {self.layer_weight} is negative", "pass 0 or more")
         require(self.penalty_weight >= 0, f"--penalty-weight {self.penalty_weight} is negative", "pass 0 or more")
         require(self.penalty == "none" or self.penalty_weight > 0, f"--outlier-penalty {self.penalty} needs a weight",
                 "pass --penalty-weight w > 0 (e.g. 1e-3 for infnorm)")

@@ -19,6 +19,7 @@ Top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -35,7 +36,7 @@ from ..records import git_commit, machine, progress, write_json, write_text
 from ..train.config import config_difference
 from ..train.rundir import CHECKPOINT, DONE_FILE, RunDir
 from .config import FinetuneConfig
-from .losses import ResidualTap, distill_loss, outlier_penalty
+from .losses import NormTap, distill_loss, layer_loss, outlier_penalty
 from .result import CARD_FILE, RESULT_FILE, FinetuneResult
 
 STEP_DELAY_ENV = "OUTLIERFREE_TEST_STEP_DELAY"  # the same testing aid as train/loop.py
@@ -225,10 +226,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 f"steps x {cfg.batch_size}; {len(ranges)} learned ranges; {world} process(es)")
     accelerator.wait_for_everyone()
 
-    tap = ResidualTap(model) if cfg.penalty != "none" else None
+    tap = NormTap(model, "input") if cfg.penalty != "none" else None  # residual sums, for the penalty
+    layers = (NormTap(model, "output"), NormTap(teacher, "output")) if cfg.layer_weight > 0 else None
     step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     log_every = max(1, min(10, cfg.steps // 10 or 1))
-    sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "n": 0}
+    sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "layers": 0.0, "n": 0}
     task_student.train()
     model.eval()
     with progress("[bold]finetune", cfg.steps, main and cfg.progress, completed=start, keep=True,
@@ -238,17 +240,19 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             batch = pool[batch_order(step, len(pool), cfg.seed)]
             mine = {k: v.to(accelerator.device) for k, v in _rows(batch, world, rank).items()}
             mask = mine.get("attention_mask")
-            with torch.no_grad():
+            with torch.no_grad(), (layers[1] if layers else contextlib.nullcontext()):
                 target = model_output(teacher, mine, task)
-            if tap is not None:
-                with tap:
-                    out = task_student(mine)
-                pen = outlier_penalty(tap.tensors, cfg.penalty)
-                tap.tensors = []
-            else:
-                out, pen = task_student(mine), torch.zeros(())
+            with (tap if tap is not None else contextlib.nullcontext()), \
+                    (layers[0] if layers else contextlib.nullcontext()):
+                out = task_student(mine)
+            rows = next(iter(mine.values())).shape[0]  # sequences (or images) of this process's batch
+            pen = outlier_penalty(tap.tensors, cfg.penalty, rows) if tap is not None else torch.zeros(())
+            lay = layer_loss(layers[0].tensors, layers[1].tensors, mask) if layers else torch.zeros(())
+            for t in (tap, *(layers or ())):
+                if t is not None:
+                    t.tensors = []
             dist = distill_loss(out, target, task, mask)
-            loss = dist + cfg.penalty_weight * pen
+            loss = dist + cfg.penalty_weight * pen + cfg.layer_weight * lay
             if qm is not None and cfg.float_weight > 0:  # keep the float model close to the original too
                 with qm.float_mode():
                     loss = loss + cfg.float_weight * distill_loss(task_student(mine), target, task, mask)
@@ -264,6 +268,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             sums["loss"] += float(loss.detach())
             sums["distill"] += float(dist.detach())
             sums["penalty"] += float(pen.detach())
+            sums["layers"] += float(lay.detach())
             sums["n"] += 1
             if step_delay:
                 time.sleep(step_delay)
@@ -273,7 +278,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 run.log({"event": "train", "step": s, **avg, "lr": scheduler.get_last_lr()[0],
                          "elapsed_s": time.perf_counter() - t_start})
                 bar.show(loss=avg["loss"])
-                sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "n": 0}
+                sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "layers": 0.0, "n": 0}
             bar()
             if (cfg.save_every and s % cfg.save_every == 0) or s == cfg.steps:
                 run.save_checkpoint(accelerator, s)

@@ -8,6 +8,10 @@ Distillation (student: the model being cured, possibly under fake quantization; 
 - language models and classifiers (a task head): ``KL(p_t || p_s)`` of the output distributions, per real token
   (per image), averaged.
 
+Layer-wise distillation (``--layer-weight``): the encoder loss above between every LayerNorm output of the
+student and the teacher (the hidden states between and inside the blocks), averaged; it gives every layer its
+own target, where the output loss reaches the early layers only through the whole network.
+
 Outlier penalty on the residual sums (the inputs of the LayerNorms, where post-norm BERT's outliers sit), averaged
 over those tensors and the sequences of the batch:
 
@@ -42,13 +46,14 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, task: str,
     return per.mean()
 
 
-def outlier_penalty(tensors: list[torch.Tensor], kind: str) -> torch.Tensor:
-    """The penalty over captured residual sums (each (B, T, D)); 0 when none were captured."""
+def outlier_penalty(tensors: list[torch.Tensor], kind: str, batch: int | None = None) -> torch.Tensor:
+    """The penalty over captured residual sums (each (B, T, D), or (B * T, D) where a model flattens tokens, e.g.
+    OPT's FFN; ``batch`` = B regroups those per sequence); 0 when none were captured."""
     if not tensors:
         return torch.zeros(())
     vals = []
     for x in tensors:
-        flat = x.float().reshape(x.shape[0], -1)  # (B, T * D): per sequence, as the paper's metrics
+        flat = x.float().reshape(batch or x.shape[0], -1)  # (B, T * D): per sequence, as the paper's metrics
         if kind == "infnorm":
             vals.append(flat.abs().amax(dim=1).mean())
         elif kind == "kurtosis":
@@ -61,27 +66,51 @@ def outlier_penalty(tensors: list[torch.Tensor], kind: str) -> torch.Tensor:
     return torch.stack(vals).mean()
 
 
-class ResidualTap:
-    """Captures the input of every LayerNorm of a model (the residual sums of post-norm transformers) during a
-    forward, for :func:`outlier_penalty`. ``with tap: model(...)``, then ``tap.tensors``."""
+class NormTap:
+    """Captures the input (``point="input"``: the residual sums of post-norm transformers, for
+    :func:`outlier_penalty`) or the output (``point="output"``: the hidden states between and inside the blocks, for
+    layer-wise distillation) of every LayerNorm of a model during a forward. ``with tap: model(...)``, then
+    ``tap.tensors`` (each (B, T, D), or (B * T, D) where the model flattens tokens, as OPT's FFN does; in the order
+    the forward met them)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, point: str = "input"):
         from ..hf_compat import layer_norms
 
+        if point not in ("input", "output"):
+            raise ValueError(point)
+        self.point = point
         self.norms = [m for _, _, m in layer_norms(model)]
         self.tensors: list[torch.Tensor] = []
         self.handles: list = []
 
-    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+    def _pre_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() in (2, 3):
             self.tensors.append(args[0])
 
-    def __enter__(self) -> "ResidualTap":
+    def _hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() in (2, 3):
+            self.tensors.append(output)
+
+    def __enter__(self) -> "NormTap":
         self.tensors = []
-        self.handles = [m.register_forward_pre_hook(self._hook) for m in self.norms]
+        self.handles = [m.register_forward_pre_hook(self._pre_hook) if self.point == "input"
+                        else m.register_forward_hook(self._hook) for m in self.norms]
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def layer_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """Layer-wise distillation: the encoder loss of :func:`distill_loss` (``1 - cos`` plus relative squared error,
+    per real token) between each pair of captured LayerNorm outputs, averaged over the pairs. A retrofit keeps
+    every LayerNorm, so student and teacher capture the same list."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"{len(student)} student against {len(teacher)} teacher LayerNorm outputs")
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # (B * T, D) -> (B, T, D), so that the mask applies
+        return x.reshape(*mask.shape, -1) if x.dim() == 2 and mask is not None else x
+
+    return torch.stack([distill_loss(tokens(s), tokens(t), "encoder", mask) for s, t in zip(student, teacher)]).mean()

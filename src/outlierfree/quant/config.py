@@ -93,15 +93,27 @@ class QuantConfig:
             linear weights: what torchao / llm-compressor / bitsandbytes quantize), or a tuple of site kinds.
         fp32_head: keep the task head (LM head / classifier: its input and weight) in float (reference code's
             ``fp32_head``).
+        int8_head: quantize the task head where the site set would leave it float (the paper set on a masked LM,
+            as the reference code does): the set's rules then apply to the head as to any block. What a deployment
+            that runs the head wants: a float 30k-word decoder is most of a small model's time and size.
+        symmetric_attention: put the attention's matmul operands (the grids of the queries, keys and values) on
+            symmetric grids (zero point 0) whatever ``activation.symmetric`` says. OpenVINO runs the whole
+            attention (Q K^T, softmax, P V) as one int8 kernel only when those have zero point 0 (as NNCF makes
+            them); with the paper's asymmetric grids it falls back to float attention and int8 transposes
+            (docs/export.md). Costs at most one bit on those three tensors, none when their ranges are symmetric.
     """
 
     weight: QuantSpec | None = field(default_factory=lambda: QuantSpec(8, True, "per_tensor", "current_minmax"))
     activation: QuantSpec | None = field(default_factory=QuantSpec)
     sites: str | tuple[str, ...] = "paper"
     fp32_head: bool = False
+    int8_head: bool = False
+    symmetric_attention: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", parse_site_set(self.sites, "sites"))
+        require(not (self.fp32_head and self.int8_head), "--fp32-head and --int8-head contradict each other",
+                "pass one of them")
         if self.weight is not None:
             require(self.weight.granularity != "per_token", "per_token granularity is for activations",
                     "use per_tensor or per_channel for weights")
@@ -119,14 +131,17 @@ class QuantConfig:
         return {"weight": asdict(self.weight) if self.weight else None,
                 "activation": asdict(self.activation) if self.activation else None,
                 "sites": self.sites if isinstance(self.sites, str) else list(self.sites),
-                "fp32_head": self.fp32_head, "describe": self.describe()}
+                "fp32_head": self.fp32_head, "int8_head": self.int8_head,
+                "symmetric_attention": self.symmetric_attention,
+                "describe": self.describe()}
 
     def describe(self) -> str:
         """One line: ``W8b per_tensor sym ...; A8b ...; sites=full; fp32_head=False`` (no pipes: it goes in tables)."""
         w = f"W{self.weight.describe()}" if self.weight else "W float"
         a = f"A{self.activation.describe()}" if self.activation else "A float"
         s = self.sites if isinstance(self.sites, str) else ",".join(self.sites)
-        return f"{w}; {a}; sites={s}; fp32_head={self.fp32_head}"
+        sym = ("; int8_head" if self.int8_head else "") + ("; symmetric_attention" if self.symmetric_attention else "")
+        return f"{w}; {a}; sites={s}; fp32_head={self.fp32_head}{sym}"
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -192,7 +207,8 @@ def configs_from_flags(*, bits: str = "w8a8", sites: str = "paper", estimator: s
                        weight_estimator: str = "current_minmax", act_granularity: str = "per_tensor",
                        weight_granularity: str = "per_tensor", act_symmetric: bool = False,
                        weight_symmetric: bool = True, dynamic: bool = False, momentum: float = 0.9,
-                       percentile: float = 99.99, fp32_head: bool = False) -> tuple[QuantConfig, ...]:
+                       percentile: float = 99.99, fp32_head: bool = False, int8_head: bool = False,
+                       symmetric_attention: bool = False) -> tuple[QuantConfig, ...]:
     """One :class:`QuantConfig` per (bits, sites) pair of the comma-separated ``--bits`` and ``--sites`` values
     (``w8a8,w16a16`` x ``paper,linear``), the other flags shared; every flag is checked here, once, with a
     one-line error naming it."""
@@ -214,5 +230,6 @@ def configs_from_flags(*, bits: str = "w8a8", sites: str = "paper", estimator: s
                           percentile=percentile)
             a = QuantSpec(ab, act_symmetric, act_granularity, estimator, static=not dynamic, momentum=momentum,
                           percentile=percentile)
-            configs.append(QuantConfig(weight=w, activation=a, sites=s, fp32_head=fp32_head))
+            configs.append(QuantConfig(weight=w, activation=a, sites=s, fp32_head=fp32_head, int8_head=int8_head,
+                                       symmetric_attention=symmetric_attention))
     return tuple(configs)

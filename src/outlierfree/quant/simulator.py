@@ -38,6 +38,9 @@ from .config import QuantConfig, QuantSpec
 from .quantizer import Quantizer
 from .sitesets import SiteSet
 
+# the tensors the attention multiplies (Q K^T, P V); probabilities are >= 0, so their grid has zero point 0 anyway
+ATTENTION_OPERANDS = frozenset({"query", "key", "value"})
+
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
@@ -80,7 +83,7 @@ class QuantizedModel:
         self.model = model
         self.config = config
         self.task = task or task_of(model)
-        self.siteset = SiteSet(model, config.sites, config.fp32_head, self.task)
+        self.siteset = SiteSet(model, config.sites, config.fp32_head, self.task, config.int8_head)
         self.act: dict[str, Quantizer] = {}
         self.site_of: dict[str, Site] = {}
         self.aliases: dict[str, str] = {}
@@ -155,6 +158,8 @@ class QuantizedModel:
         if g is not None:  # already rounded at an earlier site: never twice
             if g != site.name:
                 self.aliases.setdefault(site.name, g)
+                if site.kind in ATTENTION_OPERANDS and g in self.act:  # e.g. the query projection's output grid
+                    self.act[g].spec = self._spec_for(site)
             return None
         if not self.siteset.wants(site):  # residual sums are offered whatever the set
             return None
@@ -165,7 +170,7 @@ class QuantizedModel:
             if self.mode != "calibrate" and self.static:
                 self._late.append(site.name)
                 return None
-            q = self.act[site.name] = Quantizer(self.config.activation, site.name)
+            q = self.act[site.name] = Quantizer(self._spec_for(site), site.name)
             if site.name in self.learned_act:  # learned by QAT: calibration leaves it as it is
                 q.lo, q.hi = (t.clone() for t in self.learned_act[site.name])
                 q.fixed = True
@@ -173,6 +178,14 @@ class QuantizedModel:
             self.site_of[site.name] = site
             self.aliases.pop(site.name, None)
         return q(x, calibrate=self.mode == "calibrate")
+
+    def _spec_for(self, site: Site) -> QuantSpec:
+        """The activation spec of a site: the config's, made symmetric for the attention's matmul operands when
+        ``config.symmetric_attention`` (so that OpenVINO's int8 attention kernel takes them)."""
+        spec = self.config.activation
+        if self.config.symmetric_attention and site.kind in ATTENTION_OPERANDS and not spec.symmetric:
+            return replace(spec, symmetric=True)
+        return spec
 
     # ---- weights --------------------------------------------------------------------------------------------
     def _weight_fn(self, path: str, func: str, pname: str, w: torch.Tensor) -> torch.Tensor | None:

@@ -41,17 +41,19 @@ class SiteSet:
 
     Attributes:
         name: ``paper``, ``full``, ``linear`` or ``kinds``.
-        float_head: the task head stays float (``fp32_head``, or ``paper`` on a masked LM as the reference does).
+        float_head: the task head stays float (``fp32_head``, or ``paper`` on a masked LM as the reference does,
+            unless ``int8_head`` asks for it in integers: then the set's rules apply to the head as to any block).
     """
 
-    def __init__(self, model: nn.Module, sites: str | tuple[str, ...], fp32_head: bool = False, task: str = ""):
+    def __init__(self, model: nn.Module, sites: str | tuple[str, ...], fp32_head: bool = False, task: str = "",
+                 int8_head: bool = False):
         self.name = sites if isinstance(sites, str) else "kinds"
         self.kinds = frozenset(sites) if not isinstance(sites, str) else None
         self.family = hf_compat.family_of(getattr(model, "config", None))
         self.heads = hf_compat.head_paths(model)
         self.gated = any(getattr(m, "outlierfree_gate", None) is not None for m in model.modules())
         self.fp32_head = fp32_head
-        self.float_head = fp32_head or (self.name == "paper" and task == "mlm")
+        self.float_head = fp32_head or (self.name == "paper" and task == "mlm" and not int8_head)
         self.owners: dict[str, nn.Module] = dict(model.named_modules())
         self.convs = {n for n, m in self.owners.items() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
 
@@ -88,8 +90,9 @@ class SiteSet:
         if leaf == "bias" or leaf.endswith("_bias") and w.dim() == 1:
             return "bias (kept in float, as int32 in integer runtimes)"
         if self.float_head and in_head(path, self.heads):
-            return "task head kept in float" + (" (--fp32-head)" if self.fp32_head
-                                                else " (paper: the reference leaves the masked-LM head float)")
+            return "task head kept in float" + (" (--fp32-head)" if self.fp32_head else
+                                                " (paper: the reference leaves the masked-LM head float; "
+                                                "--int8-head quantizes it)")
         if "outlierfree_gate" in pname:
             if self.name == "full" or self.kinds is not None:
                 return None
