@@ -53,19 +53,22 @@ def batches(family, n=3):
     return out
 
 
-def simulate_and_run(model, family, cfg, data, with_float=False, sites=False):
+def simulate_and_run(model, family, cfg, data, with_float=False, sites=False, out_dir=None, inspect=None):
     """Calibrate on the first two batches, evaluate the last two: simulated and ONNX Runtime INT8 results (with
-    ``sites``, ``real["sites"]`` is the per-site comparison on the last batch)."""
+    ``sites``, ``real["sites"]`` is the per-site comparison on the last batch). ``out_dir`` keeps the exported files
+    (else a temporary directory); ``inspect(qm)``, called while the simulator is attached, replaces the third
+    value (the counts of activation and weight quantizers)."""
     task = TASK[family]
-    with quantize(model, cfg, task) as qm, tempfile.TemporaryDirectory() as d:
+    with quantize(model, cfg, task) as qm, tempfile.TemporaryDirectory() as tmp:
+        d = str(out_dir or tmp)
         qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
         sim = evaluate_pair(qm, data[1:], task, progress=False)
         real = real_int8(qm, data[1:], task, data[0], out_dir=d, threads=1, with_float=with_float,
                          runtimes=RUNTIMES)
         if sites:
             real["sites"] = site_agreement(qm, f"{d}/model_int8.onnx", data[-1])
-        counts = (len(qm.act), len(qm.weights))
-    return sim, real, counts
+        seen = inspect(qm) if inspect else (len(qm.act), len(qm.weights))
+    return sim, real, seen
 
 
 def runtime_results(real):
@@ -132,22 +135,19 @@ def test_per_channel_weights(family, tmp_path):
     from dataclasses import replace
 
     from outlierfree.export.graph import const_values
+    from outlierfree.quant.quantizer import qparams
 
     cfg = paper_w8a8()
     cfg = replace(cfg, weight=replace(cfg.weight, granularity="per_channel"))
+
+    def weight_scales(qm):  # the simulator's per-channel scales, which the graph must store channel by channel
+        return len(qm.weights), sorted(
+            np.round(qparams(q.lo, q.hi, 8, True)[0].reshape(-1).numpy().astype(np.float32), 9).tolist()
+            for _, _, q in qm.weights.values() if q.lo.numel() > 1)
+
     model = build_model(family, "tiny", "gated", seed=0).eval()
-    data = batches(family)
-    task = TASK[family]
-    with quantize(model, cfg, task) as qm:
-        qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
-        sim = evaluate_pair(qm, data[1:], task, progress=False)
-        real = real_int8(qm, data[1:], task, data[0], out_dir=tmp_path, threads=1, with_float=False,
-                         runtimes=RUNTIMES)
-        n_w = len(qm.weights)
-        # the simulator's per-channel scales are what the graph stores, channel by channel
-        from outlierfree.quant.quantizer import qparams
-        sim_scales = sorted(np.round(qparams(q.lo, q.hi, 8, True)[0].reshape(-1).numpy().astype(np.float32), 9).tolist()
-                            for _, _, q in qm.weights.values() if q.lo.numel() > 1)
+    sim, real, (n_w, sim_scales) = simulate_and_run(model, family, cfg, batches(family), out_dir=tmp_path,
+                                                    inspect=weight_scales)
     agree(family, sim, real)
     assert real["export"]["weights"] == n_w and real["export"]["transposes_folded"] >= 1
     g = onnx.load(str(tmp_path / "model_int8.onnx")).graph
@@ -181,20 +181,17 @@ def test_symmetric_attention(family, tmp_path):
     from outlierfree.export.graph import const_values
     from outlierfree.quant.simulator import ATTENTION_OPERANDS
 
+    def grids(qm):  # the grids the attention's operands are rounded on, and the symmetric ones
+        operands = {qm.aliases.get(n, n) for n, s in qm.site_of.items() if s.kind in ATTENTION_OPERANDS}
+        operands |= {g for a, g in qm.aliases.items() if a.rsplit(":", 1)[-1] in ATTENTION_OPERANDS}
+        return operands, {n for n, q in qm.act.items() if q.spec.symmetric}, set(qm.act)
+
     cfg = paper_w8a8().replace(symmetric_attention=True)
     model = build_model(family, "tiny", "gated", seed=0).eval()
-    data = batches(family)
-    task = TASK[family]
-    with quantize(model, cfg, task) as qm:
-        qm.calibrate(data[:2], lambda m, b: model_output(m, b, task), progress=False)
-        sim = evaluate_pair(qm, data[1:], task, progress=False)
-        real = real_int8(qm, data[1:], task, data[0], out_dir=tmp_path, threads=1, with_float=False,
-                         runtimes=RUNTIMES)
-        operand_grids = {qm.aliases.get(n, n) for n, s in qm.site_of.items() if s.kind in ATTENTION_OPERANDS}
-        operand_grids |= {g for a, g in qm.aliases.items() if a.rsplit(":", 1)[-1] in ATTENTION_OPERANDS}
-        sym = {n for n, q in qm.act.items() if q.spec.symmetric}
+    sim, real, (operand_grids, sym, act) = simulate_and_run(model, family, cfg, batches(family), out_dir=tmp_path,
+                                                            inspect=grids)
     agree(family, sim, real)
-    assert operand_grids and operand_grids <= set(qm.act), operand_grids
+    assert operand_grids and operand_grids <= act, operand_grids
     assert sym == operand_grids  # exactly the attention operands, every one of them
     g = onnx.load(str(tmp_path / "model_int8.onnx")).graph
     vals = const_values(g)
@@ -231,15 +228,11 @@ def test_int8_head_quantizes_the_masked_lm_head(tmp_path):
     data, sizes, floats = batches("bert"), {}, {}
     for head in (False, True):
         model = build_model("bert", "tiny", "gated", seed=0).eval()
-        cfg = paper_w8a8().replace(int8_head=head)
         (tmp_path / str(head)).mkdir()
-        with quantize(model, cfg, "mlm") as qm:
-            qm.calibrate(data[:2], lambda m, b: model_output(m, b, "mlm"), progress=False)
-            sim = evaluate_pair(qm, data[1:], "mlm", progress=False)
-            real = real_int8(qm, data[1:], "mlm", data[0], out_dir=tmp_path / str(head), threads=1,
-                             with_float=False, runtimes=RUNTIMES)
-            floats[head] = {k: v for k, v in qm.float_weights.items() if "task head" in v}
-            head_sites = [n for n, st in qm.site_of.items() if st.module.startswith("cls")]
+        sim, real, (floats[head], head_sites) = simulate_and_run(
+            model, "bert", paper_w8a8().replace(int8_head=head), data, out_dir=tmp_path / str(head),
+            inspect=lambda qm: ({k: v for k, v in qm.float_weights.items() if "task head" in v},
+                                [n for n, st in qm.site_of.items() if st.module.startswith("cls")]))
         agree("bert", sim, real)
         sizes[head] = (tmp_path / str(head) / "model_int8.onnx").stat().st_size
         assert bool(head_sites) == head
