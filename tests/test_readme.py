@@ -78,6 +78,11 @@ MAPPED = [
       ("tests/analysis/test_pretrained.py", "def test_minilm_cli(")],
      "doctor end to end on a trained tiny BERT; MiniLM found by the same one-liner and loaded by analyze (doctor's "
      "first stage); the full doctor on MiniLM takes a minute"),
+    (r"outlierfree export MODEL --symmetric-attention --runtime openvino --out DIR",
+     [("tests/export/test_export.py", "def test_symmetric_attention("),
+      ("tests/export/test_export.py", "def test_cli_export_and_quantize_backend(")],
+     "the export with symmetric attention grids in both runtimes on BERT / OPT / ViT, and the export command end to "
+     "end"),
     (r"outlierfree analyze runs/bert-clipped/model",
      [("tests/analysis/test_cli.py", "def test_analyze_two_models_side_by_side(")], "analyze on trained tiny BERTs"),
     (r"outlierfree quantize runs/bert-clipped/model --out runs/bert-clipped/quant",
