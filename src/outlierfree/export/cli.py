@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..quant.cli import head_and_grid_options
 from ..quant.config import configs_from_flags, pop_config_flags
 
 
@@ -19,11 +20,7 @@ from ..quant.config import configs_from_flags, pop_config_flags
 @click.option("--weight-granularity", type=click.Choice(["per_tensor", "per_channel"]), default="per_tensor",
               show_default=True, help="per_channel: one weight grid per output channel (the paper's setting is "
               "per_tensor)")
-@click.option("--fp32-head", is_flag=True, help="keep the task head (LM head / classifier) in float")
-@click.option("--int8-head", is_flag=True,
-              help="quantize the task head too where the site set leaves it float (the paper set on masked LMs): a float LM decoder is most of a small model's time and size")
-@click.option("--symmetric-attention", is_flag=True,
-              help="queries, keys and values on symmetric grids (zero point 0): OpenVINO then runs the attention as one int8 kernel (the paper's grids are asymmetric)")
+@head_and_grid_options
 @click.option("--calib-batches", type=int, default=16, show_default=True, help="calibration batches (training split)")
 @click.option("--eval-batches", type=int, default=4, show_default=True,
               help="validation batches scored in PyTorch float, the simulator and ONNX Runtime (0: no evaluation)")

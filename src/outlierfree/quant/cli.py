@@ -9,6 +9,21 @@ import click
 from .config import ESTIMATORS, QuantConfig, configs_from_flags, pop_config_flags
 
 
+def head_and_grid_options(command: Any) -> Any:
+    """The flags that decide the head's and the attention's grids, shared by ``quantize`` and ``export`` (one help
+    text each): --fp32-head, --int8-head, --symmetric-attention."""
+    for option in reversed((
+            click.option("--fp32-head", is_flag=True, help="keep the task head (LM head / classifier) in float"),
+            click.option("--int8-head", is_flag=True,
+                         help="quantize the task head too where the site set leaves it float (the paper set on "
+                              "masked LMs): a float LM decoder is most of a small model's time and size"),
+            click.option("--symmetric-attention", is_flag=True,
+                         help="queries, keys and values on symmetric grids (zero point 0): OpenVINO then runs the "
+                              "attention as one int8 kernel (the paper's grids are asymmetric)"))):
+        command = option(command)
+    return command
+
+
 @click.command("quantize")
 @click.argument("model_path", metavar="MODEL")
 @click.option("--bits", default="w8a8", show_default=True,
@@ -28,11 +43,7 @@ from .config import ESTIMATORS, QuantConfig, configs_from_flags, pop_config_flag
 @click.option("--dynamic", is_flag=True, help="activation ranges from every tensor at run time (no calibration)")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="running_minmax momentum")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="percentile estimator's p")
-@click.option("--fp32-head", is_flag=True, help="keep the task head (LM head / classifier) in float")
-@click.option("--int8-head", is_flag=True,
-              help="quantize the task head too where the site set leaves it float (the paper set on masked LMs): a float LM decoder is most of a small model's time and size")
-@click.option("--symmetric-attention", is_flag=True,
-              help="queries, keys and values on symmetric grids (zero point 0): OpenVINO then runs the attention as one int8 kernel (the paper's grids are asymmetric)")
+@head_and_grid_options
 @click.option("--calib-batches", type=int, default=16, show_default=True, help="calibration batches (training split)")
 @click.option("--eval-batches", type=int, default=None, help="evaluation batches [default: 4 from the validation split; "
               "every sequence after the calibration ones of a whole --data text]")

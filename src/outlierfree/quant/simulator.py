@@ -158,8 +158,8 @@ class QuantizedModel:
         if g is not None:  # already rounded at an earlier site: never twice
             if g != site.name:
                 self.aliases.setdefault(site.name, g)
-                if site.kind in ATTENTION_OPERANDS and g in self.act:  # e.g. the query projection's output grid
-                    self.act[g].spec = self._spec_for(site)
+                if self.config.symmetric_attention and site.kind in ATTENTION_OPERANDS and g in self.act:
+                    self.act[g].spec = self._spec_for(site)  # e.g. the query projection's output grid
             return None
         if not self.siteset.wants(site):  # residual sums are offered whatever the set
             return None
