@@ -275,3 +275,35 @@ def test_per_channel_weight_ranges_are_learned_simulated_and_run_in_real_int8(ti
     # its perplexity is the simulator's within the export's parity tolerance (tests/export: 1 %)
     assert "int8_note" not in res and res["int8"]["perplexity"] > 0
     assert res["int8"]["perplexity"] == pytest.approx(res["simulated"]["perplexity"], rel=0.01)
+
+
+def test_grid_flags_learn_the_grids_the_export_uses_and_the_card_says_how(tiny_bert, tmp_path):
+    """--symmetric-attention and --int8-head in a fine-tune: QAT learns the queries', keys' and values' ranges on
+    symmetric grids (lo = -hi) and the masked LM head's weight ranges (the paper set leaves the head float
+    otherwise); the real INT8 measurement runs that config in ONNX Runtime and agrees with the simulator; the card
+    gives the quantize / export flags of the same grids."""
+    pytest.importorskip("onnxruntime")
+    from outlierfree.quant.run import load_for_quant
+
+    result = finetune(_tiny_cfg(tiny_bert, tmp_path / "g", method="qat", steps=2, symmetric_attention=True,
+                                int8_head=True, measure=True, real_int8=True))
+    out = result.model_dir
+    saved = load_ranges(out)
+    q = load_for_quant(out, calib_batches=2, eval_batches=1, batch_size=4, seq_len=32, data=str(tiny_bert / "text.txt"))
+    cfg = paper_w8a8().replace(symmetric_attention=True, int8_head=True)
+    with quantize(q.model, cfg, q.task) as qm:
+        qm.calibrate(q.batches.calib, lambda m, b: model_output(m, b, q.task), progress=False)
+        sym = {n for n, qq in qm.act.items() if qq.spec.symmetric}
+        used = set(qm.learned_used)
+    assert sym and sym <= set(saved.act) and sym <= used
+    for name in sym:  # learned on the symmetric grid: the range stays symmetric through training
+        lo, hi = saved.act[name]
+        assert torch.equal(lo, -hi), (name, lo, hi)
+    asym = [n for n in saved.act if n not in sym and saved.act[n][0] < 0]
+    assert asym and any(not torch.equal(saved.act[n][0], -saved.act[n][1]) for n in asym)
+    assert any(name.startswith("cls.") for name in saved.weight), sorted(saved.weight)  # the head was trained too
+    res = json.loads((out / "finetune_result.json").read_text())
+    assert res["quant"]["symmetric_attention"] and res["quant"]["int8_head"]
+    assert res["after"]["int8"]["perplexity"] == pytest.approx(res["after"]["simulated"]["perplexity"], rel=0.01)
+    card = (out / "README.md").read_text()
+    assert "outlierfree export DIR --out INT8_DIR --int8-head --symmetric-attention" in card

@@ -45,6 +45,7 @@ def make(**kw):
     (dict(save_every=-1), "--save-every is negative"),
     (dict(grad_clip=-1.0), "grad_clip -1.0 is negative"),
     (dict(measure_batches=0), "measure_batches 0 is too few"),
+    (dict(fp32_head=True, int8_head=True), "--fp32-head and --int8-head contradict each other"),
     (dict(attention={"variant": "vanilla"}), "--attention vanilla cannot be retrofitted"),
     (dict(attention={"variant": "gated", "gate_init": 1.5}), "gate init probability must be in (0, 1)"),
 ])
@@ -108,6 +109,8 @@ def parsed_by_the_cli(args, monkeypatch):
          penalty="infnorm", penalty_weight=1e-3, sites="ln_input+residual", layer_weight=0.25),
     dict(attention=retrofit_attention("gated", gate_init=0.5), model="dir with space/m", out="o u t"),
     dict(attention={"variant": "clipped"}),  # from Python: the flags' clipped default (alpha 1, T per row)
+    dict(method="qat", sites="linear", weight_granularity="per_channel", symmetric_attention=True, int8_head=True),
+    dict(fp32_head=True),
 ])
 def test_the_card_command_parses_back_into_the_same_run(kw, monkeypatch, capsys):
     cfg = make(**kw)
@@ -156,3 +159,17 @@ def test_site_kinds_fine_tune_and_the_cli_prints_the_result(tiny_bert, tmp_path,
     card = result.card.read_text()
     assert "outlierfree finetune " + str(tiny_bert / "model") + " --out OUT" in card
     assert "--sites ln_input+residual" in card and "--method qat" in card and "--steps 2" in card
+
+
+def test_grid_flags_off_leave_the_identity_of_earlier_runs_and_on_change_it():
+    """A run begun before --fp32-head / --int8-head / --symmetric-attention existed (its identity has no such keys)
+    resumes unchanged; each flag on is another run, and the card's quantize / export flags carry it."""
+    base = make(method="qat")
+    assert not {"fp32_head", "int8_head", "symmetric_attention"} & set(base.identity())
+    assert base.quant_flags() == []
+    for name in ("fp32_head", "int8_head", "symmetric_attention"):
+        on = make(method="qat", **{name: True})
+        assert on.identity()[name] is True and on.identity() != base.identity()
+        assert on.quant_flags() == ["--" + name.replace("_", "-")]
+    lin = make(sites="linear", weight_granularity="per_channel", symmetric_attention=True)
+    assert lin.quant_flags() == ["--sites", "linear", "--weight-granularity", "per_channel", "--symmetric-attention"]

@@ -53,11 +53,23 @@ def card(cfg: FinetuneConfig, result: dict[str, Any]) -> str:
         "the original float model; language models: perplexity. `INT8 ORT`: the static QDQ export run in ONNX "
         "Runtime. The learned quantization ranges (`quant_ranges.safetensors`) are used by `outlierfree quantize`, "
         "`export` and `doctor` automatically.", "",
+        *_use(cfg),
         "Reproduce (every setting that differs from its default; OUT: any new directory):", "",
         "```",
         cfg.command(out="OUT"),
         "```", "", *_python_only(cfg)]
     return "\n".join(lines)
+
+
+def _use(cfg: FinetuneConfig) -> list[str]:
+    """How to quantize and export the cured model on the grids its ranges were learned on (DIR: the model
+    directory, OUT/model)."""
+    flags = " ".join(cfg.quant_flags())
+    sep = " " if flags else ""
+    return ["Use it on the grids its ranges were learned on (DIR: this directory):", "", "```",
+            f"outlierfree quantize DIR{sep}{flags}",
+            f"outlierfree export DIR --out INT8_DIR{sep}{flags}  # add --runtime openvino for OpenVINO IR",
+            "```", ""]
 
 
 def _python_only(cfg: FinetuneConfig) -> list[str]:

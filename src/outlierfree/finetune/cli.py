@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..quant.cli import head_and_grid_options
 from .config import METHODS, PENALTIES, FinetuneConfig, retrofit_attention
 
 _D = FinetuneConfig.__dataclass_fields__
@@ -33,6 +34,7 @@ def _d(name: str) -> Any:
               help="quantized site set: paper|full|linear, or site kinds joined by + (e.g. ln_input+residual)")
 @click.option("--weight-granularity", default=_d("weight_granularity"), show_default=True,
               help="per_tensor|per_channel weight ranges (both are learned, simulated and exported to real INT8)")
+@head_and_grid_options
 @click.option("--attention", "attention", default="gated", show_default=True,
               help="retrofitted variant: gated|clipped|ncs")
 @click.option("--gate-init", type=float, default=None, help="gated: initial gate probability [default: 0.25]")

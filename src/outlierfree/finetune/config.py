@@ -26,6 +26,8 @@ _FLAG_FIELDS = ("method", "steps", "lr", "range_lr", "gate_lr", "data", "sites",
                 "float_weight", "layer_weight", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
                 "train_batches", "eval_batches", "warmup_steps", "save_every")
 _FLAG_NAMES = {"penalty": "--outlier-penalty"}
+# on/off flags of the quantization grids (quantize's and export's flags of the same names)
+GRID_FLAGS = ("fp32_head", "int8_head", "symmetric_attention")
 
 
 def retrofit_attention(attention: str = "gated", *, gate_init: float | None = None, alpha: float | None = None,
@@ -64,6 +66,10 @@ class FinetuneConfig:
             by ``+`` (``ln_input+residual``); validated by :func:`outlierfree.quant.config.parse_site_set` and
             kept as that text (kinds joined by ``+``).
         weight_granularity: ``per_tensor`` or ``per_channel`` weight ranges.
+        fp32_head, int8_head, symmetric_attention: the grids of the head and the attention, as the flags of
+            ``quantize`` and ``export`` of the same names: QAT learns the ranges of the grids the model will be
+            exported with (``--symmetric-attention`` for OpenVINO's int8 attention kernel, ``--int8-head`` for a
+            masked LM whose head the paper set leaves float).
         attention: the retrofitted variant (``AttentionConfig`` dict); gated gets ``gate_finetune``.
         float_weight: QAT only: also distil the student's float forward (same weights, no quantization) with this
             weight, so that the cured model's float quality is kept while its W8A8 quality improves (0: off).
@@ -90,6 +96,9 @@ class FinetuneConfig:
     data: str | None = None
     sites: str = "paper"
     weight_granularity: str = "per_tensor"
+    fp32_head: bool = False
+    int8_head: bool = False
+    symmetric_attention: bool = False
     attention: dict[str, Any] = field(default_factory=lambda: {"variant": "gated"})
     float_weight: float = 0.0
     layer_weight: float = 0.0
@@ -129,6 +138,8 @@ class FinetuneConfig:
         object.__setattr__(self, "sites", sites if isinstance(sites, str) else "+".join(sites))
         require(self.weight_granularity in WEIGHT_GRANULARITIES, f"unknown --weight-granularity "
                 f"{self.weight_granularity!r}", f"use {' or '.join(WEIGHT_GRANULARITIES)}")
+        require(not (self.fp32_head and self.int8_head), "--fp32-head and --int8-head contradict each other",
+                "pass one of them")
         require(self.penalty in PENALTIES, f"unknown --outlier-penalty {self.penalty!r}",
                 f"use one of {'|'.join(PENALTIES)}")
         require(self.float_weight >= 0, f"--float-weight {self.float_weight} is negative", "pass 0 or more")
@@ -182,6 +193,9 @@ class FinetuneConfig:
         d = self.to_dict()
         for k in NOT_IDENTITY:
             d.pop(k, None)
+        for k in GRID_FLAGS:  # off: absent, so a run begun before these flags existed still resumes
+            if not d.get(k):
+                d.pop(k, None)
         return d
 
     # ---- the command line of this run ----------------------------------------------------------------------
@@ -195,6 +209,7 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value != default[name]:
                 args += [_FLAG_NAMES.get(name, "--" + name.replace("_", "-")), str(value)]
+        args += ["--" + name.replace("_", "-") for name in GRID_FLAGS if getattr(self, name)]
         if self.retrofit:
             variant = self.attention.get("variant", "gated")
             args += ["--attention", variant] if variant != "gated" else []
@@ -205,6 +220,13 @@ class FinetuneConfig:
         args += ["--no-measure"] if not self.measure else []
         args += ["--no-real-int8"] if not self.real_int8 else []
         return args
+
+    def quant_flags(self) -> list[str]:
+        """The flags that make ``outlierfree quantize`` and ``export`` quantize the cured model on the grids its
+        ranges were learned on (site set, weight granularity, head and attention grids); empty for the defaults."""
+        args = ["--sites", self.sites] if self.sites != "paper" else []
+        args += ["--weight-granularity", self.weight_granularity] if self.weight_granularity != "per_tensor" else []
+        return args + ["--" + name.replace("_", "-") for name in GRID_FLAGS if getattr(self, name)]
 
     def python_only(self) -> dict[str, Any]:
         """The settings of this run that no ``outlierfree finetune`` flag sets (``grad_clip``, ``measure_batches``,

@@ -88,10 +88,12 @@ class Student(nn.Module):
 
 def qat_config(cfg: FinetuneConfig) -> QuantConfig:
     """The quantization config of the run: ``outlierfree quantize``'s default W8A8 (the paper's grids) on the run's
-    site set, with its weight granularity."""
+    site set, with its weight granularity and head / attention grid flags."""
     from ..quant.config import configs_from_flags
 
-    (qc,) = configs_from_flags(bits="w8a8", sites=cfg.sites, weight_granularity=cfg.weight_granularity)
+    (qc,) = configs_from_flags(bits="w8a8", sites=cfg.sites, weight_granularity=cfg.weight_granularity,
+                               fp32_head=cfg.fp32_head, int8_head=cfg.int8_head,
+                               symmetric_attention=cfg.symmetric_attention)
     return qc
 
 
