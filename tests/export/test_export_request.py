@@ -85,3 +85,28 @@ def test_library_call_writes_what_the_cli_writes(tiny_gated_bert, tmp_path, caps
               "kernels", "data", "export"):
         assert on_disk[k] == made[k], k
     assert (lib / "ranges.json").read_text() == (cli / "ranges.json").read_text()
+
+
+@pytest.mark.parametrize("config,words", [
+    (paper_w8a8(), None),
+    (paper_w8a8().replace(weight=configs_from_flags(weight_granularity="per_channel")[0].weight), None),
+    (configs_from_flags(bits="w4a8")[0], "--bits w4a8"),
+    (configs_from_flags(bits="w8a16")[0], "--bits w8a16"),
+    (_dynamic()[0], "static per-tensor only"),
+])
+def test_one_integer_form_check_for_quantize_export_and_finetune(tmp_path, config, words):
+    """QuantConfig.no_integer_form is the one rule of what runs in integers; quantize --backend and export refuse
+    with it, and finetune's real-INT8 measurement skips with it."""
+    from outlierfree.quant.run import QuantizeRequest
+
+    why = config.no_integer_form()
+    assert (why is None) == (words is None) and (words is None or words in why)
+    if why is None:
+        ExportRequest(model="m", out=str(tmp_path / "a"), configs=(config,))
+        QuantizeRequest(model="m", configs=(config,), backend="onnxruntime")
+        return
+    for make in (lambda: ExportRequest(model="m", out=str(tmp_path / "b"), configs=(config,)),
+                 lambda: QuantizeRequest(model="m", configs=(config,), backend="onnxruntime")):
+        with pytest.raises(OutlierfreeError) as e:
+            make()
+        assert why in str(e.value) and "\n" not in str(e.value)

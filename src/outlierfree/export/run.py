@@ -65,13 +65,9 @@ class ExportRequest:
         cfg = self.configs[0]
         require(isinstance(cfg.sites, str), f"export maps the named site sets to QDQ nodes, not --sites "
                 f"{'+'.join(cfg.sites)}", "use paper, full or linear")
-        bits = (f"w{cfg.weight.bits if cfg.weight else 'float'}"
-                f"a{cfg.activation.bits if cfg.activation else 'float'}")
-        require(cfg.weight is not None and cfg.activation is not None and cfg.weight.bits == 8
-                and cfg.activation.bits == 8, f"--bits {bits} has no integer runtime form here", "pass --bits w8a8")
-        require(not cfg.activation.dynamic and cfg.activation.granularity == "per_tensor",
-                f"export needs static per-tensor activation ranges, not {cfg.activation.describe()}",
-                "use the paper's activation quantizer (the defaults of `outlierfree export`)")
+        why = cfg.no_integer_form()
+        require(why is None, f"export cannot write this config: {why}",
+                "pass --bits w8a8 with static per-tensor activation ranges (the defaults of `outlierfree export`)")
         require(self.calib_batches >= 1, "--calib-batches must be >= 1 (static ranges)", "pass --calib-batches 16")
         require(self.eval_batches >= 0, "--eval-batches is negative", "pass 0 or more")
         require(self.batch_size >= 1, f"--batch-size {self.batch_size} is too small", "pass 1 or more")

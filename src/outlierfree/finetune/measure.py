@@ -99,11 +99,11 @@ def measure(model: nn.Module, calib: list[dict[str, torch.Tensor]], batches: lis
         res["simulated"] = metrics(outputs(model, batches, task), refs, batches, task)
         res["learned_ranges_used"] = len(qm.learned_used)
         res["int8"] = None
-        exportable = config.activation is None or not config.activation.dynamic
-        if real_int8 and exportable:
+        why = config.no_integer_form()
+        if real_int8 and why is None:
             res["int8"] = _onnxruntime(qm, calib[0], batches, refs, task)
         elif real_int8:
-            res["int8_note"] = "no integer form: the exporter writes static activation ranges only"
+            res["int8_note"] = f"no integer form: {why}"
     finally:
         qm.remove()
     res["seconds"] = time.perf_counter() - t0

@@ -122,6 +122,18 @@ class QuantConfig:
                     "per_channel granularity is for weights (activation channels would need per-channel "
                     "requantization of every op)", "use per_tensor or per_token for activations")
 
+    def no_integer_form(self) -> str | None:
+        """Why this config has no integer runtime form (the static QDQ export), or None when it has one: 8-bit
+        weights and activations, activations static and per-tensor (weights per-tensor or per-channel). The one
+        check ``quantize --backend``, ``export`` and ``finetune``'s real-INT8 measurement share."""
+        if self.weight is None or self.activation is None or self.weight.bits != 8 or self.activation.bits != 8:
+            w = self.weight.bits if self.weight else "float"
+            a = self.activation.bits if self.activation else "float"
+            return f"--bits w{w}a{a} has no integer runtime form (8-bit weights and activations only)"
+        if self.activation.dynamic or self.activation.granularity != "per_tensor":
+            return f"activations {self.activation.describe()} have no integer runtime form (static per-tensor only)"
+        return None
+
     def replace(self, **kw: Any) -> "QuantConfig":
         """A copy with some fields changed."""
         return replace(self, **kw)

@@ -163,10 +163,8 @@ class QuantizeRequest:
         require(self.backend in BACKENDS, f"unknown --backend {self.backend!r}", f"use one of {', '.join(BACKENDS)}")
         if self.backend != "simulator":
             for c in self.configs:
-                require(c.weight is not None and c.activation is not None and c.weight.bits == 8
-                        and c.activation.bits == 8 and not c.activation.dynamic
-                        and c.activation.granularity == "per_tensor",
-                        f"--backend {self.backend} cannot run {c.describe()} in integers",
+                require(c.no_integer_form() is None, f"--backend {self.backend} cannot run {c.describe()} in "
+                        f"integers: {c.no_integer_form()}",
                         "use --bits w8a8 with per-tensor static activation ranges (the defaults)")
 
     @property
