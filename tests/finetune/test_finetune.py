@@ -307,3 +307,53 @@ def test_grid_flags_learn_the_grids_the_export_uses_and_the_card_says_how(tiny_b
     assert res["after"]["int8"]["perplexity"] == pytest.approx(res["after"]["simulated"]["perplexity"], rel=0.01)
     card = (out / "README.md").read_text()
     assert "outlierfree export DIR --out INT8_DIR --int8-head --symmetric-attention" in card
+
+
+def test_distill_positions_masked_distils_exactly_the_scored_positions(tiny_bert, tmp_path, monkeypatch, capsys):
+    """--distill-positions masked: the output loss (and the float forward's) of a masked LM sees the positions its
+    perplexity scores (labels != -100) and no others; on a model that is not a masked LM it is a one-line error
+    that writes nothing."""
+    import outlierfree.finetune.loop as loop
+
+    seen, real = [], loop.distill_loss
+
+    def spy(student, teacher, task, mask=None):
+        seen.append(mask.clone())
+        return real(student, teacher, task, mask)
+
+    monkeypatch.setattr(loop, "distill_loss", spy)
+    batches = []
+    real_order = loop.batch_order
+    monkeypatch.setattr(loop, "batch_order", lambda step, n, seed: batches.append(real_order(step, n, seed))
+                        or batches[-1])
+    cfg = _tiny_cfg(tiny_bert, tmp_path / "m", method="qat", steps=2, distill_positions="masked", float_weight=1.0)
+    finetune(cfg)
+    from outlierfree.quant.run import load_for_quant
+
+    q = load_for_quant(cfg.model, calib_batches=cfg.train_batches, eval_batches=cfg.eval_batches,
+                       batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, data=cfg.data)
+    assert len(seen) == 4  # two steps, quantized and float forward each
+    for i, mask in enumerate(seen):
+        labels = q.batches.calib[batches[i // 2]]["labels"]
+        scored = (labels != -100).long()
+        assert 0 < int(scored.sum()) < int(q.batches.calib[batches[i // 2]]["attention_mask"].sum())
+        assert torch.equal(mask, scored)
+    # an encoder has no masked positions: one line, exit 2, no directory
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    enc = tmp_path / "enc"
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(tiny_bert / "model")).save_pretrained(enc)
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny_bert / "model" / f).exists():
+            shutil.copy(tiny_bert / "model" / f, enc / f)
+    out = tmp_path / "enc-run"
+    capsys.readouterr()
+    code, err = _cli(["finetune", str(enc), "--out", str(out), "--data", str(tiny_bert / "text.txt"), "--batch-size",
+                      "4", "--seq-len", "32", "--train-batches", "3", "--calib-batches", "2", "--eval-batches", "2",
+                      "--distill-positions", "masked", "--no-progress"], capsys)
+    assert code == 2 and "--distill-positions masked needs a masked language model" in err and err.count("\n") == 0
+    assert not out.exists()

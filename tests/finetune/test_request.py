@@ -46,6 +46,7 @@ def make(**kw):
     (dict(grad_clip=-1.0), "grad_clip -1.0 is negative"),
     (dict(measure_batches=0), "measure_batches 0 is too few"),
     (dict(fp32_head=True, int8_head=True), "--fp32-head and --int8-head contradict each other"),
+    (dict(distill_positions="cls"), "unknown --distill-positions 'cls'"),
     (dict(attention={"variant": "vanilla"}), "--attention vanilla cannot be retrofitted"),
     (dict(attention={"variant": "gated", "gate_init": 1.5}), "gate init probability must be in (0, 1)"),
 ])
@@ -111,6 +112,7 @@ def parsed_by_the_cli(args, monkeypatch):
     dict(attention={"variant": "clipped"}),  # from Python: the flags' clipped default (alpha 1, T per row)
     dict(method="qat", sites="linear", weight_granularity="per_channel", symmetric_attention=True, int8_head=True),
     dict(fp32_head=True),
+    dict(distill_positions="masked", float_weight=1.0),
 ])
 def test_the_card_command_parses_back_into_the_same_run(kw, monkeypatch, capsys):
     cfg = make(**kw)
@@ -171,5 +173,7 @@ def test_grid_flags_off_leave_the_identity_of_earlier_runs_and_on_change_it():
         on = make(method="qat", **{name: True})
         assert on.identity()[name] is True and on.identity() != base.identity()
         assert on.quant_flags() == ["--" + name.replace("_", "-")]
+    masked = make(method="qat", distill_positions="masked")
+    assert masked.identity()["distill_positions"] == "masked" and masked.identity() != base.identity()
     lin = make(sites="linear", weight_granularity="per_channel", symmetric_attention=True)
     assert lin.quant_flags() == ["--sites", "linear", "--weight-granularity", "per_channel", "--symmetric-attention"]

@@ -43,7 +43,8 @@ def card(cfg: FinetuneConfig, result: dict[str, Any]) -> str:
         f"measurement: {data.get('eval_split')}, disjoint), {cfg.batch_size} x {data.get('seq_len')} tokens a step",
         f"- steps: {cfg.steps}, lr {cfg.lr} (gates {cfg.gate_lr}, ranges {cfg.range_lr}), seed {cfg.seed}, "
         f"outlier penalty: {cfg.penalty}" + (f" x {cfg.penalty_weight}" if cfg.penalty != "none" else "")
-        + (f", layer-wise distillation x {cfg.layer_weight}" if cfg.layer_weight else ""),
+        + (f", layer-wise distillation x {cfg.layer_weight}" if cfg.layer_weight else "")
+        + (", output distilled at the masked positions only" if cfg.distill_positions == "masked" else ""),
         f"- quantization: {q.get('describe', '')}",
         f"- time: {result.get('train_seconds', 0) / 60:.1f} min of fine-tuning on {result.get('world_size', 1)} "
         f"process(es) ({machine()}), commit {git_commit()}", "",

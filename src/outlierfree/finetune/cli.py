@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..quant.cli import head_and_grid_options
-from .config import METHODS, PENALTIES, FinetuneConfig, retrofit_attention
+from .config import DISTILL_POSITIONS, METHODS, PENALTIES, FinetuneConfig, retrofit_attention
 
 _D = FinetuneConfig.__dataclass_fields__
 
@@ -45,6 +45,9 @@ def _d(name: str) -> Any:
               help="QAT: also distil the float forward with this weight (keeps float quality)")
 @click.option("--layer-weight", type=float, default=0.0, show_default=True,
               help="also distil every LayerNorm output (hidden states) of the original with this weight")
+@click.option("--distill-positions", default=_d("distill_positions"), show_default=True,
+              help=f"{'|'.join(DISTILL_POSITIONS)}: distil the output at every real token, or (masked LMs) at the "
+                   "masked positions only, the ones perplexity scores")
 @click.option("--outlier-penalty", "penalty", default="none", show_default=True, help="|".join(PENALTIES))
 @click.option("--penalty-weight", type=float, default=0.0, show_default=True, help="weight of the outlier penalty")
 @click.option("--batch-size", type=int, default=_d("batch_size"), show_default=True)

@@ -12,6 +12,7 @@ from ..errors import OutlierfreeError, require
 
 METHODS = ("retrofit", "qat", "retrofit+qat")
 PENALTIES = ("none", "kurtosis", "infnorm")
+DISTILL_POSITIONS = ("all", "masked")
 RETROFIT_VARIANTS = ("gated", "clipped", "ncs")
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 # fields that do not change what a run computes: a resumed run may change them
@@ -23,11 +24,13 @@ PYTHON_ONLY = ("grad_clip", "measure_batches")
 # fields that are flags of their (dashed) name, except as _FLAG_NAMES says; the attention and the --no-* flags are
 # written by FinetuneConfig.flags() itself
 _FLAG_FIELDS = ("method", "steps", "lr", "range_lr", "gate_lr", "data", "sites", "weight_granularity",
-                "float_weight", "layer_weight", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
+                "float_weight", "layer_weight", "distill_positions", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
                 "train_batches", "eval_batches", "warmup_steps", "save_every")
 _FLAG_NAMES = {"penalty": "--outlier-penalty"}
 # on/off flags of the quantization grids (quantize's and export's flags of the same names)
 GRID_FLAGS = ("fp32_head", "int8_head", "symmetric_attention")
+# fields added after runs existed: left out of the identity at their default, so those runs still resume
+LATER_FIELDS = {**{k: False for k in GRID_FLAGS}, "distill_positions": "all"}
 
 
 def retrofit_attention(attention: str = "gated", *, gate_init: float | None = None, alpha: float | None = None,
@@ -73,6 +76,8 @@ class FinetuneConfig:
         attention: the retrofitted variant (``AttentionConfig`` dict); gated gets ``gate_finetune``.
         float_weight: QAT only: also distil the student's float forward (same weights, no quantization) with this
             weight, so that the cured model's float quality is kept while its W8A8 quality improves (0: off).
+        distill_positions: where the output is distilled: ``all`` real tokens, or ``masked``: a masked LM's masked
+            positions only (those its perplexity scores; the others only echo their input).
         layer_weight: also distil every LayerNorm output (the hidden states between and inside the blocks) of the
             original, with this weight (0: only the model's output; see losses.py).
         penalty, penalty_weight: outlier penalty on the residual sums (LayerNorm inputs): ``kurtosis`` or
@@ -102,6 +107,7 @@ class FinetuneConfig:
     attention: dict[str, Any] = field(default_factory=lambda: {"variant": "gated"})
     float_weight: float = 0.0
     layer_weight: float = 0.0
+    distill_positions: str = "all"
     penalty: str = "none"
     penalty_weight: float = 0.0
     batch_size: int = 8
@@ -140,6 +146,8 @@ class FinetuneConfig:
                 f"{self.weight_granularity!r}", f"use {' or '.join(WEIGHT_GRANULARITIES)}")
         require(not (self.fp32_head and self.int8_head), "--fp32-head and --int8-head contradict each other",
                 "pass one of them")
+        require(self.distill_positions in DISTILL_POSITIONS, f"unknown --distill-positions "
+                f"{self.distill_positions!r}", f"use {' or '.join(DISTILL_POSITIONS)}")
         require(self.penalty in PENALTIES, f"unknown --outlier-penalty {self.penalty!r}",
                 f"use one of {'|'.join(PENALTIES)}")
         require(self.float_weight >= 0, f"--float-weight {self.float_weight} is negative", "pass 0 or more")
@@ -193,8 +201,8 @@ class FinetuneConfig:
         d = self.to_dict()
         for k in NOT_IDENTITY:
             d.pop(k, None)
-        for k in GRID_FLAGS:  # off: absent, so a run begun before these flags existed still resumes
-            if not d.get(k):
+        for k, default in LATER_FIELDS.items():  # at the default: absent, so a run begun before still resumes
+            if d.get(k) == default:
                 d.pop(k, None)
         return d
 

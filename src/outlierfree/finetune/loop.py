@@ -191,6 +191,9 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     model, task = q.model, q.task
     pool = q.batches.calib  # the fine-tuning batches (training side); q.batches.eval is held out for _finish
     _check_output(model, pool[0], task)
+    require(cfg.distill_positions == "all" or (task == "mlm" and "labels" in pool[0]),
+            f"--distill-positions {cfg.distill_positions} needs a masked language model ({type(model).__name__}'s "
+            f"task is {task})", "drop the flag (every real token is distilled)")
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.retrofit:
         patch_model(model, cfg.attention_config())  # one-line error for an architecture it cannot patch
@@ -242,6 +245,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             batch = pool[batch_order(step, len(pool), cfg.seed)]
             mine = {k: v.to(accelerator.device) for k, v in _rows(batch, world, rank).items()}
             mask = mine.get("attention_mask")
+            out_mask = (mine["labels"] != -100).long() if cfg.distill_positions == "masked" else mask  # (B, T)
             with torch.no_grad(), (layers[1] if layers else contextlib.nullcontext()):
                 target = model_output(teacher, mine, task)
             with (tap if tap is not None else contextlib.nullcontext()), \
@@ -253,11 +257,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             for t in (tap, *(layers or ())):
                 if t is not None:
                     t.tensors = []
-            dist = distill_loss(out, target, task, mask)
+            dist = distill_loss(out, target, task, out_mask)
             loss = dist + cfg.penalty_weight * pen + cfg.layer_weight * lay
             if qm is not None and cfg.float_weight > 0:  # keep the float model close to the original too
                 with qm.float_mode():
-                    loss = loss + cfg.float_weight * distill_loss(task_student(mine), target, task, mask)
+                    loss = loss + cfg.float_weight * distill_loss(task_student(mine), target, task, out_mask)
             accelerator.backward(loss)
             require(math.isfinite(float(loss.detach())), f"the fine-tuning loss became {float(loss.detach())} at step {step + 1}",
                     "lower --lr or --range-lr and fine-tune again with another --out")
