@@ -207,15 +207,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     student = Student(model, ranges, task)
     model.eval()  # no dropout: the student matches the teacher's deterministic outputs (and resumes exactly)
 
-    gates = [p for n, p in model.named_parameters() if "outlierfree_gate" in n or "outlierfree_sink" in n]
-    gate_ids = {id(p) for p in gates}
-    weights = [p for p in model.parameters() if id(p) not in gate_ids]
-    groups = [{"params": weights, "lr": cfg.lr}]
-    if gates:
-        groups.append({"params": gates, "lr": cfg.gate_lr})
-    if len(ranges):
-        groups.append({"params": list(ranges.parameters()), "lr": cfg.range_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups(model, ranges, cfg), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
     task_student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     teacher.to(accelerator.device)
@@ -231,8 +223,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 f"steps x {cfg.batch_size}; {len(ranges)} learned ranges; {world} process(es)")
     accelerator.wait_for_everyone()
 
-    tap = NormTap(model, "input") if cfg.penalty != "none" else None  # residual sums, for the penalty
-    layers = (NormTap(model, "output"), NormTap(teacher, "output")) if cfg.layer_weight > 0 else None
+    losses = StepLoss(cfg, task, task_student, model, teacher, qm)
     step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     log_every = max(1, min(10, cfg.steps // 10 or 1))
     sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "layers": 0.0, "n": 0}
@@ -244,24 +235,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             _set_ramp(model, cfg, step)
             batch = pool[batch_order(step, len(pool), cfg.seed)]
             mine = {k: v.to(accelerator.device) for k, v in _rows(batch, world, rank).items()}
-            mask = mine.get("attention_mask")
-            out_mask = (mine["labels"] != -100).long() if cfg.distill_positions == "masked" else mask  # (B, T)
-            with torch.no_grad(), (layers[1] if layers else contextlib.nullcontext()):
-                target = model_output(teacher, mine, task)
-            with (tap if tap is not None else contextlib.nullcontext()), \
-                    (layers[0] if layers else contextlib.nullcontext()):
-                out = task_student(mine)
-            rows = next(iter(mine.values())).shape[0]  # sequences (or images) of this process's batch
-            pen = outlier_penalty(tap.tensors, cfg.penalty, rows) if tap is not None else torch.zeros(())
-            lay = layer_loss(layers[0].tensors, layers[1].tensors, mask) if layers else torch.zeros(())
-            for t in (tap, *(layers or ())):
-                if t is not None:
-                    t.tensors = []
-            dist = distill_loss(out, target, task, out_mask)
-            loss = dist + cfg.penalty_weight * pen + cfg.layer_weight * lay
-            if qm is not None and cfg.float_weight > 0:  # keep the float model close to the original too
-                with qm.float_mode():
-                    loss = loss + cfg.float_weight * distill_loss(task_student(mine), target, task, out_mask)
+            loss, parts = losses(mine)
             accelerator.backward(loss)
             require(math.isfinite(float(loss.detach())), f"the fine-tuning loss became {float(loss.detach())} at step {step + 1}",
                     "lower --lr or --range-lr and fine-tune again with another --out")
@@ -271,10 +245,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             s = step + 1
-            sums["loss"] += float(loss.detach())
-            sums["distill"] += float(dist.detach())
-            sums["penalty"] += float(pen.detach())
-            sums["layers"] += float(lay.detach())
+            for k, v in (("loss", loss), *parts.items()):
+                sums[k] += float(v.detach())
             sums["n"] += 1
             if step_delay:
                 time.sleep(step_delay)
@@ -302,6 +274,60 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         record = _finish(cfg, run, final, teacher, q, qcfg, learned, time.perf_counter() - t_start, world)
     accelerator.wait_for_everyone()
     return FinetuneResult(run.out, run.model_dir, record)
+
+
+def param_groups(model: nn.Module, ranges: nn.ModuleDict, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: the model's weights at ``--lr``, retrofitted gates (and sinks) at ``--gate-lr``
+    (they start at zero and must move faster than the weights), the learned ranges at ``--range-lr``."""
+    gates = [p for n, p in model.named_parameters() if "outlierfree_gate" in n or "outlierfree_sink" in n]
+    gate_ids = {id(p) for p in gates}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": cfg.lr}]
+    if gates:
+        groups.append({"params": gates, "lr": cfg.gate_lr})
+    if len(ranges):
+        groups.append({"params": list(ranges.parameters()), "lr": cfg.range_lr})
+    return groups
+
+
+class StepLoss:
+    """The loss of one fine-tuning step: ``losses(batch) -> (loss, parts)``, ``parts`` = ``{"distill", "penalty",
+    "layers"}`` (each a scalar tensor, 0 when off).
+
+        loss = distill(student, teacher; positions) + penalty_weight * penalty(residual sums)
+               + layer_weight * layer_loss(LayerNorm outputs) [+ float_weight * distill(float student, teacher)]
+    """
+
+    def __init__(self, cfg: FinetuneConfig, task: str, student: nn.Module, model: nn.Module, teacher: nn.Module,
+                 qm: Any):
+        """``student``: the (prepared) :class:`Student` called for the output; ``model``: the model inside it, whose
+        LayerNorms the penalty and the layer loss tap; ``qm``: its simulator (None without QAT)."""
+        self.cfg, self.task, self.student, self.teacher, self.qm = cfg, task, student, teacher, qm
+        self.tap = NormTap(model, "input") if cfg.penalty != "none" else None  # residual sums, for the penalty
+        self.layers = (NormTap(model, "output"), NormTap(teacher, "output")) if cfg.layer_weight > 0 else None
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from ..quant.evaluate import model_output
+
+        cfg, tap, layers, none = self.cfg, self.tap, self.layers, contextlib.nullcontext()
+        mask = batch.get("attention_mask")  # (B, T) real tokens, or None (images)
+        # the positions whose output is distilled: every real token, or a masked LM's scored (masked) ones
+        out_mask = (batch["labels"] != -100).long() if cfg.distill_positions == "masked" else mask
+        with torch.no_grad(), (layers[1] if layers else none):
+            target = model_output(self.teacher, batch, self.task)
+        with (tap if tap is not None else none), (layers[0] if layers else none):
+            out = self.student(batch)
+        rows = next(iter(batch.values())).shape[0]  # sequences (or images) of this process's batch
+        pen = outlier_penalty(tap.tensors, cfg.penalty, rows) if tap is not None else torch.zeros(())
+        lay = layer_loss(layers[0].tensors, layers[1].tensors, mask) if layers else torch.zeros(())
+        for t in (tap, *(layers or ())):
+            if t is not None:
+                t.tensors = []
+        dist = distill_loss(out, target, self.task, out_mask)
+        loss = dist + cfg.penalty_weight * pen + cfg.layer_weight * lay
+        if self.qm is not None and cfg.float_weight > 0:  # keep the float model close to the original too
+            with self.qm.float_mode():
+                loss = loss + cfg.float_weight * distill_loss(self.student(batch), target, self.task, out_mask)
+        return loss, {"distill": dist, "penalty": pen, "layers": lay}
 
 
 def _rows(batch: dict[str, torch.Tensor], parts: int, index: int) -> dict[str, torch.Tensor]:
