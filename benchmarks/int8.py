@@ -197,7 +197,7 @@ def build_engines(model: Any, model_path: str, task: str, calib: list[dict], wor
     """Every engine for one model (float ONNX export first: the peers start from it), plus outlierfree's records."""
     from outlierfree.export.onnx import input_names
     from outlierfree.export.realint8 import real_int8
-    from outlierfree.quant.config import full_w8a8, linear_w8a8, paper_w8a8
+    from outlierfree.quant.config import full_w8a8, linear_w8a8, matmul_w8a8, paper_w8a8
     from outlierfree.quant.evaluate import model_output
     from outlierfree.quant.simulator import quantize
 
@@ -226,7 +226,7 @@ def build_engines(model: Any, model_path: str, task: str, calib: list[dict], wor
         return Engine(name, label, lambda feed: np.array(c(feed)[0]), files, how,
                       ov=(path, {"f32": "f32", "default": ""}.get(precision, precision)))
 
-    cfgs = {"paper": paper_w8a8, "full": full_w8a8, "linear": linear_w8a8}
+    cfgs = {"paper": paper_w8a8, "full": full_w8a8, "linear": linear_w8a8, "matmul": matmul_w8a8}
     float_onnx = None
     for sites in args.sites.split(","):
         # modifiers after ":" -- sym: --symmetric-attention (queries, keys, values on symmetric grids); head:
@@ -234,7 +234,7 @@ def build_engines(model: Any, model_path: str, task: str, calib: list[dict], wor
         base, *mods = sites.split(":")
         unknown = set(mods) - {"sym", "head"}
         if base not in cfgs or unknown:
-            raise SystemExit(f"error: unknown --sites entry {sites!r}; use paper|full|linear with optional :sym, :head")
+            raise SystemExit(f"error: unknown --sites entry {sites!r}; use paper|full|linear|matmul with optional :sym, :head")
         sym, head = "sym" in mods, "head" in mods
         cfg = cfgs[base]().replace(symmetric_attention=sym, int8_head=head)
         if args.weight_granularity != "per_tensor":

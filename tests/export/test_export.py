@@ -193,7 +193,23 @@ def test_symmetric_attention(family, tmp_path):
     agree(family, sim, real)
     assert operand_grids and operand_grids <= act, operand_grids
     assert sym == operand_grids  # exactly the attention operands, every one of them
-    g = onnx.load(str(tmp_path / "model_int8.onnx")).graph
+    vals, matmuls = attention_matmuls(tmp_path / "model_int8.onnx")
+    assert len(matmuls) >= 2
+    for mm, dqs in matmuls:
+        assert dqs, mm.name
+        for d in dqs:
+            assert np.all(vals[d.input[2]] == 0), (mm.name, d.name, vals[d.input[2]])
+
+
+def attention_matmuls(path):
+    """``(constants, [(MatMul, its DequantizeLinear inputs)])`` for every MatMul of two activations in the ONNX
+    file (Q K^T and P V, per layer): each MatMul both of whose inputs come, through layout / scaling ops, from
+    DequantizeLinear nodes of activations (no int8 weight initializer upstream)."""
+    import onnx
+
+    from outlierfree.export.graph import const_values
+
+    g = onnx.load(str(path)).graph
     vals = const_values(g)
     prod = {o: n for n in g.node for o in n.output}
 
@@ -206,17 +222,45 @@ def test_symmetric_attention(family, tmp_path):
             return [n]
         return [d for i in n.input if i not in vals for d in dq_above(i, depth - 1)]
 
-    def activation_only(n):  # both inputs come from activations (no int8 weight initializer upstream)
-        ups = [dq_above(i) for i in n.input]
-        return all(ups) and all(d.input[0] not in vals for u in ups for d in u)
+    out = []
+    for n in g.node:
+        ups = [dq_above(i) for i in n.input] if n.op_type == "MatMul" else []
+        if ups and all(ups) and all(d.input[0] not in vals for u in ups for d in u):
+            out.append((n, [d for u in ups for d in u]))
+    return vals, out
 
-    matmuls = [n for n in g.node if n.op_type == "MatMul" and activation_only(n)]  # Q K^T and P V, per layer
-    assert len(matmuls) >= 2, [n.name for n in g.node if n.op_type == "MatMul"]
-    for mm in matmuls:
-        dqs = [d for i in mm.input for d in dq_above(i)]
-        assert dqs, mm.name
-        for d in dqs:
-            assert np.all(vals[d.input[2]] == 0), (mm.name, d.name, vals[d.input[2]])
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+def test_matmul_site_set(family, tmp_path):
+    """``sites="matmul"``: exactly every matmul's inputs are quantized (linear inputs and the attention's queries,
+    keys, values and probabilities; no residual sum, norm output or score), linear weights only; both runtimes
+    agree with the simulator; with symmetric attention every attention MatMul of the graph reads int8 operands
+    (DequantizeLinear on both inputs, zero point 0 on queries, keys and values) and OpenVINO runs integer kernels."""
+    import numpy as np
+
+    from outlierfree.quant.config import matmul_w8a8
+    from outlierfree.quant.sitesets import MATMUL_KINDS
+
+    def kinds(qm):  # the kinds of the grids rounded, and of every site that reuses one
+        grids = {qm.site_of[n].kind for n in qm.act}
+        return grids, {qm.site_of[a].kind for a in qm.aliases if a in qm.site_of}, sorted(qm.float_weights.values())
+
+    model = build_model(family, "tiny", "gated", seed=0).eval()
+    cfg = matmul_w8a8().replace(symmetric_attention=True)
+    sim, real, (grids, aliased, float_why) = simulate_and_run(model, family, cfg, batches(family), out_dir=tmp_path,
+                                                              inspect=kinds)
+    agree(family, sim, real)
+    assert grids <= MATMUL_KINDS, grids
+    assert "attn_probs" in grids and grids & {"query", "key", "value", "linear_input"}
+    assert not (grids | aliased) & {"residual", "ln_output", "ln_input", "attn_scores"}, (grids, aliased)
+    assert any("norm" in why or "not a linear layer" in why for why in float_why)  # gains and tables stay float
+    vals, matmuls = attention_matmuls(tmp_path / "model_int8.onnx")
+    assert len(matmuls) >= 2  # Q K^T and P V of each layer read int8 operands
+    for mm, dqs in matmuls:
+        zps = [vals[d.input[2]] for d in dqs]
+        assert any(np.all(z == 0) for z in zps), mm.name
+    if "openvino" in real:
+        assert sum(real["openvino"]["kernels"]["integer_ops"].values()) >= 4, real["openvino"]["kernels"]
 
 
 def test_int8_head_quantizes_the_masked_lm_head(tmp_path):

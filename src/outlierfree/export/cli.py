@@ -14,7 +14,7 @@ from ..quant.config import configs_from_flags, pop_config_flags
 @click.command("export")
 @click.argument("model_path", metavar="MODEL")
 @click.option("--bits", default="w8a8", show_default=True, help="only w8a8 has an integer runtime form")
-@click.option("--sites", default="paper", show_default=True, help="paper | full | linear (see docs/quantization.md)")
+@click.option("--sites", default="paper", show_default=True, help="paper | full | linear | matmul (see docs/quantization.md)")
 @click.option("--estimator", default="running_minmax", show_default=True, help="activation range estimator")
 @click.option("--weight-estimator", default="current_minmax", show_default=True, help="weight range estimator")
 @click.option("--weight-granularity", type=click.Choice(["per_tensor", "per_channel"]), default="per_tensor",

@@ -64,7 +64,7 @@ class ExportRequest:
                 "pass e.g. --bits w8a8 --sites paper")
         cfg = self.configs[0]
         require(isinstance(cfg.sites, str), f"export maps the named site sets to QDQ nodes, not --sites "
-                f"{'+'.join(cfg.sites)}", "use paper, full or linear")
+                f"{'+'.join(cfg.sites)}", "use paper, full, linear or matmul")
         why = cfg.no_integer_form()
         require(why is None, f"export cannot write this config: {why}",
                 "pass --bits w8a8 with static per-tensor activation ranges (the defaults of `outlierfree export`)")

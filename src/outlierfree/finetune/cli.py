@@ -31,7 +31,7 @@ def _d(name: str) -> Any:
 @click.option("--data", default=None, help="text to fine-tune on (file, folder, glob); the measurement uses text after "
                                            "it [default: the model's training data, else the offline corpus]")
 @click.option("--sites", default=_d("sites"), show_default=True,
-              help="quantized site set: paper|full|linear, or site kinds joined by + (e.g. ln_input+residual)")
+              help="quantized site set: paper|full|linear|matmul, or site kinds joined by + (e.g. ln_input+residual)")
 @click.option("--weight-granularity", default=_d("weight_granularity"), show_default=True,
               help="per_tensor|per_channel weight ranges (both are learned, simulated and exported to real INT8)")
 @head_and_grid_options

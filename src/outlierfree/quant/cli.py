@@ -30,7 +30,8 @@ def head_and_grid_options(command: Any) -> Any:
               help="weight and activation bits as wNaM (2..16); several comma-separated, e.g. w8a8,w16a16")
 @click.option("--sites", default="paper", show_default=True,
               help="paper (the reference code's quantizers) | full (every activation and weight) | linear (linear "
-                   "inputs + linear weights, as common libraries) | site kinds joined by + (e.g. ln_input+residual); "
+                   "inputs + linear weights, as common libraries) | matmul (linear + the attention's Q, K, V and probabilities, "
+                   "as OpenVINO/NNCF) | site kinds joined by + (e.g. ln_input+residual); "
                    "several comma-separated")
 @click.option("--estimator", default="running_minmax", show_default=True,
               help=f"activation range estimator: {'|'.join(ESTIMATORS)}")

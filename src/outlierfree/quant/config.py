@@ -19,7 +19,7 @@ from ..errors import OutlierfreeError, require
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_token")
 ESTIMATORS = ("current_minmax", "minmax", "running_minmax", "mse", "percentile", "histogram")
-SITE_PRESETS = ("paper", "full", "linear")
+SITE_PRESETS = ("paper", "full", "linear", "matmul")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -182,16 +182,22 @@ def linear_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False
     return paper_w8a8(weight_bits, act_bits, fp32_head).replace(sites="linear")
 
 
+def matmul_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False) -> QuantConfig:
+    """Every matmul's inputs: the linear set plus the attention's operands (queries, keys, values, probabilities),
+    where OpenVINO and NNCF put their quantizers (residual sums and norms stay float), on the paper's grids."""
+    return paper_w8a8(weight_bits, act_bits, fp32_head).replace(sites="matmul")
+
+
 def full_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False) -> QuantConfig:
     """Every activation and every weight (each tensor rounded once), on the paper's grids."""
     return paper_w8a8(weight_bits, act_bits, fp32_head).replace(sites="full")
 
 
-PRESETS = {"paper": paper_w8a8, "full": full_w8a8, "linear": linear_w8a8}
+PRESETS = {"paper": paper_w8a8, "full": full_w8a8, "linear": linear_w8a8, "matmul": matmul_w8a8}
 
 
 def parse_site_set(sites: str | tuple[str, ...] | list[str], flag: str = "--sites") -> str | tuple[str, ...]:
-    """One site set: a preset name (``paper``, ``full``, ``linear``) or site kinds joined by ``+``
+    """One site set: a preset name (``paper``, ``full``, ``linear``, ``matmul``) or site kinds joined by ``+``
     (``ln_input+residual``) or given as a sequence; the one validation of a quantized site set, with a one-line
     error naming the unknown word (``flag`` names where it came from)."""
     from ..sites import SITE_KINDS, parse_kinds

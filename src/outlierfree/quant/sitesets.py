@@ -17,6 +17,10 @@
 - ``full``: every activation site, each tensor rounded once, and every weight the model computes with (gates too).
 - ``linear``: only linear inputs and linear weights (``nn.Linear``, GPT-2's ``Conv1D``): what the common
   libraries (torchao, llm-compressor, bitsandbytes) quantize.
+- ``matmul``: every matmul's inputs: the ``linear`` set plus the attention's operands (queries, keys, values and
+  probabilities, the inputs of ``Q K^T`` and ``P V``), where OpenVINO's and NNCF's quantizers sit (residual sums,
+  norms, scores and the context's own grid stay float); with ``symmetric_attention`` OpenVINO runs the attention
+  as one int8 kernel.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ PAPER_KINDS = frozenset({"residual", "ln_input", "ln_output", "linear_input", "l
                          "attn_scores", "attn_probs", "context", "attn_output", "ffn_hidden", "ffn_output",
                          "head_input", "logits"})
 LINEAR_KINDS = frozenset({"linear_input", "head_input"})
+MATMUL_KINDS = LINEAR_KINDS | {"query", "key", "value", "attn_probs"}  # the inputs of Q K^T and P V too
 _CONV = frozenset({"conv1d", "conv2d", "conv3d"})
 
 
@@ -40,7 +45,7 @@ class SiteSet:
     """The activation and weight choices of one site set on one model.
 
     Attributes:
-        name: ``paper``, ``full``, ``linear`` or ``kinds``.
+        name: ``paper``, ``full``, ``linear``, ``matmul`` or ``kinds``.
         float_head: the task head stays float (``fp32_head``, or ``paper`` on a masked LM as the reference does,
             unless ``int8_head`` asks for it in integers: then the set's rules apply to the head as to any block).
     """
@@ -64,8 +69,9 @@ class SiteSet:
             return False
         if self.name == "full":
             return True
-        if self.name == "linear":
-            return site.kind in LINEAR_KINDS and site.module not in self.convs  # a conv (ViT patches) is no Linear
+        if self.name in ("linear", "matmul"):
+            kinds = LINEAR_KINDS if self.name == "linear" else MATMUL_KINDS
+            return site.kind in kinds and site.module not in self.convs  # a conv (ViT patches) is no Linear
         if self.kinds is not None:
             return site.kind in self.kinds
         # paper
@@ -98,10 +104,10 @@ class SiteSet:
                 return None
             return "gate (the reference keeps the gate in float)"
         norm = owner is not None and _is_norm(owner)
-        if self.name == "linear":
+        if self.name in ("linear", "matmul"):
             if func in MATMUL_FUNCS and func not in _CONV and not norm and w.dim() >= 2:
                 return None
-            return "linear set: not a linear layer's weight"
+            return f"{self.name} set: not a linear layer's weight"
         if norm:
             return None if leaf == "weight" else f"norm parameter {leaf}"
         if w.dim() < 2:
