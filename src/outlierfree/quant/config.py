@@ -183,8 +183,9 @@ def linear_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False
 
 
 def matmul_w8a8(weight_bits: int = 8, act_bits: int = 8, fp32_head: bool = False) -> QuantConfig:
-    """Every matmul's inputs: the linear set plus the attention's operands (queries, keys, values, probabilities),
-    where OpenVINO and NNCF put their quantizers (residual sums and norms stay float), on the paper's grids."""
+    """Every matmul's inputs: the linear set plus the attention's operands (queries, keys, values, probabilities)
+    and the embedding tables, where OpenVINO and NNCF put their quantizers (residual sums and norms stay float), on
+    the paper's grids."""
     return paper_w8a8(weight_bits, act_bits, fp32_head).replace(sites="matmul")
 
 

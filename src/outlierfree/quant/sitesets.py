@@ -18,9 +18,9 @@
 - ``linear``: only linear inputs and linear weights (``nn.Linear``, GPT-2's ``Conv1D``): what the common
   libraries (torchao, llm-compressor, bitsandbytes) quantize.
 - ``matmul``: every matmul's inputs: the ``linear`` set plus the attention's operands (queries, keys, values and
-  probabilities, the inputs of ``Q K^T`` and ``P V``), where OpenVINO's and NNCF's quantizers sit (residual sums,
-  norms, scores and the context's own grid stay float); with ``symmetric_attention`` OpenVINO runs the attention
-  as one int8 kernel.
+  probabilities, the inputs of ``Q K^T`` and ``P V``) and the embedding tables (a lookup is a one-hot row times the
+  table), where OpenVINO's and NNCF's quantizers sit (residual sums, norms, scores and the context's own grid stay
+  float); with ``symmetric_attention`` OpenVINO runs the attention as one int8 kernel.
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ class SiteSet:
         if self.name in ("linear", "matmul"):
             if func in MATMUL_FUNCS and func not in _CONV and not norm and w.dim() >= 2:
                 return None
+            if self.name == "matmul" and func == "embedding" and w.dim() == 2:
+                return None  # a lookup is a one-hot row times the table: int8 tables, as OpenVINO/NNCF store them
             return f"{self.name} set: not a linear layer's weight"
         if norm:
             return None if leaf == "weight" else f"norm parameter {leaf}"
