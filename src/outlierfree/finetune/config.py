@@ -217,7 +217,7 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value != default[name]:
                 args += [_FLAG_NAMES.get(name, "--" + name.replace("_", "-")), str(value)]
-        args += ["--" + name.replace("_", "-") for name in GRID_FLAGS if getattr(self, name)]
+        args += self._grid_args()
         if self.retrofit:
             variant = self.attention.get("variant", "gated")
             args += ["--attention", variant] if variant != "gated" else []
@@ -234,7 +234,11 @@ class FinetuneConfig:
         ranges were learned on (site set, weight granularity, head and attention grids); empty for the defaults."""
         args = ["--sites", self.sites] if self.sites != "paper" else []
         args += ["--weight-granularity", self.weight_granularity] if self.weight_granularity != "per_tensor" else []
-        return args + ["--" + name.replace("_", "-") for name in GRID_FLAGS if getattr(self, name)]
+        return args + self._grid_args()
+
+    def _grid_args(self) -> list[str]:
+        """The on/off grid flags that are on (``--int8-head``, ``--symmetric-attention``...), in GRID_FLAGS order."""
+        return ["--" + name.replace("_", "-") for name in GRID_FLAGS if getattr(self, name)]
 
     def python_only(self) -> dict[str, Any]:
         """The settings of this run that no ``outlierfree finetune`` flag sets (``grad_clip``, ``measure_batches``,

@@ -273,8 +273,8 @@ def collect(ranges: nn.ModuleDict, names: dict[str, tuple[str, str]], config: An
     """The current learned ranges as a :class:`LearnedRanges` (what :func:`save_ranges` writes); ``config`` is the
     :class:`~.config.QuantConfig` they were learned under."""
     sites = config.sites if isinstance(config.sites, str) else "+".join(config.sites)
-    grids = {"symmetric_attention": bool(getattr(config, "symmetric_attention", False)),
-             "int8_head": bool(getattr(config, "int8_head", False))}  # recorded (quant_ranges.json) for the reader
+    grids = {"symmetric_attention": config.symmetric_attention,
+             "int8_head": config.int8_head}  # recorded (quant_ranges.json) for the reader
     out = LearnedRanges(act_spec=config.activation, weight_spec=config.weight, sites=sites,
                         info={**grids, **dict(info or {})})
     for key, (kind, name) in names.items():

@@ -163,8 +163,8 @@ class QuantizeRequest:
         require(self.backend in BACKENDS, f"unknown --backend {self.backend!r}", f"use one of {', '.join(BACKENDS)}")
         if self.backend != "simulator":
             for c in self.configs:
-                require(c.no_integer_form() is None, f"--backend {self.backend} cannot run {c.describe()} in "
-                        f"integers: {c.no_integer_form()}",
+                why = c.no_integer_form()
+                require(why is None, f"--backend {self.backend} cannot run {c.describe()} in integers: {why}",
                         "use --bits w8a8 with per-tensor static activation ranges (the defaults)")
 
     @property
