@@ -140,10 +140,12 @@ class ExportResult:
                                           f"are amplified by coarser grids" if s["first_beyond_one_step"] else "")
                          + ")")
         m, ov = self.metric, self.openvino
+        # a cosine of 0.99998 must not print as 1 (4 significant digits suit perplexities and accuracies)
+        f = ".6g" if "cosine" in m else ".4g"
         if self.simulated:
-            lines.append(f"{self.config['describe']}: {m} float {self.pytorch_float[m]:.4g}, simulated "
-                         f"{self.simulated[m]:.4g}, ONNX Runtime INT8 {self.onnxruntime_int8[m]:.4g}"
-                         + (f", OpenVINO INT8 {self.openvino_int8[m]:.4g}" if ov else "")
+            lines.append(f"{self.config['describe']}: {m} float {self.pytorch_float[m]:{f}}, simulated "
+                         f"{self.simulated[m]:{f}}, ONNX Runtime INT8 {self.onnxruntime_int8[m]:{f}}"
+                         + (f", OpenVINO INT8 {self.openvino_int8[m]:{f}}" if ov else "")
                          + f" ({self.eval_batches} validation batches of {self.batch_size})")
         k = self.kernels
         lines.append(f"integer kernels: {_ops(k['integer_ops'])}; float compute ops left: "
