@@ -14,7 +14,7 @@ from outlierfree.export.realint8 import real_int8  # noqa: E402
 from outlierfree.export.onnx import fold_weight_qdq  # noqa: E402
 from outlierfree.export.ort import site_agreement  # noqa: E402
 from outlierfree.models.build import build_model  # noqa: E402
-from outlierfree.quant.config import full_w8a8, linear_w8a8, paper_w8a8  # noqa: E402
+from outlierfree.quant.config import full_w8a8, linear_w8a8, matmul_w8a8, paper_w8a8  # noqa: E402
 from outlierfree.quant.evaluate import evaluate_pair, task_metric, model_output  # noqa: E402
 from outlierfree.quant.simulator import quantize  # noqa: E402
 
@@ -264,6 +264,81 @@ def test_matmul_site_set(family, tmp_path):
         assert any(np.all(z == 0) for z in zps), mm.name
     if "openvino" in real:
         assert sum(real["openvino"]["kernels"]["integer_ops"].values()) >= 4, real["openvino"]["kernels"]
+
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+def test_hoisted_quantizers_exact(family, tmp_path):
+    """The OpenVINO IR's copy of the INT8 graph (hoist_quantizers): the attention's Q/K/V pairs move above the head
+    split (no QuantizeLinear reads a Reshape/Transpose any more), every no-op Cast after a DequantizeLinear is
+    gone, and the graph computes exactly what the original does (ONNX Runtime, optimisations off)."""
+    import numpy as np
+    import onnx
+
+    from outlierfree.export.onnx import LAYOUT_OPS, hoist_quantizers
+    from outlierfree.export.ort import session
+
+    model = build_model(family, "tiny", "vanilla", seed=0).eval()
+    data = batches(family)
+    simulate_and_run(model, family, matmul_w8a8().replace(symmetric_attention=True), data, out_dir=tmp_path)
+    src, dst = tmp_path / "model_int8.onnx", tmp_path / "hoisted.onnx"
+    counts = hoist_quantizers(src, dst)
+
+    def layout_fed(path):  # QuantizeLinear nodes reading a layout op's output
+        g = onnx.load(str(path)).graph
+        prod = {o: n for n in g.node for o in n.output}
+        return [n.name for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in prod
+                and prod[n.input[0]].op_type in LAYOUT_OPS]
+
+    layers = model.config.num_hidden_layers
+    assert len(layout_fed(src)) >= 2 * layers  # keys and values at least (OPT scales its queries first)
+    assert counts["quantizers_hoisted"] >= 2 * layers and not layout_fed(dst), layout_fed(dst)
+    assert counts["casts_dropped"] >= 1
+    g = onnx.load(str(dst)).graph
+    prod = {o: n for n in g.node for o in n.output}
+    assert not [n for n in g.node if n.op_type == "Cast" and prod.get(n.input[0]) is not None
+                and prod[n.input[0]].op_type == "DequantizeLinear"]
+    a, b = session(src, threads=1, level="disable"), session(dst, threads=1, level="disable")
+    names = [i.name for i in a.get_inputs()]
+    for batch in data:
+        feed = {n: batch[n].numpy() for n in names}
+        np.testing.assert_array_equal(a.run(None, feed)[0], b.run(None, feed)[0])
+
+
+def test_hoist_leaves_shared_and_per_channel_pairs(tmp_path):
+    """hoist_quantizers moves a pair only when nothing else reads the layout ops' values (a Shape reader is fine)
+    and the grid is per-tensor: a Transpose another node reads, or a per-channel pair, stays where it is."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from outlierfree.export.onnx import hoist_quantizers
+    from outlierfree.export.ort import session
+
+    def graph(extra_reader, per_channel):
+        scale = np.full(4, 0.05, np.float32) if per_channel else np.float32(0.05)
+        zp = np.zeros(4, np.int8) if per_channel else np.int8(0)
+        nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+                 helper.make_node("Shape", ["t"], ["shape"]),
+                 helper.make_node("QuantizeLinear", ["t", "s", "z"], ["q"], axis=1),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], axis=1),
+                 helper.make_node("Relu", ["dq"], ["y"])]
+        outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+        if extra_reader:
+            nodes.append(helper.make_node("Neg", ["t"], ["other"]))
+            outs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, None))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])], outs,
+                              [numpy_helper.from_array(np.asarray(scale), "s"), numpy_helper.from_array(np.asarray(zp), "z")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    for extra, per_channel, moved in [(False, False, 1), (True, False, 0), (False, True, 0)]:
+        src, dst = tmp_path / "a.onnx", tmp_path / "b.onnx"
+        onnx.save(graph(extra, per_channel), str(src))
+        assert hoist_quantizers(src, dst)["quantizers_hoisted"] == moved, (extra, per_channel)
+        ya = session(src, threads=1, level="disable").run(None, {"x": x})
+        yb = session(dst, threads=1, level="disable").run(None, {"x": x})
+        for u, v in zip(ya, yb):
+            np.testing.assert_array_equal(u, v)
 
 
 def test_int8_head_quantizes_the_masked_lm_head(tmp_path):

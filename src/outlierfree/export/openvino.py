@@ -36,22 +36,34 @@ def require_openvino() -> None:
 
 def to_ir(onnx_path: str | Path, xml_path: str | Path) -> dict[str, Any]:
     """Convert an ONNX model to OpenVINO IR (``.xml`` + ``.bin`` beside it), weights kept as stored (int8 stays
-    int8, float32 stays float32: no fp16 compression). Returns file names and bytes."""
+    int8, float32 stays float32: no fp16 compression). Returns file names, bytes and the exact rewrites made.
+
+    The IR is made from a copy whose activation quantizers sit above layout ops
+    (:func:`outlierfree.export.onnx.hoist_quantizers`: same values, where OpenVINO fuses them)."""
     require_openvino()
+    import tempfile
+
     import openvino as ov
 
+    from .onnx import hoist_quantizers
+
     xml_path = Path(xml_path)
-    try:
-        m = ov.convert_model(str(onnx_path))
-    except Exception as e:  # OpenVINO's frontend errors are long C++ traces: keep the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OutlierfreeError(f"OpenVINO cannot convert {Path(onnx_path).name}: {first[:300]}",
-                               "export with --runtime onnxruntime, or update openvino (pip install -U openvino)"
-                               ) from None
-    ov.save_model(m, str(xml_path), compress_to_fp16=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "hoisted.onnx"
+        try:
+            rewrites = hoist_quantizers(Path(onnx_path), src)
+            m = ov.convert_model(str(src))
+        except OutlierfreeError:
+            raise
+        except Exception as e:  # OpenVINO's frontend errors are long C++ traces: keep the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OutlierfreeError(f"OpenVINO cannot convert {Path(onnx_path).name}: {first[:300]}",
+                                   "export with --runtime onnxruntime, or update openvino (pip install -U openvino)"
+                                   ) from None
+        ov.save_model(m, str(xml_path), compress_to_fp16=False)  # while the copy it may map still exists
     bin_path = xml_path.with_suffix(".bin")
     return {"xml": xml_path.name, "bin": bin_path.name,
-            "bytes": xml_path.stat().st_size + bin_path.stat().st_size}
+            "bytes": xml_path.stat().st_size + bin_path.stat().st_size, **rewrites}
 
 
 def compile_model(path: str | Path, threads: int = 0, precision: str = "f32") -> Any:
