@@ -345,6 +345,8 @@ def test_int8_head_quantizes_the_masked_lm_head(tmp_path):
     """--int8-head: the paper set leaves a masked LM's head float (as the reference does); with int8_head the head's
     weights and inputs are quantized like any block's, the runtimes still agree with the simulator, and the INT8
     file shrinks (the tied decoder no longer needs its float copy). With --fp32-head it is a one-line error."""
+    from dataclasses import replace
+
     from outlierfree.errors import OutlierfreeError
 
     data, sizes, floats = batches("bert"), {}, {}
@@ -360,6 +362,18 @@ def test_int8_head_quantizes_the_masked_lm_head(tmp_path):
         assert bool(head_sites) == head
     assert floats[False] and not floats[True]  # the head's weights: float without, quantized with
     assert sizes[True] < sizes[False]
+    # per-row tables: the tied head still runs in integers (its grid is not shared with the int8 lookups' ops,
+    # which made OpenVINO decompress the head to float)
+    model = build_model("bert", "tiny", "gated", seed=0).eval()
+    (tmp_path / "pc").mkdir()
+    cfg = paper_w8a8().replace(int8_head=True)
+    cfg = replace(cfg, weight=replace(cfg.weight, granularity="per_channel"))
+    sim, real, _ = simulate_and_run(model, "bert", cfg, data, out_dir=tmp_path / "pc")
+    agree("bert", sim, real)
+    assert real["export"]["integer_lookups"] >= 1
+    assert not real["kernels"]["float_compute_ops"], real["kernels"]
+    if "openvino" in real:
+        assert not real["openvino"]["kernels"]["float_compute_ops"], real["openvino"]["kernels"]
     with pytest.raises(OutlierfreeError, match="--fp32-head and --int8-head"):
         paper_w8a8().replace(fp32_head=True, int8_head=True)
 
