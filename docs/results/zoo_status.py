@@ -45,7 +45,7 @@ def main() -> None:
     a = ap.parse_args()
     runs = [track(RELEASED / "log.jsonl", "vanilla, released (16,000-step schedule)")]
     for d in a.run_dirs:
-        runs.append(track(Path(d) / "train" / "log.jsonl", f"vanilla, {Path(d).name} (recipe run)"))
+        runs.append(track(Path(d) / "train" / "log.jsonl", f"{Path(d).name} (zoo run)"))
     print("max inf-norm / max kurtosis (FFN LayerNorm inputs, the trainer's --track-outliers probe)\n")
     print(table(runs))
     if a.plot:

@@ -11,8 +11,8 @@ from .config import FinetuneConfig
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    if isinstance(v, float):  # cosines and agreements: 5 decimals, so 0.99998 does not print as 1.0000
+        return f"{v:.5f}" if abs(v) <= 1 else f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
 
 
