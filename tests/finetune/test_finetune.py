@@ -357,3 +357,18 @@ def test_distill_positions_masked_distils_exactly_the_scored_positions(tiny_bert
                       "--distill-positions", "masked", "--no-progress"], capsys)
     assert code == 2 and "--distill-positions masked needs a masked language model" in err and err.count("\n") == 0
     assert not out.exists()
+
+
+def test_seed_varies_training_batches_not_the_held_out_measurement(tiny_bert, tmp_path):
+    """--seed changes the fine-tuning batches (their masks) but never the held-out batches the card measures, so
+    runs of different seeds are compared on the same sequences and masks; those stay after the fine-tuning text."""
+    from outlierfree.finetune.loop import _load
+
+    q0 = _load(_tiny_cfg(tiny_bert, tmp_path / "a", seed=0))
+    q1 = _load(_tiny_cfg(tiny_bert, tmp_path / "b", seed=1))
+    assert len(q0.batches.eval) == len(q1.batches.eval) == 2
+    for a, b in zip(q0.batches.eval, q1.batches.eval):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a["labels"], b["labels"]) for a, b in zip(q0.batches.calib, q1.batches.calib))
+    train_rows = {tuple(r.tolist()) for b in q1.batches.calib for r in b["input_ids"]}
+    assert not any(tuple(r.tolist()) in train_rows for b in q1.batches.eval for r in b["input_ids"])
