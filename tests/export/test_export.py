@@ -270,8 +270,9 @@ def test_matmul_site_set(family, tmp_path):
 @pytest.mark.parametrize("family", ["bert", "opt", "vit"])
 def test_hoisted_quantizers_exact(family, tmp_path):
     """The OpenVINO IR's copy of the INT8 graph (hoist_quantizers): the attention's Q/K/V pairs move above the head
-    split (no QuantizeLinear reads a Reshape/Transpose any more), every no-op Cast after a DequantizeLinear is
-    gone, and the graph computes exactly what the original does (ONNX Runtime, optimisations off)."""
+    split onto the projections (no QuantizeLinear reads a layout chain from a projection any more; the attention
+    context's pair stays), every no-op Cast after a DequantizeLinear is gone, and the graph computes exactly what
+    the original does (ONNX Runtime, optimisations off)."""
     import numpy as np
     import onnx
 
@@ -284,15 +285,30 @@ def test_hoisted_quantizers_exact(family, tmp_path):
     src, dst = tmp_path / "model_int8.onnx", tmp_path / "hoisted.onnx"
     counts = hoist_quantizers(src, dst)
 
-    def layout_fed(path):  # QuantizeLinear nodes reading a layout op's output
+    def layout_fed(path, projections):  # QuantizeLinear nodes reading a layout chain from a projection (or not)
         g = onnx.load(str(path)).graph
         prod = {o: n for n in g.node for o in n.output}
-        return [n.name for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in prod
-                and prod[n.input[0]].op_type in LAYOUT_OPS]
+        inits = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+        out = []
+        for n in [n for n in g.node if n.op_type == "QuantizeLinear"]:
+            t, hops = n.input[0], 0
+            while t in prod and prod[t].op_type in LAYOUT_OPS:
+                t, hops = prod[t].input[0], hops + 1
+            src = prod.get(t)
+            if hops and src is not None:
+                def const(i):  # an initializer, or one seen through Identity / DequantizeLinear
+                    return i in inits or (i in prod and prod[i].op_type in ("Identity", "DequantizeLinear")
+                                          and const(prod[i].input[0]))
+                weighted = any(const(i) for i in src.input)
+                if weighted == projections:
+                    out.append(n.name)
+        return out
 
     layers = model.config.num_hidden_layers
-    assert len(layout_fed(src)) >= 2 * layers  # keys and values at least (OPT scales its queries first)
-    assert counts["quantizers_hoisted"] >= 2 * layers and not layout_fed(dst), layout_fed(dst)
+    # BERT / ViT: queries, keys and values; OPT: its scaled queries (keys and values pass a cache Concat first)
+    assert len(layout_fed(src, True)) >= (layers if family == "opt" else 3 * layers)
+    assert counts["quantizers_hoisted"] == len(layout_fed(src, True)) and not layout_fed(dst, True)
+    assert layout_fed(dst, False) == layout_fed(src, False)  # an attention matmul's output keeps its pair
     assert counts["casts_dropped"] >= 1
     g = onnx.load(str(dst)).graph
     prod = {o: n for n in g.node for o in n.output}
@@ -306,8 +322,9 @@ def test_hoisted_quantizers_exact(family, tmp_path):
 
 
 def test_hoist_leaves_shared_and_per_channel_pairs(tmp_path):
-    """hoist_quantizers moves a pair only when nothing else reads the layout ops' values (a Shape reader is fine)
-    and the grid is per-tensor: a Transpose another node reads, or a per-channel pair, stays where it is."""
+    """hoist_quantizers moves a pair onto a projection's output only when nothing else reads the layout ops' values
+    (a Shape reader is fine) and the grid is per-tensor: a Transpose another node reads, a per-channel pair, or a
+    chain from a product of two activations stays where it is."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -315,10 +332,12 @@ def test_hoist_leaves_shared_and_per_channel_pairs(tmp_path):
     from outlierfree.export.onnx import hoist_quantizers
     from outlierfree.export.ort import session
 
-    def graph(extra_reader, per_channel):
+    def graph(extra_reader, per_channel, projection=True):
         scale = np.full(4, 0.05, np.float32) if per_channel else np.float32(0.05)
         zp = np.zeros(4, np.int8) if per_channel else np.int8(0)
-        nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+        w = np.random.default_rng(1).normal(size=(4, 4)).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["x", "w" if projection else "x2"], ["p"]),  # (2, 3, 4)
+                 helper.make_node("Transpose", ["p"], ["t"], perm=[0, 2, 1]),  # (2, 4, 3)
                  helper.make_node("Shape", ["t"], ["shape"]),
                  helper.make_node("QuantizeLinear", ["t", "s", "z"], ["q"], axis=1),
                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], axis=1),
@@ -327,15 +346,20 @@ def test_hoist_leaves_shared_and_per_channel_pairs(tmp_path):
         if extra_reader:
             nodes.append(helper.make_node("Neg", ["t"], ["other"]))
             outs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, None))
+        if not projection:
+            nodes.insert(0, helper.make_node("Transpose", ["x"], ["x2"], perm=[0, 2, 1]))
+            nodes[1] = helper.make_node("MatMul", ["x", "x2"], ["p"])  # (2, 3, 3): activations only
         g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])], outs,
-                              [numpy_helper.from_array(np.asarray(scale), "s"), numpy_helper.from_array(np.asarray(zp), "z")])
+                              [numpy_helper.from_array(np.asarray(scale), "s"), numpy_helper.from_array(np.asarray(zp), "z"),
+                               numpy_helper.from_array(w, "w")])
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
     x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
-    for extra, per_channel, moved in [(False, False, 1), (True, False, 0), (False, True, 0)]:
+    for extra, per_channel, projection, moved in [(False, False, True, 1), (True, False, True, 0),
+                                                  (False, True, True, 0), (False, False, False, 0)]:
         src, dst = tmp_path / "a.onnx", tmp_path / "b.onnx"
-        onnx.save(graph(extra, per_channel), str(src))
-        assert hoist_quantizers(src, dst)["quantizers_hoisted"] == moved, (extra, per_channel)
+        onnx.save(graph(extra, per_channel, projection), str(src))
+        assert hoist_quantizers(src, dst)["quantizers_hoisted"] == moved, (extra, per_channel, projection)
         ya = session(src, threads=1, level="disable").run(None, {"x": x})
         yb = session(dst, threads=1, level="disable").run(None, {"x": x})
         for u, v in zip(ya, yb):
