@@ -345,7 +345,6 @@ def hoist_quantizers(path: Path, out: Path | None = None) -> dict[str, int]:
     vals = const_values(g)
     outputs = {o.name for o in g.output}
     prod = {o: n for n in g.node for o in n.output}
-    users = consumers(g)
     rename: dict[str, str] = {}
     casts = []
     for n in g.node:  # no-op casts after a dequantization
@@ -363,7 +362,7 @@ def hoist_quantizers(path: Path, out: Path | None = None) -> dict[str, int]:
             while i in rename:
                 i = rename[i]
             n.input[k] = i
-    users = consumers(g)
+    users = consumers(g)  # after the casts are gone: the pairs' readers as the hoist sees them
     hoisted = 0
     for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
         scale = vals.get(q.input[1])
