@@ -113,7 +113,7 @@ class Batches:
 def model_batches(model: nn.Module, model_path: str | Path | None, tokenizer: Any, calib_batches: int = 0,
                   eval_batches: int | None = None, batch_size: int = defaults.BATCH_SIZE, seq_len: int | None = None,
                   seed: int = defaults.SEED, data: str | None = None, *, max_sequences: int | None = None,
-                  purpose: str = "quantize", packing: str = "auto") -> Batches:
+                  purpose: str = "quantize", packing: str = "auto", eval_seed: int | None = None) -> Batches:
     """Calibration and evaluation batches for ``model`` (see the module docstring for which data).
 
     Args:
@@ -128,6 +128,8 @@ def model_batches(model: nn.Module, model_path: str | Path | None, tokenizer: An
         purpose: ``quantize`` or ``analyze`` (how a validation split is sampled; see the module docstring).
         packing: analysis of a validation split: ``packed`` (training's packing), ``documents`` (one document per
             sequence) or ``auto`` (packed for our models).
+        eval_seed: the seed of the evaluation batches' MLM masks (None: ``seed``), so a caller can vary the
+            calibration side only (``finetune --seed``); the evaluation sequences themselves never depend on it.
 
     Raises a one-line :class:`OutlierfreeError` for bad amounts, too little data, a too long ``seq_len``.
     """
@@ -152,7 +154,7 @@ def model_batches(model: nn.Module, model_path: str | Path | None, tokenizer: An
     if source.whole:
         mlm_p = record.mlm_probability if record is not None else defaults.MLM_PROBABILITY
         out = _whole_text(tokenizer, source, task, calib_batches, eval_batches, batch_size, seq_len, seed,
-                          max_sequences, purpose, mlm_p)
+                          max_sequences, purpose, mlm_p, eval_seed)
     else:
         require(max_sequences is None, f"--max-sequences applies to a whole text, but this model is evaluated on "
                 f"the validation split of {source.data or 'the offline corpus'}",
@@ -160,7 +162,8 @@ def model_batches(model: nn.Module, model_path: str | Path | None, tokenizer: An
         if purpose == "analyze":
             out = _analysis_split(model, tokenizer, source, task, eval_batches, batch_size, seq_len, seed, packing)
         else:
-            out = _quant_split(tokenizer, source, task, calib_batches, eval_batches, batch_size, seq_len, seed, record)
+            out = _quant_split(tokenizer, source, task, calib_batches, eval_batches, batch_size, seq_len, seed, record,
+                               eval_seed)
     _check_vocabulary(model, out)
     return out
 
@@ -329,7 +332,7 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 def _whole_text(tokenizer: Any, source: TextSource, task: str, calib_batches: int, eval_batches: int | None,
                 batch_size: int, seq_len: int, seed: int, max_sequences: int | None, purpose: str,
-                mlm_probability: float) -> Batches:
+                mlm_probability: float, eval_seed: int | None = None) -> Batches:
     docs = read_documents(source.data, source.text_column, source.hf_split)
     n_calib = calib_batches * batch_size
     wanted = None if eval_batches is None else n_calib + eval_batches * batch_size
@@ -349,7 +352,7 @@ def _whole_text(tokenizer: Any, source: TextSource, task: str, calib_batches: in
                                "--batch-size or --seq-len")
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = 0 if pad is None else int(pad)
-    masker = _mlm_masker(tokenizer, task, seed, mlm_probability) if purpose == "quantize" else None
+    masker = _mlm_masker(tokenizer, task, seed, mlm_probability, eval_seed) if purpose == "quantize" else None
 
     def batches(rows: list[list[int]], evaluation: bool) -> list[dict[str, torch.Tensor]]:
         out = []
@@ -378,9 +381,10 @@ def _whole_text(tokenizer: Any, source: TextSource, task: str, calib_batches: in
     return Batches(cal, evs, task, info)
 
 
-def _mlm_masker(tokenizer: Any, task: str, seed: int, probability: float) -> Any:
+def _mlm_masker(tokenizer: Any, task: str, seed: int, probability: float, eval_seed: int | None = None) -> Any:
     """For MLM: a function (batch, index, evaluation) -> batch with BERT-masked inputs and labels (-100 where
-    not masked or padding), from the generator :func:`defaults.mask_seed` names."""
+    not masked or padding), from the generator :func:`defaults.mask_seed` names (evaluation batches from
+    ``eval_seed`` when given)."""
     if task != "mlm":
         return None
     from .text import mask_tokens
@@ -388,7 +392,8 @@ def _mlm_masker(tokenizer: Any, task: str, seed: int, probability: float) -> Any
     special = sorted({int(i) for i in tokenizer.all_special_ids})
 
     def mask(b: dict[str, torch.Tensor], index: int, evaluation: bool) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(defaults.mask_seed(seed, index, evaluation))
+        base = eval_seed if evaluation and eval_seed is not None else seed
+        g = torch.Generator().manual_seed(defaults.mask_seed(base, index, evaluation))
         inputs, labels = mask_tokens(b["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), g, probability)
         if "attention_mask" in b and not bool(b["attention_mask"].all()):
             labels = labels.masked_fill(b["attention_mask"] == 0, -100)  # padding is never scored
@@ -399,7 +404,8 @@ def _mlm_masker(tokenizer: Any, task: str, seed: int, probability: float) -> Any
 
 # ---- a model's own validation split ------------------------------------------------------------------------
 def _quant_split(tokenizer: Any, source: TextSource, task: str, calib_batches: int, eval_batches: int | None,
-                 batch_size: int, seq_len: int, seed: int, record: TrainingRecord | None) -> Batches:
+                 batch_size: int, seq_len: int, seed: int, record: TrainingRecord | None,
+                 eval_seed: int | None = None) -> Batches:
     """quantize: calibration from a seeded sample of the training split, evaluation from the validation split in
     order, packed as in training (tokenising only as many documents as needed)."""
     from .text import load_documents, pack_clm, pack_mlm, split_documents
@@ -429,7 +435,7 @@ def _quant_split(tokenizer: Any, source: TextSource, task: str, calib_batches: i
     _need(calib_batches, batch_size, len(train), "training", "--calib-batches")
     _need(eval_batches, batch_size, len(val), "validation", "--eval-batches")
     mlm_p = record.mlm_probability if record is not None else defaults.MLM_PROBABILITY
-    masker = _mlm_masker(tokenizer, task, seed, mlm_p)
+    masker = _mlm_masker(tokenizer, task, seed, mlm_p, eval_seed)
 
     def batch(ids: torch.Tensor, index: int, evaluation: bool) -> dict[str, torch.Tensor]:
         b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -119,22 +119,15 @@ def schedule(cfg: FinetuneConfig) -> Any:
 
 def _load(cfg: FinetuneConfig) -> Any:
     """The checkpoint and its batches; data that is too short becomes a one-line error with finetune's flags."""
-    from dataclasses import replace
-
     from ..data import defaults
-    from ..data.evaluation import model_batches
     from ..quant.run import load_for_quant
 
     try:
-        q = load_for_quant(cfg.model, calib_batches=cfg.train_batches, eval_batches=cfg.eval_batches,
-                           batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, data=cfg.data)
-        if cfg.seed != defaults.SEED:  # --seed varies the training, never the held-out measurement (its sequences
-            # and masks), so runs of different seeds are measured on the same batches (the same calibration count
-            # keeps a whole text's held-out part where it is: after the fine-tuning sequences)
-            held = model_batches(q.model, cfg.model, q.tokenizer, cfg.train_batches, cfg.eval_batches,
-                                 cfg.batch_size, cfg.seq_len, defaults.SEED, cfg.data, purpose="quantize")
-            q.batches = replace(q.batches, eval=held.eval)
-        return q
+        # --seed varies the training, never the held-out measurement (its masks follow the default seed), so runs
+        # of different seeds are measured on the same batches
+        return load_for_quant(cfg.model, calib_batches=cfg.train_batches, eval_batches=cfg.eval_batches,
+                              batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, data=cfg.data,
+                              eval_seed=defaults.SEED)
     except OutlierfreeError as e:
         if "need" in e.problem or "too few" in e.problem:
             raise OutlierfreeError(f"not enough text for the fine-tune: {e.problem}",

@@ -42,10 +42,12 @@ class QuantInputs:
 def load_for_quant(model_path: str | Path, *, tokenizer: str | None = None,
                    calib_batches: int = defaults.QUANT_CALIB_BATCHES, eval_batches: int | None = None,
                    batch_size: int = defaults.BATCH_SIZE, seq_len: int | None = None, seed: int = defaults.SEED,
-                   data: str | None = None, max_sequences: int | None = None) -> QuantInputs:
+                   data: str | None = None, max_sequences: int | None = None,
+                   eval_seed: int | None = None) -> QuantInputs:
     """Load the float model at ``model_path`` (non-finite weights are a one-line error), its tokenizer (from
     ``tokenizer`` or beside the model; none for images) and its batches (:func:`outlierfree.data.evaluation.model_batches` says which data: a model trained here is calibrated on its
-    training split and evaluated on its validation split; other text is used whole).
+    training split and evaluated on its validation split; other text is used whole; ``eval_seed``: the
+    evaluation masks' seed when it should not follow ``seed``).
 
     Quantization ranges learned by ``outlierfree finetune`` (``quant_ranges.safetensors`` beside the weights) are
     attached to the model, so every simulator put on it uses them where the spec matches (``quant/learned.py``)."""
@@ -64,7 +66,7 @@ def load_for_quant(model_path: str | Path, *, tokenizer: str | None = None,
     if getattr(model, "main_input_name", "input_ids") != "pixel_values":
         tok = load_tokenizer(str(tokenizer or model_path))
     batches = model_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data,
-                            max_sequences=max_sequences, purpose="quantize")
+                            max_sequences=max_sequences, purpose="quantize", eval_seed=eval_seed)
     return QuantInputs(model, tok, task_of(model), batches)
 
 
