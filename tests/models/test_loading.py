@@ -155,3 +155,60 @@ def test_quantize_cli_on_encoder_only_checkpoint_reports_cosine(ckpts):
     q = rep["runs"][0]
     assert q["float"]["cosine"] == pytest.approx(1.0) and 0 < q["quantized"]["cosine"] <= 1.0 + 1e-6
     assert "perplexity" not in q["float"]
+
+
+def _tiny_gguf(path, vocab=64, d=32, layers=2, heads=4, kv=2, ff=64):
+    """A random Llama written as a GGUF file (float32 tensors) with the gguf package, as llama.cpp would."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    r = np.random.RandomState(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(d // heads)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([1] * vocab)
+
+    def t(*shape):
+        return (r.randn(*shape) * 0.05).astype(np.float32)
+
+    hd = d // heads
+    w.add_tensor("token_embd.weight", t(vocab, d))
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    w.add_tensor("output.weight", t(vocab, d))
+    for i in range(layers):
+        p = f"blk.{i}."
+        for name, shape in (("attn_q", (d, d)), ("attn_k", (kv * hd, d)), ("attn_v", (kv * hd, d)),
+                            ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)),
+                            ("ffn_down", (d, ff))):
+            w.add_tensor(p + name + ".weight", t(*shape))
+        w.add_tensor(p + "attn_norm.weight", np.ones(d, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(d, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_model_loaded_from_gguf_saves_as_an_ordinary_checkpoint(tmp_path):
+    """transformers marks a GGUF-loaded model "quantized with gguf" and refuses save_pretrained; its weights are
+    dequantized floats, so load_model drops the marker: a fine-tuned GGUF model (``finetune gemma.gguf``) saves."""
+    from outlierfree.models.io import load_model, save_model
+
+    m = load_model(_tiny_gguf(tmp_path / "tiny.gguf"))
+    assert getattr(m, "hf_quantizer", None) is None and not getattr(m.config, "quantization_config", None)
+    save_model(m, tmp_path / "saved")
+    again = load_model(tmp_path / "saved")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, again(ids).logits)

@@ -1,4 +1,5 @@
-"""The gamma ramp of training: a factor in [0, 1] that clipped softmax and NCS multiply their gamma with.
+"""The gamma ramp of training: a factor in [0, 1] that moves clipped softmax and NCS from softmax (gamma 0, zeta 1)
+to their target (gamma times the factor, zeta - 1 times the factor).
 
 The training loop calls :func:`set_gamma_ramp` once per step (``--gamma-ramp-steps N``: factor = step / N); the
 variants whose ``ramps`` is true read it with :func:`ramp_of`. It is training's state, not the variant's, so it is

@@ -200,7 +200,15 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             f"task is {task})", "drop the flag (every real token is distilled)")
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.retrofit:
-        patch_model(model, cfg.attention_config())  # one-line error for an architecture it cannot patch
+        from .. import hf_compat
+
+        # any architecture whose attention goes through transformers' attention interface: the retrofit starts
+        # from the original's outputs exactly (gated: gate_finetune; clipped / NCS: gamma ramps up from 0), which
+        # tests/finetune checks on every family of tests/archs.py, so the training-time family list does not apply
+        require(bool(hf_compat.attention_modules(model)),
+                f"cannot patch {type(model).__name__} for --method {cfg.method}: its attention does not go through "
+                f"transformers' attention interface", "use --method qat (quantization-aware training needs no patch)")
+        patch_model(model, cfg.attention_config(), strict=False)  # one-line error for a module it cannot patch
         _set_ramp(model, cfg, 0)
     qcfg = qat_config(cfg)
     qm, ranges, names = None, nn.ModuleDict(), {}
@@ -341,7 +349,8 @@ def _rows(batch: dict[str, torch.Tensor], parts: int, index: int) -> dict[str, t
 
 
 def _set_ramp(model: nn.Module, cfg: FinetuneConfig, step: int) -> None:
-    """Clipped softmax / NCS: gamma grows from 0 (the original softmax) to its target over the first half."""
+    """Clipped softmax / NCS: gamma and zeta grow from softmax's (0 and 1: the original model) to their target over the
+    first half."""
     if cfg.retrofit and cfg.attention_config().variant in ("clipped", "ncs"):
         from ..attention import set_gamma_ramp
 

@@ -73,8 +73,10 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
     it. Patching again replaces the previous variant.
 
     Args:
-        strict: only BERT, OPT and ViT models are accepted (the families whose variants are tested); pass
-            ``False`` to patch any transformers model whose attention uses the attention interface.
+        strict: only BERT, OPT and ViT models are accepted (the families the variants are trained and tested on
+            from scratch); pass ``False`` to patch any transformers model whose attention uses the attention
+            interface (``outlierfree finetune`` does: its retrofits start from the original outputs exactly, which
+            tests/finetune checks on every family of tests/archs.py, Llama, Gemma-3, Qwen2, GPT-2 and T5 included).
     """
     cfg = _attention_config(attention, **kw)
     config = getattr(model, "config", None)
@@ -82,7 +84,7 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
     if strict and family is None:
         mt = getattr(config, "model_type", type(model).__name__)
         raise OutlierfreeError(f"cannot patch a {mt!r} model: variants are supported for bert, opt and vit",
-                               "pass a BERT, OPT or ViT checkpoint (or strict=False in Python, untested)")
+                               "pass a BERT, OPT or ViT checkpoint (or strict=False in Python; `outlierfree finetune` retrofits others)")
     cfg = cfg.for_model(hf_compat.max_length(config))  # clipped softmax's fixed T: the model's length
     modules = hf_compat.attention_modules(model)
     require(len(modules) > 0, f"found no attention modules in {type(model).__name__}",

@@ -109,6 +109,12 @@ def load_model(path: str | os.PathLike, model_class: Any = None, dtype: torch.dt
                 if missing and variant is not None:
                     raise OutlierfreeError(f"checkpoint {str(path)!r} lacks weights {sorted(missing)[:3]}",
                                            "re-save the model with outlierfree; the file is incomplete")
+                q = getattr(model, "hf_quantizer", None)
+                if q is not None and all(p.is_floating_point() for p in model.parameters()):
+                    # the GGUF blocks were dequantized into ordinary float weights: drop transformers' GGUF
+                    # marker, which refuses save_pretrained ("quantized with gguf and not serializable"), so a
+                    # fine-tuned GGUF model saves as an ordinary checkpoint directory
+                    q.remove_quantization_config(model)
             else:
                 model, notice = _load_complete(cls, d, config, kwargs, str(path), allow_fallback)
         recipe = getattr(config, "outlierfree_recipe", None)
@@ -123,7 +129,7 @@ def load_model(path: str | os.PathLike, model_class: Any = None, dtype: torch.dt
 
             with warnings.catch_warnings():  # a trained model: its initialisation is history
                 warnings.simplefilter("ignore", DeadAttentionWarning)
-                patch_model(model, variant)
+                patch_model(model, variant, strict=False)  # patched once already (by train or finetune)
         if variant is not None or recipe:
             _load_gates(model, d)
     except OutlierfreeError:

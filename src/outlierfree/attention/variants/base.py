@@ -150,12 +150,14 @@ class ClipVariant(Variant):
         raise NotImplementedError
 
     def clip_params(self, n: torch.Tensor | float, ramp: float = 1.0) -> tuple[torch.Tensor | float, float]:
-        """(gamma, zeta) for rows that see ``n`` keys; ``ramp`` in [0, 1] scales gamma (the gamma ramp of training:
-        0 -> no clipping below, 1 -> the target). The eager path and the blocked kernel both use it."""
-        gamma = self.gamma_at(n)
+        """(gamma, zeta) for rows that see ``n`` keys; ``ramp`` in [0, 1] moves both from softmax's (gamma 0,
+        zeta 1) to the target (the gamma ramp of training and of ``finetune``'s retrofit: at 0 the variant is softmax
+        exactly, so a retrofit starts from the original model's outputs, also with zeta > 1 as NCS's eta).
+        The eager path and the blocked kernel both use it."""
+        gamma, zeta = self.gamma_at(n), self.zeta_value()
         if ramp != 1.0:
-            gamma = gamma * ramp
-        return gamma, self.zeta_value()
+            gamma, zeta = gamma * ramp, 1.0 + (zeta - 1.0) * ramp
+        return gamma, zeta
 
     def normalise(self, module: nn.Module, scores: torch.Tensor, mask: torch.Tensor | None,
                   n: torch.Tensor | float, head_dim: int) -> torch.Tensor:
