@@ -168,6 +168,9 @@ def test_per_channel_weights(family, tmp_path):
     for n in dq_w:  # a weight's DQ feeds a MatMul directly, unless the table is tied (lookups and an LM head)
         if len(users.get(n.input[0], [])) == 1:
             assert users[n.output[0]][0].op_type != "Transpose", n.name
+    # symmetric weight grids (zero point 0): the per-row lookups multiply by the row's scale and subtract nothing
+    lookups = [n for n in g.node if n.op_type == "Gather" and n.input[0] in ints]
+    assert (family == "vit" or lookups) and not [n for n in g.node if n.op_type == "Sub" and "_rows" in n.output[0]]
 
 
 @pytest.mark.parametrize("family", ["bert", "opt", "vit"])

@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -217,6 +218,8 @@ def _gather_before_dequantize(g: Any, int_weights: set[str]) -> int:
                 # (q - zp) * scale in float32, what DequantizeLinear computes; (..., H) rows times (..., 1) scales
                 p = f"{dq.name}_rows{k}"
                 zp = dq.input[2] if len(dq.input) > 2 else None
+                if zp is not None and zp in vals and not np.any(vals[zp]):
+                    zp = None  # symmetric rows (zero point 0): (q - 0) * scale, no subtraction to run
                 sc = dq.input[1]
                 if others:  # a tied head keeps the DQ: the lookup reads its own copies of the scales and zero
                     # points (OpenVINO decompresses a weight to float when its grid also feeds other ops: a float
