@@ -84,7 +84,8 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
     if strict and family is None:
         mt = getattr(config, "model_type", type(model).__name__)
         raise OutlierfreeError(f"cannot patch a {mt!r} model: variants are supported for bert, opt and vit",
-                               "pass a BERT, OPT or ViT checkpoint (or strict=False in Python; `outlierfree finetune` retrofits others)")
+                               "pass a BERT, OPT or ViT checkpoint (or strict=False in Python; `outlierfree "
+                               "finetune` retrofits others)")
     cfg = cfg.for_model(hf_compat.max_length(config))  # clipped softmax's fixed T: the model's length
     modules = hf_compat.attention_modules(model)
     require(len(modules) > 0, f"found no attention modules in {type(model).__name__}",
