@@ -1,6 +1,7 @@
 """outlierfree finetune: retrofit leaves outputs unchanged at step 0, gradients reach weights and ranges, a killed
 run resumes bit-identically, learned ranges survive save/load and reach the ONNX export, bad input is one line."""
 
+import copy
 import json
 
 import pytest
@@ -11,7 +12,7 @@ import archs  # tests/archs.py (conftest puts tests/ on the path)
 
 from outlierfree.cli import main
 from outlierfree.finetune import FinetuneConfig, finetune
-from outlierfree.finetune.loop import FinetuneRunDir, Student, _set_ramp
+from outlierfree.finetune.loop import FinetuneRunDir, Student, _set_ramp, retrofit_for
 from outlierfree.models.build import build_model, patch_model
 from outlierfree.quant import paper_w8a8, quantize
 from outlierfree.quant.evaluate import model_output
@@ -395,26 +396,39 @@ def test_seed_varies_training_batches_not_the_held_out_measurement(tiny_bert, tm
     assert not any(tuple(r.tolist()) in train_rows for b in q1.batches.eval for r in b["input_ids"])
 
 
-def test_retrofit_qat_end_to_end_on_a_llama_decoder(tiny_bert, tmp_path):
-    """A family the project does not train (Llama: RoPE, RMSNorm, grouped-query attention) is retrofitted, trained,
-    saved, measured in real INT8 and loaded back with its gates; the loaded model computes what was measured."""
+def test_retrofit_qat_end_to_end_on_a_llama_decoder(tiny_bert, tmp_path, capsys):
+    """A family the project does not train (Llama: RoPE, RMSNorm, grouped-query attention), with heads wider than
+    their slice of the layer input (4 heads x 16 > d_model 32, as Gemma-3-270m's 4 x 256 > 640), is retrofitted
+    (the gates read the whole layer input, with a notice), trained, saved, measured in real INT8 and loaded back
+    with its gates."""
     import transformers as tf
 
+    from outlierfree import OutlierfreeError
     from outlierfree.models.io import load_model, load_tokenizer, save_model
 
     torch.manual_seed(0)
     m = tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                           hidden_size=32, intermediate_size=64, vocab_size=400,
+                                           hidden_size=32, head_dim=16, intermediate_size=64, vocab_size=400,
                                            max_position_embeddings=64))
+    with pytest.raises(OutlierfreeError, match="gate_type='linear'"):  # the paper's per-head slices do not exist
+        patch_model(copy.deepcopy(m), {"variant": "gated"}, strict=False)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    patched = copy.deepcopy(m)
+    cfg = FinetuneConfig(model="m", out="o", method="retrofit")
+    patch_model(patched, retrofit_for(patched, cfg), strict=False)
+    with torch.no_grad():  # the linear gates start closed-form at 1 too: the original's outputs at step 0
+        torch.testing.assert_close(patched(ids).logits, m(ids).logits, rtol=1e-5, atol=1e-5)
     save_model(m, tmp_path / "llama", load_tokenizer(tiny_bert / "model"))
     args = small_flags(tiny_bert, tmp_path / "o", "--steps", "3", "--method", "retrofit+qat", "--gate-lr", "0.05")
     args[1] = str(tmp_path / "llama")
     main(args)
+    assert "gate_type linear" in capsys.readouterr().err
     res = json.loads((tmp_path / "o" / "model" / "finetune_result.json").read_text())
+    assert "gated(linear" in (tmp_path / "o" / "model" / "README.md").read_text()
     after = res["after"]
     assert after["int8"] is not None and after["learned_ranges_used"] > 0
     assert after["int8"]["perplexity"] == pytest.approx(after["simulated"]["perplexity"], rel=0.02)
     cured = load_model(tmp_path / "o" / "model")
     gates = {n: p for n, p in cured.named_parameters() if "outlierfree_gate" in n}
     assert len(gates) == 2 * 2 and any(p.abs().sum() > 0 for p in gates.values())  # 2 layers: weight + bias each
-    assert cured.config.outlierfree["variant"] == "gated"
+    assert cured.config.outlierfree["variant"] == "gated" and cured.config.outlierfree["gate_type"] == "linear"

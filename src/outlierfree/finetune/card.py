@@ -32,7 +32,12 @@ def _rows(result: dict[str, Any]) -> list[str]:
 
 def card(cfg: FinetuneConfig, result: dict[str, Any]) -> str:
     """Markdown text of the card; its "Reproduce" command is :meth:`FinetuneConfig.command`, every flag of the run."""
-    att = cfg.attention_config().describe() if cfg.retrofit else "unchanged"
+    if result.get("attention"):  # the variant as patched (finetune.loop.retrofit_for)
+        from ..attention import AttentionConfig
+
+        att = AttentionConfig.from_dict(result["attention"]).describe()
+    else:
+        att = cfg.attention_config().describe() if cfg.retrofit else "unchanged"
     data = result.get("data", {})
     q = result.get("quant", {})
     lines = [

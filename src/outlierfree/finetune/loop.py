@@ -208,7 +208,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         require(bool(hf_compat.attention_modules(model)),
                 f"cannot patch {type(model).__name__} for --method {cfg.method}: its attention does not go through "
                 f"transformers' attention interface", "use --method qat (quantization-aware training needs no patch)")
-        patch_model(model, cfg.attention_config(), strict=False)  # one-line error for a module it cannot patch
+        patch_model(model, retrofit_for(model, cfg, console), strict=False)  # one-line error for what it cannot
         _set_ramp(model, cfg, 0)
     qcfg = qat_config(cfg)
     qm, ranges, names = None, nn.ModuleDict(), {}
@@ -286,6 +286,27 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         record = _finish(cfg, run, final, teacher, q, qcfg, learned, time.perf_counter() - t_start, world)
     accelerator.wait_for_everyone()
     return FinetuneResult(run.out, run.model_dir, record)
+
+
+def retrofit_for(model: nn.Module, cfg: FinetuneConfig, console: Any = None) -> Any:
+    """The variant the retrofit patches into ``model``: ``cfg.attention_config()``, except that gated attention's
+    head-linear gate (one linear per head on the head's slice of the layer input, the paper's) becomes the
+    ``linear`` gate (each head's gate reads the whole layer input) where the heads are not slices of the layer
+    input (Gemma-3-270m: d_model 640, 4 heads x 256), with a notice. Same model, same choice: resume and the saved
+    config (``config.outlierfree``) agree."""
+    from .. import hf_compat
+
+    att = cfg.attention_config()
+    if att.variant != "gated" or getattr(att.params, "gate_type", None) not in ("head_linear", "mlp"):
+        return att
+    dims = hf_compat.attention_dims(hf_compat.attention_modules(model)[0][1])
+    if dims.n_heads * dims.head_dim == dims.d_model:
+        return att
+    if console is not None:
+        console.print(f"notice: {type(model).__name__}'s heads are not slices of its layer input ({dims.n_heads} "
+                      f"heads x {dims.head_dim} != d_model {dims.d_model}): the gates read the whole layer input "
+                      f"(gate_type linear)", highlight=False)
+    return att.replace(gate_type="linear")
 
 
 def param_groups(model: nn.Module, ranges: nn.ModuleDict, cfg: FinetuneConfig) -> list[dict[str, Any]]:
@@ -372,6 +393,8 @@ def _finish(cfg: FinetuneConfig, run: FinetuneRunDir, model: nn.Module, teacher:
         held_out = held_out[:cfg.measure_batches]
     result: dict[str, Any] = {"steps": cfg.steps, "train_seconds": seconds, "world_size": world,
                               "data": q.batches.info, "quant": qcfg.to_dict()}
+    if cfg.retrofit:  # the variant as patched (retrofit_for may have chosen another gate network)
+        result["attention"] = dict(getattr(model.config, "outlierfree", None) or {})
     if cfg.measure:
         refs = outputs(teacher, held_out, q.task)
         t0 = time.perf_counter()

@@ -96,6 +96,14 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
             require(hf_compat.takes_keyword_arguments(module), f"{cfg.variant} attention cannot be patched into "
                     f"{path or type(model).__name__} ({type(module).__name__}): its forward takes no **kwargs to "
                     f"pass the layer input through", "use another variant for this model")
+        gate_type = getattr(cfg.params, "gate_type", None)
+        if gate_type in ("head_linear", "mlp"):  # these gates read each head's own slice of the layer input
+            for path, module in modules:
+                dims = hf_compat.attention_dims(module)
+                require(dims.n_heads * dims.head_dim == dims.d_model, f"{cfg.variant} attention's {gate_type} gate "
+                        f"reads each head's slice of the layer input, but {path or type(model).__name__} has "
+                        f"{dims.n_heads} heads x {dims.head_dim} != d_model {dims.d_model}",
+                        "use gate_type='linear' (each head's gate reads the whole layer input)")
     for _, module in modules:
         unpatch_module(module)
         module.outlierfree = cfg
