@@ -419,10 +419,15 @@ def test_retrofit_qat_end_to_end_on_a_llama_decoder(tiny_bert, tmp_path, capsys)
     with torch.no_grad():  # the linear gates start closed-form at 1 too: the original's outputs at step 0
         torch.testing.assert_close(patched(ids).logits, m(ids).logits, rtol=1e-5, atol=1e-5)
     save_model(m, tmp_path / "llama", load_tokenizer(tiny_bert / "model"))
-    args = small_flags(tiny_bert, tmp_path / "o", "--steps", "3", "--method", "retrofit+qat", "--gate-lr", "0.05")
+    args = small_flags(tiny_bert, tmp_path / "o", "--steps", "3", "--method", "retrofit+qat", "--gate-lr", "0.05",
+                       "--outlier-penalty", "infnorm", "--penalty-weight", "1e-3", "--layer-weight", "1")
     args[1] = str(tmp_path / "llama")
     main(args)
     assert "gate_type linear" in capsys.readouterr().err
+    # the penalty and the layer loss read RMSNorm's inputs and outputs (they read nothing before: LayerNorm only)
+    steps = [json.loads(l) for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in steps if e["event"] == "train"]
+    assert steps and all(e["penalty"] > 0 and e["layers"] >= 0 for e in steps) and steps[-1]["layers"] > 0
     res = json.loads((tmp_path / "o" / "model" / "finetune_result.json").read_text())
     assert "gated(linear" in (tmp_path / "o" / "model" / "README.md").read_text()
     after = res["after"]

@@ -198,6 +198,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     require(cfg.distill_positions == "all" or (task == "mlm" and "labels" in pool[0]),
             f"--distill-positions {cfg.distill_positions} needs a masked language model ({type(model).__name__}'s "
             f"task is {task})", "drop the flag (every real token is distilled)")
+    from ..sites import norm_modules
+
+    for flag, on in (("--outlier-penalty", cfg.penalty != "none"), ("--layer-weight", cfg.layer_weight > 0)):
+        require(not on or bool(norm_modules(model)), f"{type(model).__name__} has no normalisation layers for {flag} "
+                f"to read (it taps their inputs or outputs)", f"drop {flag}")
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.retrofit:
         from .. import hf_compat
@@ -337,6 +342,7 @@ class StepLoss:
         self.cfg, self.task, self.student, self.teacher, self.qm = cfg, task, student, teacher, qm
         self.tap = NormTap(model, "input") if cfg.penalty != "none" else None  # residual sums, for the penalty
         self.layers = (NormTap(model, "output"), NormTap(teacher, "output")) if cfg.layer_weight > 0 else None
+
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from ..quant.evaluate import model_output

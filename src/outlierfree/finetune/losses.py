@@ -67,19 +67,20 @@ def outlier_penalty(tensors: list[torch.Tensor], kind: str, batch: int | None = 
 
 
 class NormTap:
-    """Captures the input (``point="input"``: the residual sums of post-norm transformers, for
+    """Captures the input (``point="input"``: the residual sums of post-norm transformers, the residual stream of
+    pre-norm ones, for
     :func:`outlier_penalty`) or the output (``point="output"``: the hidden states between and inside the blocks, for
     layer-wise distillation) of every LayerNorm of a model during a forward. ``with tap: model(...)``, then
     ``tap.tensors`` (each (B, T, D), or (B * T, D) where the model flattens tokens, as OPT's FFN does; in the order
     the forward met them)."""
 
     def __init__(self, model: torch.nn.Module, point: str = "input"):
-        from ..hf_compat import layer_norms
+        from ..sites import norm_modules
 
         if point not in ("input", "output"):
             raise ValueError(point)
         self.point = point
-        self.norms = [m for _, _, m in layer_norms(model)]
+        self.norms = norm_modules(model)  # LayerNorm and RMSNorm alike (the site mechanism's own list)
         self.tensors: list[torch.Tensor] = []
         self.handles: list = []
 

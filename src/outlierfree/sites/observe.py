@@ -60,6 +60,12 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or any(n in type(m).__name__ for n in NORM_NAMES)
 
 
+def norm_modules(model: nn.Module) -> list[nn.Module]:
+    """Every normalisation module of ``model`` in module order (LayerNorm, RMSNorm of Llama / Gemma / Qwen / T5 ...):
+    the ones whose inputs and outputs are the ``ln_input`` / ``ln_output`` sites."""
+    return [m for m in model.modules() if _is_norm(m)]
+
+
 def _is_activation(path: str, m: nn.Module) -> bool:
     # transformers wraps activations in modules (GELUActivation, ReLU, SiLU...), named act/activation_fn/act_fn
     leaf = path.rsplit(".", 1)[-1]
