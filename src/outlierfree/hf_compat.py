@@ -111,6 +111,12 @@ class AttentionDims:
     n_heads: int
     head_dim: int
 
+    @property
+    def heads_slice_input(self) -> bool:
+        """Whether the heads split the layer input into equal slices (n_heads x head_dim == d_model), which
+        per-head gates reading their head's slice need (not Gemma-3-270m: 4 x 256 heads over 640)."""
+        return self.n_heads * self.head_dim == self.d_model
+
 
 def attention_dims(module: nn.Module) -> AttentionDims:
     """Read d_model, heads and head size from a transformers attention module."""

@@ -301,11 +301,13 @@ def retrofit_for(model: nn.Module, cfg: FinetuneConfig, console: Any = None) -> 
     config (``config.outlierfree``) agree."""
     from .. import hf_compat
 
+    from ..attention.variants.gated import SLICE_GATE_TYPES
+
     att = cfg.attention_config()
-    if att.variant != "gated" or getattr(att.params, "gate_type", None) not in ("head_linear", "mlp"):
+    if att.variant != "gated" or getattr(att.params, "gate_type", None) not in SLICE_GATE_TYPES:
         return att
     dims = hf_compat.attention_dims(hf_compat.attention_modules(model)[0][1])
-    if dims.n_heads * dims.head_dim == dims.d_model:
+    if dims.heads_slice_input:
         return att
     if console is not None:
         console.print(f"notice: {type(model).__name__}'s heads are not slices of its layer input ({dims.n_heads} "
@@ -342,7 +344,6 @@ class StepLoss:
         self.cfg, self.task, self.student, self.teacher, self.qm = cfg, task, student, teacher, qm
         self.tap = NormTap(model, "input") if cfg.penalty != "none" else None  # residual sums, for the penalty
         self.layers = (NormTap(model, "output"), NormTap(teacher, "output")) if cfg.layer_weight > 0 else None
-
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from ..quant.evaluate import model_output

@@ -15,6 +15,7 @@ from ..attention.config import AttentionConfig
 from ..attention.interface import GATE_INPUT, outlierfree_attention
 from ..attention.ramp import RAMP_ATTR
 from ..attention.variants import module_names
+from ..attention.variants.gated import SLICE_GATE_TYPES
 from ..errors import OutlierfreeError, require
 from .. import hf_compat
 from .sizes import SIZES
@@ -97,10 +98,10 @@ def patch_model(model: nn.Module, attention: AttentionConfig | dict | str | None
                     f"{path or type(model).__name__} ({type(module).__name__}): its forward takes no **kwargs to "
                     f"pass the layer input through", "use another variant for this model")
         gate_type = getattr(cfg.params, "gate_type", None)
-        if gate_type in ("head_linear", "mlp"):  # these gates read each head's own slice of the layer input
+        if gate_type in SLICE_GATE_TYPES:
             for path, module in modules:
                 dims = hf_compat.attention_dims(module)
-                require(dims.n_heads * dims.head_dim == dims.d_model, f"{cfg.variant} attention's {gate_type} gate "
+                require(dims.heads_slice_input, f"{cfg.variant} attention's {gate_type} gate "
                         f"reads each head's slice of the layer input, but {path or type(model).__name__} has "
                         f"{dims.n_heads} heads x {dims.head_dim} != d_model {dims.d_model}",
                         "use gate_type='linear' (each head's gate reads the whole layer input)")

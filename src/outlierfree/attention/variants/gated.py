@@ -36,6 +36,7 @@ GATE = "outlierfree_gate"  # the submodule's name on an attention module (and in
 # The keyword argument that carries the layer input x (B, T, d_model) to the attention function.
 GATE_INPUT = "outlierfree_gate_input"
 GATE_TYPES = ("head_linear", "linear", "mlp", "elementwise", "scalar")
+SLICE_GATE_TYPES = frozenset({"head_linear", "mlp"})  # gates that read each head's own slice of the layer input
 # Conditioning of the conditional gates: one gate per token, or per head and sequence (mean over tokens).
 GATE_PER = ("token", "head")
 
@@ -49,7 +50,7 @@ class AttentionGate(nn.Module):
         self.gate_type, self.gate_per = cfg.gate_type, cfg.gate_per
         self.scale = 1.0 / cfg.gate_init if cfg.gate_finetune else 1.0
         H, D = n_heads, head_dim
-        if cfg.gate_type in ("head_linear", "mlp") and H * D != d_model:
+        if cfg.gate_type in SLICE_GATE_TYPES and H * D != d_model:
             raise ValueError(f"per-head gates need d_model == n_heads * d_head ({d_model} != {H} * {D})")
         if cfg.gate_type == "head_linear":
             self.weight = nn.Parameter(torch.empty(H, D))  # (H, D): one d_head -> 1 linear per head
