@@ -427,7 +427,7 @@ def test_retrofit_qat_end_to_end_on_a_llama_decoder(tiny_bert, tmp_path, capsys)
     # the penalty and the layer loss read RMSNorm's inputs and outputs (they read nothing before: LayerNorm only)
     steps = [json.loads(l) for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
     steps = [e for e in steps if e["event"] == "train"]
-    assert steps and all(e["penalty"] > 0 and e["layers"] >= 0 for e in steps) and steps[-1]["layers"] > 0
+    assert steps and all(e["penalty"] > 0 and e["layers"] > 0 for e in steps)
     res = json.loads((tmp_path / "o" / "model" / "finetune_result.json").read_text())
     assert "gated(linear" in (tmp_path / "o" / "model" / "README.md").read_text()
     after = res["after"]
