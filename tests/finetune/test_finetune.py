@@ -216,6 +216,38 @@ def test_learned_ranges_survive_save_load_and_reach_the_onnx_export(tiny_bert, t
     assert not used2 and not learned_scales <= scales2
 
 
+def test_layer_tokens_ordinary_leaves_exactly_the_framing_tokens_out_of_the_layer_loss(tiny_bert):
+    """--layer-tokens ordinary: a student whose hidden states differ from the teacher's only at the framing tokens
+    ([CLS] / [SEP]: its last LayerNorm's output moved there) has layer loss 0 with the flag and a positive one
+    without it; the framing ids are the tokenizer's own ([CLS] and [SEP] for BERT)."""
+    import torch.nn as nn
+
+    from outlierfree.finetune.loop import StepLoss, _framing_ids
+    from outlierfree.models.io import load_tokenizer
+
+    tok = load_tokenizer(tiny_bert / "model")
+    cfg = FinetuneConfig(model="m", out="o", method="qat", layer_weight=1.0, layer_tokens="ordinary")
+    framing = _framing_ids(cfg, tok, None)
+    assert sorted(framing.tolist()) == sorted({tok.cls_token_id, tok.sep_token_id})
+    teacher = build_model("bert", "tiny", "vanilla", seed=0).eval()
+    model = copy.deepcopy(teacher)
+    batch = _batches(1, vocab=min(100, model.config.vocab_size))[0]
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    batch["input_ids"][:, 0] = cls
+    batch["input_ids"][0, -1] = batch["input_ids"][2, 7] = sep  # a [SEP] inside a packed sequence counts too
+    batch["input_ids"][1, 10] = sep
+    last = [m for m in model.modules() if isinstance(m, nn.LayerNorm)][-1]
+    at_frame = torch.isin(batch["input_ids"], framing).unsqueeze(-1)  # (B, T, 1)
+    last.register_forward_hook(lambda mod, args, out: out + 3.0 * at_frame)
+    student = Student(model, nn.ModuleDict(), "mlm")
+    losses = {}
+    for where in ("ordinary", "all"):
+        c = FinetuneConfig(model="m", out="o", method="qat", layer_weight=1.0, layer_tokens=where)
+        step = StepLoss(c, "mlm", student, model, teacher, None, framing if where == "ordinary" else None)
+        losses[where] = float(step(batch)[1]["layers"].detach())
+    assert losses["ordinary"] < 1e-7 < 1e-3 < losses["all"]
+
+
 def _cli(args, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
@@ -227,6 +259,8 @@ def _cli(args, capsys):
     (["--steps", "0"], "--steps 0"),
     (["--method", "magic"], "unknown --method"),
     (["--outlier-penalty", "kurtosis"], "needs a weight"),
+    (["--layer-tokens", "ordinary"], "applies to the layer loss"),
+    (["--layer-weight", "1", "--layer-tokens", "first"], "unknown --layer-tokens"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(tiny_bert, tmp_path, capsys, extra, words):
     code, err = _cli(small_flags(tiny_bert, tmp_path / "o", *extra), capsys)

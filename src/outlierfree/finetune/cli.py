@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..quant.cli import head_and_grid_options
-from .config import DISTILL_POSITIONS, METHODS, PENALTIES, FinetuneConfig, retrofit_attention
+from .config import DISTILL_POSITIONS, LAYER_TOKENS, METHODS, PENALTIES, FinetuneConfig, retrofit_attention
 
 _D = FinetuneConfig.__dataclass_fields__
 
@@ -45,6 +45,9 @@ def _d(name: str) -> Any:
               help="QAT: also distil the float forward with this weight (keeps float quality)")
 @click.option("--layer-weight", type=float, default=0.0, show_default=True,
               help="also distil every LayerNorm output (hidden states) of the original with this weight")
+@click.option("--layer-tokens", default=_d("layer_tokens"), show_default=True,
+              help=f"{'|'.join(LAYER_TOKENS)}: score the layer loss at every real token, or at all but the "
+                   "special ones ([CLS], [SEP], </s>), whose hidden states carry the outliers")
 @click.option("--distill-positions", default=_d("distill_positions"), show_default=True,
               help=f"{'|'.join(DISTILL_POSITIONS)}: distil the output at every real token, or (masked LMs) at the "
                    "masked positions only, the ones perplexity scores")

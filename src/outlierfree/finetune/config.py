@@ -13,6 +13,7 @@ from ..errors import OutlierfreeError, require
 METHODS = ("retrofit", "qat", "retrofit+qat")
 PENALTIES = ("none", "kurtosis", "infnorm")
 DISTILL_POSITIONS = ("all", "masked")
+LAYER_TOKENS = ("all", "ordinary")
 RETROFIT_VARIANTS = ("gated", "clipped", "ncs")
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 # fields that do not change what a run computes: a resumed run may change them
@@ -24,13 +25,13 @@ PYTHON_ONLY = ("grad_clip", "measure_batches")
 # fields that are flags of their (dashed) name, except as _FLAG_NAMES says; the attention and the --no-* flags are
 # written by FinetuneConfig.flags() itself
 _FLAG_FIELDS = ("method", "steps", "lr", "range_lr", "gate_lr", "data", "sites", "weight_granularity",
-                "float_weight", "layer_weight", "distill_positions", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
+                "float_weight", "layer_weight", "layer_tokens", "distill_positions", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
                 "train_batches", "eval_batches", "warmup_steps", "save_every")
 _FLAG_NAMES = {"penalty": "--outlier-penalty"}
 # on/off flags of the quantization grids (quantize's and export's flags of the same names)
 GRID_FLAGS = ("fp32_head", "int8_head", "symmetric_attention")
 # fields added after runs existed: left out of the identity at their default, so those runs still resume
-LATER_FIELDS = {**{k: False for k in GRID_FLAGS}, "distill_positions": "all"}
+LATER_FIELDS = {**{k: False for k in GRID_FLAGS}, "distill_positions": "all", "layer_tokens": "all"}
 
 
 def retrofit_attention(attention: str = "gated", *, gate_init: float | None = None, alpha: float | None = None,
@@ -80,6 +81,9 @@ class FinetuneConfig:
             positions only (those its perplexity scores; the others only echo their input).
         layer_weight: also distil every LayerNorm output (the hidden states between and inside the blocks) of the
             original, with this weight (0: only the model's output; see losses.py).
+        layer_tokens: where the layer loss is scored: ``all`` real tokens, or ``ordinary``: every real token but
+            the tokenizer's special ones ([CLS], [SEP], </s>...), whose hidden states carry the outliers of heads
+            that "do nothing" (matching them there keeps the outliers the cure is meant to remove).
         penalty, penalty_weight: outlier penalty on the residual sums (LayerNorm inputs): ``kurtosis`` or
             ``infnorm`` (see losses.py).
         batch_size, seq_len, seed: batches of the run; ``seq_len`` None: the model's training length, else 128.
@@ -107,6 +111,7 @@ class FinetuneConfig:
     attention: dict[str, Any] = field(default_factory=lambda: {"variant": "gated"})
     float_weight: float = 0.0
     layer_weight: float = 0.0
+    layer_tokens: str = "all"
     distill_positions: str = "all"
     penalty: str = "none"
     penalty_weight: float = 0.0
@@ -148,6 +153,10 @@ class FinetuneConfig:
                 "pass one of them")
         require(self.distill_positions in DISTILL_POSITIONS, f"unknown --distill-positions "
                 f"{self.distill_positions!r}", f"use {' or '.join(DISTILL_POSITIONS)}")
+        require(self.layer_tokens in LAYER_TOKENS, f"unknown --layer-tokens {self.layer_tokens!r}",
+                f"use {' or '.join(LAYER_TOKENS)}")
+        require(self.layer_tokens == "all" or self.layer_weight > 0, f"--layer-tokens {self.layer_tokens} "
+                "applies to the layer loss, which is off", "pass --layer-weight w > 0 too, or drop --layer-tokens")
         require(self.penalty in PENALTIES, f"unknown --outlier-penalty {self.penalty!r}",
                 f"use one of {'|'.join(PENALTIES)}")
         require(self.float_weight >= 0, f"--float-weight {self.float_weight} is negative", "pass 0 or more")

@@ -136,6 +136,21 @@ def _load(cfg: FinetuneConfig) -> Any:
         raise
 
 
+def _framing_ids(cfg: FinetuneConfig, tokenizer: Any, model: nn.Module) -> torch.Tensor:
+    """The ids ``--layer-tokens ordinary`` leaves out of the layer loss: the special tokens the tokenizer frames a
+    sequence with (``[CLS]`` / ``[SEP]`` for BERT, ``</s>`` for OPT), where heads that do nothing park their
+    attention and the outliers live. One-line error for a model without a tokenizer or a tokenizer that frames
+    nothing (the flag would change nothing)."""
+    from ..data.evaluation import special_frame
+
+    require(tokenizer is not None, f"--layer-tokens {cfg.layer_tokens} needs a text model ({type(model).__name__} "
+            "takes no tokens)", "drop --layer-tokens")
+    prefix, suffix = special_frame(tokenizer)
+    require(bool(prefix or suffix), f"--layer-tokens {cfg.layer_tokens}: the tokenizer adds no special tokens "
+            "around a sequence, so every token is ordinary", "drop --layer-tokens")
+    return torch.tensor(sorted(set(prefix) | set(suffix)), dtype=torch.long)
+
+
 def _check_output(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> None:
     """One-line error when the model gives no floating tensor to distil."""
     from ..quant.evaluate import model_output
@@ -203,6 +218,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     for flag, on in (("--outlier-penalty", cfg.penalty != "none"), ("--layer-weight", cfg.layer_weight > 0)):
         require(not on or bool(norm_modules(model)), f"{type(model).__name__} has no normalisation layers for {flag} "
                 f"to read (it taps their inputs or outputs)", f"drop {flag}")
+    framing = _framing_ids(cfg, q.tokenizer, model) if cfg.layer_tokens == "ordinary" else None
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.retrofit:
         from .. import hf_compat
@@ -240,7 +256,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 f"steps x {cfg.batch_size}; {len(ranges)} learned ranges; {world} process(es)")
     accelerator.wait_for_everyone()
 
-    losses = StepLoss(cfg, task, task_student, model, teacher, qm)
+    losses = StepLoss(cfg, task, task_student, model, teacher, qm, framing)
     step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     log_every = max(1, min(10, cfg.steps // 10 or 1))
     sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "layers": 0.0, "n": 0}
@@ -338,10 +354,12 @@ class StepLoss:
     """
 
     def __init__(self, cfg: FinetuneConfig, task: str, student: nn.Module, model: nn.Module, teacher: nn.Module,
-                 qm: Any):
+                 qm: Any, framing: torch.Tensor | None = None):
         """``student``: the (prepared) :class:`Student` called for the output; ``model``: the model inside it, whose
-        LayerNorms the penalty and the layer loss tap; ``qm``: its simulator (None without QAT)."""
+        LayerNorms the penalty and the layer loss tap; ``qm``: its simulator (None without QAT); ``framing``: token
+        ids the layer loss leaves out (``--layer-tokens ordinary``; None: it scores every real token)."""
         self.cfg, self.task, self.student, self.teacher, self.qm = cfg, task, student, teacher, qm
+        self.framing = framing
         self.tap = NormTap(model, "input") if cfg.penalty != "none" else None  # residual sums, for the penalty
         self.layers = (NormTap(model, "output"), NormTap(teacher, "output")) if cfg.layer_weight > 0 else None
 
@@ -358,7 +376,10 @@ class StepLoss:
             out = self.student(batch)
         rows = next(iter(batch.values())).shape[0]  # sequences (or images) of this process's batch
         pen = outlier_penalty(tap.tensors, cfg.penalty, rows) if tap is not None else torch.zeros(())
-        lay = layer_loss(layers[0].tensors, layers[1].tensors, mask) if layers else torch.zeros(())
+        lay_mask = mask
+        if self.framing is not None and mask is not None:  # hidden states of [CLS] / [SEP] / </s> are free to change
+            lay_mask = mask * ~torch.isin(batch["input_ids"], self.framing.to(mask.device))
+        lay = layer_loss(layers[0].tensors, layers[1].tensors, lay_mask) if layers else torch.zeros(())
         for t in (tap, *(layers or ())):
             if t is not None:
                 t.tensors = []
