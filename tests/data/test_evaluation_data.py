@@ -176,6 +176,29 @@ def test_calibration_and_evaluation_never_overlap(zoo):
         model_batches(model, zoo["external"], tok, 2, 2, 4, 32, 0, str(zoo["corpus"]), max_sequences=12)
 
 
+@pytest.mark.parametrize("which, data", [("bert", None), ("external", "corpus")])
+def test_mask_draws_score_the_same_sequences_under_the_masks_of_successive_seeds(zoo, which, data):
+    """--mask-draws K: a masked LM's evaluation batches come K times, draw d exactly the batches one draw with
+    eval_seed base + d gives (draw 0: the single draw's), the same sequences under other masks; calibration is
+    untouched. Both paths: a model's own validation split and a whole text."""
+    model, tok = load_model(zoo[which]), load_tokenizer(zoo[which])
+    src = str(zoo["corpus"]) if data else None
+    one = model_batches(model, zoo[which], tok, 2, 2, 4, 32, 3, src)
+    three = model_batches(model, zoo[which], tok, 2, 2, 4, 32, 3, src, mask_draws=3)
+    assert len(three.eval) == 3 * len(one.eval) and three.info["mask_draws"] == 3
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(three.calib, one.calib) for k in x)
+    for d in range(3):
+        want = model_batches(model, zoo[which], tok, 2, 2, 4, 32, 3, src, eval_seed=3 + d).eval
+        got = three.eval[d * len(one.eval):(d + 1) * len(one.eval)]
+        assert all(torch.equal(x[k], y[k]) for x, y in zip(got, want) for k in ("input_ids", "labels", "attention_mask"))
+    firsts, seconds = three.eval[0], three.eval[len(one.eval)]
+    assert not torch.equal(firsts["labels"], seconds["labels"])  # other positions ...
+    unmask = lambda b: torch.where(b["labels"] != -100, b["labels"], b["input_ids"])  # noqa: E731
+    assert torch.equal(unmask(firsts), unmask(seconds))  # ... of the same sequences
+    with pytest.raises(OutlierfreeError, match="--mask-draws"):
+        model_batches(model, zoo[which], tok, 2, 2, 4, 32, 3, src, mask_draws=0)
+
+
 def test_a_text_the_model_never_trained_on_is_used_whole(zoo, tmp_path):
     # a model trained here, given another text: it never saw that text, so all of it is evaluation data
     other = tmp_path / "other.txt"
@@ -247,6 +270,7 @@ def test_analyze_and_quantize_read_a_whole_text_file(zoo, tmp_path, capsys):
     ("quantize", ["--data", "{tmp}/missing.txt"], "does not exist"),
     ("quantize", ["--data", "{tmp}/one.txt", "--seq-len", "128"], "exceeds the model's 64 positions"),
     ("quantize", ["--data", "{tmp}/one.txt"], "gives 1 sequences of 32 tokens, too few for 16 calibration"),
+    ("quantize", ["--data", "{tmp}/one.txt", "--mask-draws", "0"], "--mask-draws must be at least 1"),
 ])
 def test_bad_data_is_one_line_exit_2(zoo, tmp_path, capsys, command, flags, message):
     (tmp_path / "empty.txt").write_text("\n\n  \n")

@@ -62,6 +62,8 @@ def _d(name: str) -> Any:
               help="distinct training batches (cycled)")
 @click.option("--eval-batches", type=int, default=_d("eval_batches"), show_default=True,
               help="held-out batches of the before/after measurement")
+@click.option("--mask-draws", type=int, default=_d("mask_draws"), show_default=True,
+              help="masked LMs: score the held-out sequences under N draws of masks, pooled")
 @click.option("--warmup-steps", type=int, default=None, help="[default: 10%% of --steps]")
 @click.option("--save-every", type=int, default=_d("save_every"), show_default=True, help="checkpoint every N steps")
 @click.option("--resume", is_flag=True, help="continue the unfinished run in --out")

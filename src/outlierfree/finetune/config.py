@@ -26,12 +26,13 @@ PYTHON_ONLY = ("grad_clip", "measure_batches")
 # written by FinetuneConfig.flags() itself
 _FLAG_FIELDS = ("method", "steps", "lr", "range_lr", "gate_lr", "data", "sites", "weight_granularity",
                 "float_weight", "layer_weight", "layer_tokens", "distill_positions", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
-                "train_batches", "eval_batches", "warmup_steps", "save_every")
+                "train_batches", "eval_batches", "mask_draws", "warmup_steps", "save_every")
 _FLAG_NAMES = {"penalty": "--outlier-penalty"}
 # on/off flags of the quantization grids (quantize's and export's flags of the same names)
 GRID_FLAGS = ("fp32_head", "int8_head", "symmetric_attention")
 # fields added after runs existed: left out of the identity at their default, so those runs still resume
-LATER_FIELDS = {**{k: False for k in GRID_FLAGS}, "distill_positions": "all", "layer_tokens": "all"}
+LATER_FIELDS = {**{k: False for k in GRID_FLAGS}, "distill_positions": "all", "layer_tokens": "all",
+                "mask_draws": 1}
 
 
 def retrofit_attention(attention: str = "gated", *, gate_init: float | None = None, alpha: float | None = None,
@@ -90,6 +91,8 @@ class FinetuneConfig:
         calib_batches: batches that initialise the ranges (calibrate()).
         train_batches: the pool of distinct training batches (cycled in a seeded order).
         eval_batches: held-out batches of the before/after measurement (disjoint from the training text).
+        mask_draws: masked LMs: the held-out sequences scored under this many draws of masks (pooled; one draw of
+            a small split moves a perplexity difference by about +-0.5).
         warmup_steps: linear warm-up; then cosine decay to 0.
         save_every: checkpoint every N steps (0: only at the end).
         measure, real_int8: measure before/after (simulated W8A8, and ONNX Runtime INT8) for the card.
@@ -121,6 +124,7 @@ class FinetuneConfig:
     calib_batches: int = 8
     train_batches: int = 64
     eval_batches: int = 32
+    mask_draws: int = 1
     warmup_steps: int | None = None
     grad_clip: float = 1.0
     save_every: int = 50
@@ -164,7 +168,7 @@ class FinetuneConfig:
         require(self.penalty_weight >= 0, f"--penalty-weight {self.penalty_weight} is negative", "pass 0 or more")
         require(self.penalty == "none" or self.penalty_weight > 0, f"--outlier-penalty {self.penalty} needs a weight",
                 "pass --penalty-weight w > 0 (e.g. 1e-3 for infnorm)")
-        for name in ("batch_size", "calib_batches", "train_batches", "eval_batches"):
+        for name in ("batch_size", "calib_batches", "train_batches", "eval_batches", "mask_draws"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1",
                     f"pass --{name.replace('_', '-')} 1 or more")
         require(self.calib_batches <= self.train_batches, f"--calib-batches {self.calib_batches} exceeds "

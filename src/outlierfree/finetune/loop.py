@@ -127,7 +127,7 @@ def _load(cfg: FinetuneConfig) -> Any:
         # of different seeds are measured on the same batches
         return load_for_quant(cfg.model, calib_batches=cfg.train_batches, eval_batches=cfg.eval_batches,
                               batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, data=cfg.data,
-                              eval_seed=defaults.SEED)
+                              eval_seed=defaults.SEED, mask_draws=cfg.mask_draws)
     except OutlierfreeError as e:
         if "need" in e.problem or "too few" in e.problem:
             raise OutlierfreeError(f"not enough text for the fine-tune: {e.problem}",

@@ -71,6 +71,9 @@ def head_and_grid_options(command: Any) -> Any:
               "corpus / Fashion-MNIST]")
 @click.option("--tokenizer", default=None, help="tokenizer directory [default: beside the model]")
 @click.option("--seed", type=int, default=0, show_default=True, help="seeds the calibration sample and MLM masks")
+@click.option("--mask-draws", type=int, default=1, show_default=True,
+              help="masked LMs: score the evaluation sequences under N draws of masks (seeds SEED..SEED+N-1), "
+                   "pooled: one draw of a small validation split moves a perplexity difference by about +-0.5")
 @click.option("--backend", type=click.Choice(["simulator", "onnxruntime", "openvino"]), default="simulator",
               show_default=True,
               help="onnxruntime: also export the calibrated model to static QDQ INT8 ONNX and score it in ONNX "
@@ -107,6 +110,12 @@ def quantize_cmd(model_path: str, out: str, quiet: bool, transform: str | None, 
     click.echo(f"wrote {', '.join(str(p) for p in result.write(out))}")
 
 
+def draws_note(data_info: dict[str, Any]) -> str:
+    """``: N mask draws of M batches`` when a masked LM was scored under several draws of masks, else ``""``."""
+    k = int(data_info.get("mask_draws") or 1)
+    return f": {k} mask draws of the same sequences" if k > 1 else ""
+
+
 def line_of(cfg: QuantConfig, r: dict[str, Any], data_info: dict[str, Any], batch_size: int) -> str:
     """The console lines of one config's result: float vs quantized metric, and the 16-bit and ONNX Runtime
     numbers when present."""
@@ -117,7 +126,8 @@ def line_of(cfg: QuantConfig, r: dict[str, Any], data_info: dict[str, Any], batc
     lines = [f"{cfg.describe()}: float {metric} {r['float'].get(metric):.4g}, quantized "
              f"{r['quantized'].get(metric):.4g}, output SQNR {r['quantized'].get('output_sqnr_db', 0):.1f} dB "
              f"(calibrated on {r['calib_batches']} {'text' if whole else 'training'} batches, evaluated on "
-             f"{r['eval_batches']} {'later text' if whole else 'validation'} batches of {batch_size})"]
+             f"{r['eval_batches']} {'later text' if whole else 'validation'} batches of {batch_size}"
+             f"{draws_note(data_info)})"]
     if "keep_16bit" in r:
         k16 = r["keep_16bit"]
         lines.append(f"  with the {k16['k']} worst site group(s) in 16 bits ({', '.join(k16['groups'])}): "

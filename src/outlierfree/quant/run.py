@@ -43,11 +43,12 @@ def load_for_quant(model_path: str | Path, *, tokenizer: str | None = None,
                    calib_batches: int = defaults.QUANT_CALIB_BATCHES, eval_batches: int | None = None,
                    batch_size: int = defaults.BATCH_SIZE, seq_len: int | None = None, seed: int = defaults.SEED,
                    data: str | None = None, max_sequences: int | None = None,
-                   eval_seed: int | None = None) -> QuantInputs:
+                   eval_seed: int | None = None, mask_draws: int = 1) -> QuantInputs:
     """Load the float model at ``model_path`` (non-finite weights are a one-line error), its tokenizer (from
     ``tokenizer`` or beside the model; none for images) and its batches (:func:`outlierfree.data.evaluation.model_batches` says which data: a model trained here is calibrated on its
     training split and evaluated on its validation split; other text is used whole; ``eval_seed``: the
-    evaluation masks' seed when it should not follow ``seed``).
+    evaluation masks' seed when it should not follow ``seed``; ``mask_draws``: a masked LM's evaluation sequences
+    under that many draws of masks).
 
     Quantization ranges learned by ``outlierfree finetune`` (``quant_ranges.safetensors`` beside the weights) are
     attached to the model, so every simulator put on it uses them where the spec matches (``quant/learned.py``)."""
@@ -66,7 +67,8 @@ def load_for_quant(model_path: str | Path, *, tokenizer: str | None = None,
     if getattr(model, "main_input_name", "input_ids") != "pixel_values":
         tok = load_tokenizer(str(tokenizer or model_path))
     batches = model_batches(model, model_path, tok, calib_batches, eval_batches, batch_size, seq_len, seed, data,
-                            max_sequences=max_sequences, purpose="quantize", eval_seed=eval_seed)
+                            max_sequences=max_sequences, purpose="quantize", eval_seed=eval_seed,
+                            mask_draws=mask_draws)
     return QuantInputs(model, tok, task_of(model), batches)
 
 
@@ -120,6 +122,7 @@ class QuantizeRequest:
         configs: the quantization configs (:func:`.config.configs_from_flags` builds them from flags), each
             evaluated on the same calibration and evaluation batches.
         transforms: post-hoc transforms applied once before calibration, e.g. ``(("smoothquant", 0.5),)``.
+        mask_draws: masked LMs: the evaluation sequences scored under this many draws of masks, pooled.
         diag_batches: evaluation batches for per-site diagnostics and the ablation (0: none).
         ablation: rank site groups by harm (implied by ``keep_16bit``).
         keep_16bit: keep the K worst site groups of the ablation in 16 bits and evaluate again.
@@ -137,6 +140,7 @@ class QuantizeRequest:
     seq_len: int | None = None
     seed: int = defaults.SEED
     max_sequences: int | None = None
+    mask_draws: int = 1
     transforms: tuple[tuple[str, float], ...] = ()
     diag_batches: int = 2
     ablation: bool = False
@@ -158,6 +162,8 @@ class QuantizeRequest:
         require(self.seq_len is None or self.seq_len >= 2, f"--seq-len {self.seq_len} is too short", "pass 2 or more")
         require(self.max_sequences is None or self.max_sequences >= 1,
                 f"--max-sequences must be at least 1, got {self.max_sequences}", "pass --max-sequences 1 or more")
+        require(self.mask_draws >= 1, f"--mask-draws must be at least 1, got {self.mask_draws}",
+                "pass --mask-draws 1 or more")
         require(self.diag_batches >= 0, f"--diag-batches {self.diag_batches} is negative", "pass 0 or more")
         require(self.keep_16bit >= 0, f"--keep-16bit {self.keep_16bit} is negative", "pass 0 or more")
         require(self.keep_16bit == 0 or self.diag_batches > 0, "--keep-16bit needs the ablation's diagnostics",
@@ -228,7 +234,8 @@ def quantize_checkpoint(request: QuantizeRequest, *, real: RealInt8 | None = Non
     t0 = time.perf_counter()
     q = load_for_quant(request.model, tokenizer=request.tokenizer, calib_batches=request.calib_batches,
                        eval_batches=request.eval_batches, batch_size=request.batch_size, seq_len=request.seq_len,
-                       seed=request.seed, data=request.data, max_sequences=request.max_sequences)
+                       seed=request.seed, data=request.data, max_sequences=request.max_sequences,
+                       mask_draws=request.mask_draws)
     applied = apply_transforms(q.model, request.transforms, q.batches.calib, q.task, echo)
     runs = []
     for cfg in request.configs:
