@@ -21,6 +21,7 @@ RECIPES = {  # directory prefix -> the finetune flags beyond the common ones
     "pen": "infnorm 1e-4 (--outlier-penalty infnorm --penalty-weight 1e-4)",
     "lt-pen4": "--layer-tokens ordinary + infnorm 1e-4",
     "lt-pen3": "--layer-tokens ordinary + infnorm 1e-3",
+    "lt-nopen": "--layer-tokens ordinary alone",
 }
 COMMON = ("outlierfree finetune src/outlierfree/released/bert-mini-vanilla --method retrofit+qat --steps 600 --lr 5e-5 "
           "--range-lr 5e-3 --calib-batches 16 --eval-batches 22 --layer-weight 1 --float-weight 3 "
