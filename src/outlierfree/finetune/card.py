@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..quant.cli import draws_note
 from ..records import git_commit, machine
 from .config import FinetuneConfig
 
@@ -45,8 +46,7 @@ def card(cfg: FinetuneConfig, result: dict[str, Any]) -> str:
         f"- method: **{cfg.method}** (attention: {att}; quantization-aware: {'yes' if cfg.qat else 'no'})",
         f"- source checkpoint: `{cfg.model}`",
         f"- data: {data.get('data') or 'offline Wikipedia corpus'} (fine-tuning: {data.get('calib_split')}; "
-        f"measurement: {data.get('eval_split')}, disjoint"
-        f"{f', {m} draws of masks' if (m := data.get('mask_draws') or 1) > 1 else ''}), "
+        f"measurement: {data.get('eval_split')}, disjoint{draws_note(data)}), "
         f"{cfg.batch_size} x {data.get('seq_len')} tokens a step",
         f"- steps: {cfg.steps}, lr {cfg.lr} (gates {cfg.gate_lr}, ranges {cfg.range_lr}), seed {cfg.seed}, "
         f"outlier penalty: {cfg.penalty}" + (f" x {cfg.penalty_weight}" if cfg.penalty != "none" else "")

@@ -68,9 +68,9 @@ def outlier_penalty(tensors: list[torch.Tensor], kind: str, batch: int | None = 
 
 class NormTap:
     """Captures the input (``point="input"``: the residual sums of post-norm transformers, the residual stream of
-    pre-norm ones, for
-    :func:`outlier_penalty`) or the output (``point="output"``: the hidden states between and inside the blocks, for
-    layer-wise distillation) of every LayerNorm of a model during a forward. ``with tap: model(...)``, then
+    pre-norm ones, for :func:`outlier_penalty`) or the output (``point="output"``: the hidden states between and
+    inside the blocks, for layer-wise distillation) of every normalisation layer of a model (LayerNorm, RMSNorm:
+    :func:`outlierfree.sites.norm_modules`) during a forward. ``with tap: model(...)``, then
     ``tap.tensors`` (each (B, T, D), or (B * T, D) where the model flattens tokens, as OPT's FFN does; in the order
     the forward met them)."""
 

@@ -111,7 +111,9 @@ def quantize_cmd(model_path: str, out: str, quiet: bool, transform: str | None, 
 
 
 def draws_note(data_info: dict[str, Any]) -> str:
-    """``: N mask draws of M batches`` when a masked LM was scored under several draws of masks, else ``""``."""
+    """``": N mask draws of the same sequences"`` when a masked LM was scored under several draws of masks (data
+    info's ``mask_draws``), else ``""``: appended where quantize's console line and finetune's card name the
+    evaluation data."""
     k = int(data_info.get("mask_draws") or 1)
     return f": {k} mask draws of the same sequences" if k > 1 else ""
 
