@@ -12,7 +12,7 @@ import archs  # tests/archs.py (conftest puts tests/ on the path)
 
 from outlierfree.cli import main
 from outlierfree.finetune import FinetuneConfig, finetune
-from outlierfree.finetune.loop import FinetuneRunDir, Student, _set_ramp, retrofit_for
+from outlierfree.finetune.loop import FinetuneRunDir, StepLoss, Student, _set_ramp, retrofit_for
 from outlierfree.models.build import build_model, patch_model
 from outlierfree.quant import paper_w8a8, quantize
 from outlierfree.quant.evaluate import model_output
@@ -222,7 +222,7 @@ def test_layer_tokens_ordinary_leaves_exactly_the_framing_tokens_out_of_the_laye
     without it; the framing ids are the tokenizer's own ([CLS] and [SEP] for BERT)."""
     import torch.nn as nn
 
-    from outlierfree.finetune.loop import StepLoss, _framing_ids
+    from outlierfree.finetune.loop import _framing_ids
     from outlierfree.models.io import load_tokenizer
 
     tok = load_tokenizer(tiny_bert / "model")
@@ -248,6 +248,34 @@ def test_layer_tokens_ordinary_leaves_exactly_the_framing_tokens_out_of_the_laye
     assert losses["ordinary"] < 1e-7 < 1e-3 < losses["all"]
 
 
+@pytest.mark.parametrize("penalty_on", ["quantized", "float"])
+def test_penalty_on_float_reaches_the_weights_of_an_outlier_the_learned_ranges_clip(penalty_on):
+    """Under QAT the penalty of the quantized forward reads residual sums whose outlier a learned range has already
+    clipped, so no gradient reaches the weight making it; --penalty-on float reads the float forward, where the
+    outlier is, and pushes that weight down."""
+    model = build_model("bert", "tiny", "vanilla", seed=0).eval()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    data = _batches(3)
+    qm = quantize(model, paper_w8a8(), "mlm")
+    qm.calibrate(data[:2], lambda m, b: model_output(m, b, "mlm"), progress=False)
+    ranges, _ = make_trainable(qm)
+    dense = model.bert.encoder.layer[0].output.dense
+    with torch.no_grad():
+        dense.bias[5] += 200.0  # an outlier channel far outside every calibrated range
+    cfg = FinetuneConfig(model="m", out="o", method="qat", penalty="infnorm", penalty_weight=1.0,
+                         penalty_on=penalty_on)
+    step = StepLoss(cfg, "mlm", Student(model, ranges, "mlm"), model, teacher, qm)
+    loss, parts = step(data[2])
+    loss.backward()
+    grad = float(dense.bias.grad[5])
+    if penalty_on == "float":
+        assert float(parts["penalty"].detach()) > 20 and grad > 1e-3  # the float residual sums carry it; the bias is pushed
+    else:
+        assert float(parts["penalty"].detach()) < 20 and grad == 0.0  # clipped at the FFN output's range: nothing flows back
+    assert not step.tap.tensors  # captured tensors are dropped after each step
+    qm.remove()
+
+
 def _cli(args, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
@@ -261,6 +289,8 @@ def _cli(args, capsys):
     (["--outlier-penalty", "kurtosis"], "needs a weight"),
     (["--layer-tokens", "ordinary"], "applies to the layer loss"),
     (["--layer-weight", "1", "--layer-tokens", "first"], "unknown --layer-tokens"),
+    (["--penalty-on", "float"], "applies to the outlier penalty"),
+    (["--outlier-penalty", "infnorm", "--penalty-weight", "1", "--penalty-on", "both"], "unknown --penalty-on"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(tiny_bert, tmp_path, capsys, extra, words):
     code, err = _cli(small_flags(tiny_bert, tmp_path / "o", *extra), capsys)

@@ -50,6 +50,7 @@ def card(cfg: FinetuneConfig, result: dict[str, Any]) -> str:
         f"{cfg.batch_size} x {data.get('seq_len')} tokens a step",
         f"- steps: {cfg.steps}, lr {cfg.lr} (gates {cfg.gate_lr}, ranges {cfg.range_lr}), seed {cfg.seed}, "
         f"outlier penalty: {cfg.penalty}" + (f" x {cfg.penalty_weight}" if cfg.penalty != "none" else "")
+        + (" (on the float forward)" if cfg.penalty_on == "float" else "")
         + (f", layer-wise distillation x {cfg.layer_weight}" if cfg.layer_weight else "")
         + (", output distilled at the masked positions only" if cfg.distill_positions == "masked" else ""),
         f"- quantization: {q.get('describe', '')}",

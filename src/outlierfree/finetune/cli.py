@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from ..quant.cli import head_and_grid_options
-from .config import DISTILL_POSITIONS, LAYER_TOKENS, METHODS, PENALTIES, FinetuneConfig, retrofit_attention
+from .config import (DISTILL_POSITIONS, LAYER_TOKENS, METHODS, PENALTIES, PENALTY_ON, FinetuneConfig,
+                     retrofit_attention)
 
 _D = FinetuneConfig.__dataclass_fields__
 
@@ -53,6 +54,9 @@ def _d(name: str) -> Any:
                    "masked positions only, the ones perplexity scores")
 @click.option("--outlier-penalty", "penalty", default="none", show_default=True, help="|".join(PENALTIES))
 @click.option("--penalty-weight", type=float, default=0.0, show_default=True, help="weight of the outlier penalty")
+@click.option("--penalty-on", default=_d("penalty_on"), show_default=True,
+              help=f"{'|'.join(PENALTY_ON)}: under QAT, penalise the fake-quantized forward's residual sums (whose "
+                   "outliers the learned ranges already clip) or the float forward's (the outliers themselves)")
 @click.option("--batch-size", type=int, default=_d("batch_size"), show_default=True)
 @click.option("--seq-len", type=int, default=None, help="tokens per sequence [default: training's, else 128]")
 @click.option("--seed", type=int, default=_d("seed"), show_default=True)

@@ -14,6 +14,7 @@ METHODS = ("retrofit", "qat", "retrofit+qat")
 PENALTIES = ("none", "kurtosis", "infnorm")
 DISTILL_POSITIONS = ("all", "masked")
 LAYER_TOKENS = ("all", "ordinary")
+PENALTY_ON = ("quantized", "float")
 RETROFIT_VARIANTS = ("gated", "clipped", "ncs")
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 # fields that do not change what a run computes: a resumed run may change them
@@ -25,14 +26,14 @@ PYTHON_ONLY = ("grad_clip", "measure_batches")
 # fields that are flags of their (dashed) name, except as _FLAG_NAMES says; the attention and the --no-* flags are
 # written by FinetuneConfig.flags() itself
 _FLAG_FIELDS = ("method", "steps", "lr", "range_lr", "gate_lr", "data", "sites", "weight_granularity",
-                "float_weight", "layer_weight", "layer_tokens", "distill_positions", "penalty", "penalty_weight", "batch_size", "seq_len", "seed", "calib_batches",
+                "float_weight", "layer_weight", "layer_tokens", "distill_positions", "penalty", "penalty_weight", "penalty_on", "batch_size", "seq_len", "seed", "calib_batches",
                 "train_batches", "eval_batches", "mask_draws", "warmup_steps", "save_every")
 _FLAG_NAMES = {"penalty": "--outlier-penalty"}
 # on/off flags of the quantization grids (quantize's and export's flags of the same names)
 GRID_FLAGS = ("fp32_head", "int8_head", "symmetric_attention")
 # fields added after runs existed: left out of the identity at their default, so those runs still resume
 LATER_FIELDS = {**{k: False for k in GRID_FLAGS}, "distill_positions": "all", "layer_tokens": "all",
-                "mask_draws": 1}
+                "mask_draws": 1, "penalty_on": "quantized"}
 
 
 def retrofit_attention(attention: str = "gated", *, gate_init: float | None = None, alpha: float | None = None,
@@ -87,6 +88,10 @@ class FinetuneConfig:
             that "do nothing" (matching them there keeps the outliers the cure is meant to remove).
         penalty, penalty_weight: outlier penalty on the residual sums (LayerNorm inputs): ``kurtosis`` or
             ``infnorm`` (see losses.py).
+        penalty_on: which forward the penalty reads under QAT: ``quantized`` (the fake-quantized one, where a
+            learned range has already clipped the outliers, so the penalty mostly shrinks ranges) or ``float`` (the
+            weights' own float forward, so the penalty shrinks the outliers themselves; one more forward a step
+            unless ``float_weight`` already runs it). Without QAT there is only the float forward.
         batch_size, seq_len, seed: batches of the run; ``seq_len`` None: the model's training length, else 128.
         calib_batches: batches that initialise the ranges (calibrate()).
         train_batches: the pool of distinct training batches (cycled in a seeded order).
@@ -118,6 +123,7 @@ class FinetuneConfig:
     distill_positions: str = "all"
     penalty: str = "none"
     penalty_weight: float = 0.0
+    penalty_on: str = "quantized"
     batch_size: int = 8
     seq_len: int | None = None
     seed: int = 0
@@ -168,6 +174,10 @@ class FinetuneConfig:
         require(self.penalty_weight >= 0, f"--penalty-weight {self.penalty_weight} is negative", "pass 0 or more")
         require(self.penalty == "none" or self.penalty_weight > 0, f"--outlier-penalty {self.penalty} needs a weight",
                 "pass --penalty-weight w > 0 (e.g. 1e-3 for infnorm)")
+        require(self.penalty_on in PENALTY_ON, f"unknown --penalty-on {self.penalty_on!r}",
+                f"use {' or '.join(PENALTY_ON)}")
+        require(self.penalty_on == "quantized" or self.penalty != "none", f"--penalty-on {self.penalty_on} "
+                "applies to the outlier penalty, which is off", "pass --outlier-penalty too, or drop --penalty-on")
         for name in ("batch_size", "calib_batches", "train_batches", "eval_batches", "mask_draws"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1",
                     f"pass --{name.replace('_', '-')} 1 or more")

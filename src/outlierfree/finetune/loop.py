@@ -351,6 +351,9 @@ class StepLoss:
 
         loss = distill(student, teacher; positions) + penalty_weight * penalty(residual sums)
                + layer_weight * layer_loss(LayerNorm outputs) [+ float_weight * distill(float student, teacher)]
+
+    Under QAT the penalty reads the residual sums of the quantized forward, or with ``--penalty-on float`` those of
+    the float forward (run once for both the penalty and ``float_weight``).
     """
 
     def __init__(self, cfg: FinetuneConfig, task: str, student: nn.Module, model: nn.Module, teacher: nn.Module,
@@ -366,28 +369,38 @@ class StepLoss:
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from ..quant.evaluate import model_output
 
-        cfg, tap, layers, none = self.cfg, self.tap, self.layers, contextlib.nullcontext()
+        cfg, layers, none = self.cfg, self.layers, contextlib.nullcontext()
+        # the penalty reads the quantized forward, or (--penalty-on float under QAT) the float forward of the weights
+        float_pass = self.qm is not None and (cfg.float_weight > 0 or
+                                              (self.tap is not None and cfg.penalty_on == "float"))
+        tap_q = self.tap if not (float_pass and cfg.penalty_on == "float") else None
+        tap_f = self.tap if tap_q is None else None
         mask = batch.get("attention_mask")  # (B, T) real tokens, or None (images)
         # the positions whose output is distilled: every real token, or a masked LM's scored (masked) ones
         out_mask = (batch["labels"] != -100).long() if cfg.distill_positions == "masked" else mask
         with torch.no_grad(), (layers[1] if layers else none):
             target = model_output(self.teacher, batch, self.task)
-        with (tap if tap is not None else none), (layers[0] if layers else none):
+        with (tap_q if tap_q is not None else none), (layers[0] if layers else none):
             out = self.student(batch)
         rows = next(iter(batch.values())).shape[0]  # sequences (or images) of this process's batch
-        pen = outlier_penalty(tap.tensors, cfg.penalty, rows) if tap is not None else torch.zeros(())
         lay_mask = mask
         if self.framing is not None and mask is not None:  # hidden states of [CLS] / [SEP] / </s> are free to change
             lay_mask = mask * ~torch.isin(batch["input_ids"], self.framing.to(mask.device))
         lay = layer_loss(layers[0].tensors, layers[1].tensors, lay_mask) if layers else torch.zeros(())
-        for t in (tap, *(layers or ())):
+        dist = distill_loss(out, target, self.task, out_mask)
+        pen = outlier_penalty(tap_q.tensors, cfg.penalty, rows) if tap_q is not None else torch.zeros(())
+        loss = dist + cfg.penalty_weight * pen + cfg.layer_weight * lay
+        if float_pass:  # the float forward: keeps the float model close to the original, and/or feeds the penalty
+            with self.qm.float_mode(), (tap_f if tap_f is not None else none):
+                fout = self.student(batch)
+            if cfg.float_weight > 0:
+                loss = loss + cfg.float_weight * distill_loss(fout, target, self.task, out_mask)
+            if tap_f is not None:
+                pen = outlier_penalty(tap_f.tensors, cfg.penalty, rows)
+                loss = loss + cfg.penalty_weight * pen
+        for t in (self.tap, *(layers or ())):
             if t is not None:
                 t.tensors = []
-        dist = distill_loss(out, target, self.task, out_mask)
-        loss = dist + cfg.penalty_weight * pen + cfg.layer_weight * lay
-        if self.qm is not None and cfg.float_weight > 0:  # keep the float model close to the original too
-            with self.qm.float_mode():
-                loss = loss + cfg.float_weight * distill_loss(self.student(batch), target, self.task, out_mask)
         return loss, {"distill": dist, "penalty": pen, "layers": lay}
 
 
