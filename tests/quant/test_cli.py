@@ -141,3 +141,55 @@ def test_quantize_checkpoint_library_entry_transforms_keep_float_and_report_like
                                                              r["quantized"]["perplexity"], None)
     assert m.harm(higher_is_better=False) == r["quantized"]["perplexity"] - r["float"]["perplexity"]
     assert Measured.of(r, scale=100.0).float == pytest.approx(100 * m.float)
+
+
+def test_reference_scores_against_another_checkpoints_float_on_the_same_batches(tiny_bert, tmp_path):
+    """--reference: the model itself as reference reads exactly as its own float (float SQNR inf, the quantized
+    SQNR unchanged); another checkpoint's float metric is the one quantize reports for that checkpoint alone on the
+    same batches; the CLI prints and writes the comparison."""
+    from outlierfree.models.io import load_model
+    from outlierfree.quant import paper_w8a8
+    from outlierfree.quant.run import QuantizeRequest, quantize_checkpoint
+
+    kw = dict(data=str(tiny_bert / "text.txt"), calib_batches=2, eval_batches=2, batch_size=4, seq_len=32,
+              diag_batches=0, progress=False)
+    model = str(tiny_bert / "model")
+    (self_ref,) = quantize_checkpoint(QuantizeRequest(model, [paper_w8a8()], reference=model, **kw)).runs
+    ref = self_ref["reference"]
+    assert ref["float"]["perplexity"] == self_ref["float"]["perplexity"]
+    assert ref["float_vs_reference"]["output_sqnr_db"] == float("inf")
+    assert ref["quantized_vs_reference"]["output_sqnr_db"] == pytest.approx(self_ref["quantized"]["output_sqnr_db"])
+    other = load_model(model)  # the same architecture and vocabulary, other weights
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_model(other, tmp_path / "other")
+    (alone,) = quantize_checkpoint(QuantizeRequest(str(tmp_path / "other"), [paper_w8a8()],
+                                                   tokenizer=model, **kw)).runs
+    (vs,) = quantize_checkpoint(QuantizeRequest(model, [paper_w8a8()], reference=str(tmp_path / "other"),
+                                                **kw)).runs
+    assert vs["reference"]["float"]["perplexity"] == pytest.approx(alone["float"]["perplexity"], rel=1e-9)
+    assert vs["reference"]["float_vs_reference"]["output_sqnr_db"] < 60
+    out = tmp_path / "q"
+    rc, so, se = run("quantize", model, "--data", str(tiny_bert / "text.txt"), "--seq-len", "32", "--batch-size",
+                     "4", "--calib-batches", "2", "--eval-batches", "2", "--diag-batches", "0", "--quiet",
+                     "--reference", str(tmp_path / "other"), "--out", str(out))
+    assert rc == 0, se
+    assert "against the reference's float perplexity" in so and "Against the reference" in (
+        out / "quant.md").read_text()
+
+
+def test_reference_of_another_task_or_shape_or_missing_is_one_line(tiny_bert, tmp_path):
+    vit = build_model("vit", "tiny", "vanilla", seed=0)
+    save_model(vit, tmp_path / "vit")
+    wide = build_model("bert", "tiny", "vanilla", seed=0, vocab_size=500)  # another vocabulary
+    save_model(wide, tmp_path / "wide")
+    for ref, words in ((tmp_path / "vit", "(task image)"), (tmp_path / "wide", "gives outputs of shape"),
+                       (tmp_path / "missing", "does not exist")):
+        rc, so, se = run("quantize", str(tiny_bert / "model"), "--data", str(tiny_bert / "text.txt"), "--seq-len",
+                         "32", "--eval-batches", "1", "--diag-batches", "0", "--quiet", "--reference", str(ref),
+                         "--out", str(tmp_path / "o"))
+        assert rc == 2 and words in se, se
+        assert se.strip().count("\n") == 0 and "Traceback" not in se and se.startswith("error: ")
+        assert not (tmp_path / "o").exists()

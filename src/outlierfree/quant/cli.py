@@ -79,6 +79,9 @@ def head_and_grid_options(command: Any) -> Any:
               help="onnxruntime: also export the calibrated model to static QDQ INT8 ONNX and score it in ONNX "
                    "Runtime on the same validation batches (needs outlierfree[deploy]; w8a8 static only); openvino: "
                    "also in OpenVINO (needs outlierfree[openvino])")
+@click.option("--reference", default=None, help="a checkpoint to compare against as well (e.g. the original a "
+              "fine-tune started from): its float model runs on the same evaluation batches, and every result also "
+              "reads against its float outputs")
 @click.option("--out", required=True, help="output directory (quant.json, quant.md, sites.png)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def quantize_cmd(model_path: str, out: str, quiet: bool, transform: str | None, **flags: Any) -> None:
@@ -118,6 +121,28 @@ def draws_note(data_info: dict[str, Any]) -> str:
     return f": {k} mask draws of the same sequences" if k > 1 else ""
 
 
+def reference_line(r: dict[str, Any], metric: str) -> str:
+    """The console line of a ``--reference`` comparison: the reference's float metric and this model's float and
+    quantized (and real INT8, for perplexity) metrics against it."""
+    ref = r["reference"]
+    if metric == "cosine":  # encoders: token and sentence-embedding cosine to the reference's outputs
+        f, q = ref["float_vs_reference"], ref["quantized_vs_reference"]
+        return (f"  against the reference's float outputs: token cosine float {f.get('cosine'):.5f}, quantized "
+                f"{q.get('cosine'):.5f}; sentence-embedding cosine float {f.get('pooled_cosine'):.5f}, quantized "
+                f"{q.get('pooled_cosine'):.5f}")
+    base = ref["float"].get(metric)
+
+    def d(v: float) -> str:  # perplexity differences to 2 decimals, accuracies (fractions) to 4
+        return f"{v - base:+.2f}" if metric == "perplexity" else f"{v - base:+.4f}"
+
+    parts = [f"float {r['float'].get(metric):.4g} ({d(r['float'].get(metric))})",
+             f"quantized {r['quantized'].get(metric):.4g} ({d(r['quantized'].get(metric))})"]
+    ort = (r.get("onnxruntime") or {}).get("int8") or {}
+    if ort.get(metric) is not None:
+        parts.append(f"ONNX Runtime INT8 {ort[metric]:.4g} ({d(ort[metric])})")
+    return f"  against the reference's float {metric} {base:.4g} on the same batches: " + ", ".join(parts)
+
+
 def line_of(cfg: QuantConfig, r: dict[str, Any], data_info: dict[str, Any], batch_size: int) -> str:
     """The console lines of one config's result: float vs quantized metric, and the 16-bit and ONNX Runtime
     numbers when present."""
@@ -130,6 +155,8 @@ def line_of(cfg: QuantConfig, r: dict[str, Any], data_info: dict[str, Any], batc
              f"(calibrated on {r['calib_batches']} {'text' if whole else 'training'} batches, evaluated on "
              f"{r['eval_batches']} {'later text' if whole else 'validation'} batches of {batch_size}"
              f"{draws_note(data_info)})"]
+    if "reference" in r:
+        lines.append(reference_line(r, metric))
     if "keep_16bit" in r:
         k16 = r["keep_16bit"]
         lines.append(f"  with the {k16['k']} worst site group(s) in 16 bits ({', '.join(k16['groups'])}): "

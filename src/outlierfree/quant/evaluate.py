@@ -166,14 +166,17 @@ def task_metric(task: str) -> tuple[str, bool]:
 
 def evaluate_pair(qm: QuantizedModel, batches: Iterable[dict[str, torch.Tensor]], task: str,
                   progress: bool = True, label: str = "evaluating", record: bool = False,
-                  refs: list[torch.Tensor] | None = None) -> dict[str, Any]:
+                  refs: list[torch.Tensor] | None = None, reference: nn.Module | None = None) -> dict[str, Any]:
     """Float and quantized metrics on the same batches (float pass then quantized pass per batch).
 
     ``refs``: the float outputs of these batches when already computed (the ablation reuses them; the float
     pass is then skipped and its seconds are 0). Returns ``{"float": {...}, "quantized": {...}, "seconds":
-    {"float": s, "quantized": s}}``.
+    {"float": s, "quantized": s}}``. ``reference``: another float model on the same batches (e.g. the original a
+    fine-tune started from), scored beside them: ``"reference": {"float": its metric, "float_vs_reference":
+    {...}, "quantized_vs_reference": {...}}`` (output SQNR, and cosines for encoders, against its outputs).
     """
     fs, qs = Scores(task), Scores(task)
+    rs, fvr, qvr = Scores(task), Scores(task), Scores(task)
     tf = tq = 0.0
     model = qm.model
     was = model.training
@@ -197,12 +200,23 @@ def evaluate_pair(qm: QuantizedModel, batches: Iterable[dict[str, torch.Tensor]]
                 tf, tq = tf + t1 - t0, tq + t2 - t1
                 fs.add(ref, batch, None)
                 qs.add(y, batch, ref)
+                if reference is not None:
+                    r = model_output(reference, batch, task)  # (the reference's own float outputs)
+                    rs.add(r, batch, None)
+                    fvr.add(ref, batch, r)
+                    qvr.add(y, batch, r)
     finally:
         model.train(was)
     f = fs.result()
     if task == "encoder":
         f.update(cosine=1.0, pooled_cosine=1.0)
-    return {"float": f, "quantized": qs.result(), "seconds": {"float": tf, "quantized": tq}}
+    out = {"float": f, "quantized": qs.result(), "seconds": {"float": tf, "quantized": tq}}
+    if reference is not None:
+        rf = rs.result()
+        if task == "encoder":
+            rf.update(cosine=1.0, pooled_cosine=1.0)
+        out["reference"] = {"float": rf, "float_vs_reference": fvr.result(), "quantized_vs_reference": qvr.result()}
+    return out
 
 
 def site_groups(qm: QuantizedModel) -> dict[str, list[str]]:
@@ -294,7 +308,8 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
                        eval_batches: list[dict[str, torch.Tensor]], config: QuantConfig, task: str | None = None,
                        diagnostics: bool = False, diag_batches: int = 2, progress: bool = True,
                        ablate: bool = False, real: RealInt8 | None = None, keep_16bit: int = 0,
-                       sixteen_bit_sites: Iterable[str] | None = None) -> dict[str, Any]:
+                       sixteen_bit_sites: Iterable[str] | None = None,
+                       reference: nn.Module | None = None) -> dict[str, Any]:
     """Calibrate ``config`` on ``calib_batches``, evaluate float and quantized on ``eval_batches``.
 
     The Python API used by ``outlierfree reproduce``. The model is left as it was (hooks removed).
@@ -305,7 +320,8 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
     ``"ablation"`` (leave-one-group-in on the first ``diag_batches`` evaluation batches); with
     ``real`` (the export layer's :func:`outlierfree.export.realint8.scorer`) scores the calibrated model in real
     integers on the same evaluation batches; what it returns is added (``"onnxruntime"``, and ``"openvino"`` when it
-    ran there too). The simulator never imports the exporter: export composes on top of quant.
+    ran there too). The simulator never imports the exporter: export composes on top of quant. ``reference``:
+    another float model scored on the same batches (:func:`evaluate_pair`'s ``"reference"`` record).
     """
     task = task or task_of(model)
     qm = quantize(model, config, task)
@@ -316,7 +332,7 @@ def evaluate_quantized(model: nn.Module, tokenizer_or_none: Any, calib_batches: 
         t_cal = time.perf_counter() - t0
         if sixteen_bit_sites:  # 16-bit exceptions chosen elsewhere (e.g. by an earlier ablation), on their ranges
             qm.set_bits(sixteen_bit_sites, 16)
-        res = evaluate_pair(qm, eval_batches, task, progress=progress, record=diagnostics)
+        res = evaluate_pair(qm, eval_batches, task, progress=progress, record=diagnostics, reference=reference)
         out: dict[str, Any] = {"config": config.to_dict(), "task": task, **res,
                                "calib_batches": n_cal, "eval_batches": len(eval_batches),
                                "uninstrumented": qm.uninstrumented}

@@ -41,6 +41,25 @@ def _runtime_table(runs: list[dict[str, Any]], key: str, name: str, metric: str,
     return lines
 
 
+def _reference_table(runs: list[dict[str, Any]], reference: str | None, metric: str) -> list[str]:
+    """Markdown lines of the ``--reference`` comparison: the reference's float metric on the same batches, and this
+    model's float and quantized outputs against the reference's (output SQNR; cosines for encoders)."""
+    lines = ["", f"Against the reference `{reference}` (its float model on the same batches):", "",
+             f"| config | reference float {metric} | float {metric} | quantized {metric} | float SQNR vs reference "
+             f"(dB) | quantized SQNR vs reference (dB) |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        ref = r["reference"]
+        own = ("float_vs_reference", "quantized_vs_reference") if metric == "cosine" else ("float", "quantized")
+        src = ref if metric == "cosine" else r
+        lines.append(f"| {r['config']['describe']} | {_fmt(ref['float'].get(metric))} | "
+                     f"{_fmt(src[own[0]].get(metric))} | {_fmt(src[own[1]].get(metric))} | "
+                     f"{_fmt(ref['float_vs_reference'].get('output_sqnr_db'), 3)} | "
+                     f"{_fmt(ref['quantized_vs_reference'].get('output_sqnr_db'), 3)} |")
+    if metric == "cosine":
+        lines.append("Encoders: float and quantized cosines are token cosines to the reference's outputs.")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The Markdown summary of a run (one section per configuration)."""
     lines = [f"# outlierfree quantize: {report['model']}", "",
@@ -53,6 +72,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['config']['describe']} | {_fmt(r['float'].get(metric))} | "
                      f"{_fmt(r['quantized'].get(metric))} | {_fmt(r['quantized'].get('output_sqnr_db'), 3)} | "
                      f"{r['calib_batches']} | {r['eval_batches']} |")
+    ref_runs = [r for r in report["runs"] if "reference" in r]
+    if ref_runs:  # --reference: the same results against another checkpoint's float outputs
+        lines += _reference_table(ref_runs, report.get("reference"), metric)
     ort_runs = [r for r in report["runs"] if "onnxruntime" in r]
     if ort_runs:  # --backend onnxruntime: the real INT8 model beside the simulation
         lines += _runtime_table(ort_runs, "onnxruntime", "ONNX Runtime", metric, "INT8 / float file size",

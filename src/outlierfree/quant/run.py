@@ -72,6 +72,29 @@ def load_for_quant(model_path: str | Path, *, tokenizer: str | None = None,
     return QuantInputs(model, tok, task_of(model), batches)
 
 
+def load_reference(path: str | Path, q: QuantInputs) -> nn.Module:
+    """The float model at ``path`` to compare ``q.model`` against (``quantize --reference``), in eval mode; a
+    model of another task, or whose output on the first evaluation batch has another shape, is a one-line error."""
+    import torch
+
+    from ..data.evaluation import task_of
+    from ..models.io import load_model
+    from .evaluate import model_output
+    from .simulator import check_finite_weights
+
+    ref = load_model(str(path)).eval()
+    check_finite_weights(ref)
+    require(task_of(ref) == q.task, f"--reference {path} is a {type(ref).__name__} (task {task_of(ref)}), the "
+            f"model a {type(q.model).__name__} (task {q.task})", "pass the checkpoint the model was made from")
+    with torch.no_grad():
+        b = q.batches.eval[0]
+        a, r = model_output(q.model.eval(), b, q.task), model_output(ref, b, q.task)
+    require(a.shape == r.shape, f"--reference {path} gives outputs of shape {tuple(r.shape)}, the model "
+            f"{tuple(a.shape)}", "pass a checkpoint with the same vocabulary or hidden size (the original the "
+            "model was made from)")
+    return ref
+
+
 def apply_transforms(model: nn.Module, transforms: Sequence[tuple[str, float]], calib: list[dict[str, Any]],
                      task: str, echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Apply post-hoc transforms in place, in order, before any calibration; each is checked exact in float (a
@@ -128,6 +151,8 @@ class QuantizeRequest:
         keep_16bit: keep the K worst site groups of the ablation in 16 bits and evaluate again.
         backend: ``simulator``; ``onnxruntime`` / ``openvino`` also export each config to static INT8 and score
             it in that runtime on the same batches.
+        reference: another checkpoint of the same task and outputs (the original a fine-tune started from), run
+            in float on the same evaluation batches: every result then also reads against its float outputs.
     """
 
     model: str
@@ -146,6 +171,7 @@ class QuantizeRequest:
     ablation: bool = False
     keep_16bit: int = 0
     backend: str = "simulator"
+    reference: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -168,6 +194,8 @@ class QuantizeRequest:
         require(self.keep_16bit >= 0, f"--keep-16bit {self.keep_16bit} is negative", "pass 0 or more")
         require(self.keep_16bit == 0 or self.diag_batches > 0, "--keep-16bit needs the ablation's diagnostics",
                 "pass --diag-batches >= 1")
+        require(self.reference is None or Path(self.reference).exists(), f"--reference {self.reference} does not "
+                "exist", "pass the directory (or .gguf file) of the checkpoint to compare against")
         require(self.backend in BACKENDS, f"unknown --backend {self.backend!r}", f"use one of {', '.join(BACKENDS)}")
         if self.backend != "simulator":
             for c in self.configs:
@@ -195,6 +223,7 @@ class QuantizeResult:
     transforms: list[dict[str, Any]]
     seconds_total: float
     command: str | None = None
+    reference: str | None = None  # the checkpoint compared against (--reference)
 
     def to_dict(self) -> dict[str, Any]:
         """The quant.json dict (the field names are its keys)."""
@@ -236,6 +265,7 @@ def quantize_checkpoint(request: QuantizeRequest, *, real: RealInt8 | None = Non
                        eval_batches=request.eval_batches, batch_size=request.batch_size, seq_len=request.seq_len,
                        seed=request.seed, data=request.data, max_sequences=request.max_sequences,
                        mask_draws=request.mask_draws)
+    reference = load_reference(request.reference, q) if request.reference else None
     applied = apply_transforms(q.model, request.transforms, q.batches.calib, q.task, echo)
     runs = []
     for cfg in request.configs:
@@ -244,7 +274,7 @@ def quantize_checkpoint(request: QuantizeRequest, *, real: RealInt8 | None = Non
         r = evaluate_quantized(q.model, q.tokenizer, q.batches.calib, q.batches.eval, cfg, q.task,
                                diagnostics=request.diag_batches > 0, diag_batches=request.diag_batches,
                                progress=request.progress, ablate=request.ablate, real=real,
-                               keep_16bit=request.keep_16bit)
+                               keep_16bit=request.keep_16bit, reference=reference)
         if r.get("uninstrumented") and cfg is request.configs[0] and echo:
             echo(f"notice: {len(r['uninstrumented'])} module(s) compute attention outside transformers' attention "
                  f"interface, so their scores, probabilities and context stay float: "
@@ -253,4 +283,5 @@ def quantize_checkpoint(request: QuantizeRequest, *, real: RealInt8 | None = Non
         if on_run:
             on_run(cfg, r, q.batches.info)
     return QuantizeResult(model=request.model, model_class=type(q.model).__name__, task=q.task, data=q.batches.info,
-                          runs=runs, transforms=applied, seconds_total=time.perf_counter() - t0)
+                          runs=runs, transforms=applied, seconds_total=time.perf_counter() - t0,
+                          reference=request.reference)
