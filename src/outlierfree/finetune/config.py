@@ -11,7 +11,7 @@ from ..attention.config import AttentionConfig
 from ..errors import OutlierfreeError, require
 
 METHODS = ("retrofit", "qat", "retrofit+qat")
-PENALTIES = ("none", "kurtosis", "infnorm")
+PENALTIES = ("none", "kurtosis", "infnorm", "crest")
 DISTILL_POSITIONS = ("all", "masked")
 LAYER_TOKENS = ("all", "ordinary")
 PENALTY_ON = ("quantized", "float")

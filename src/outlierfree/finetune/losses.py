@@ -17,6 +17,10 @@ over those tensors and the sequences of the batch:
 
 - ``infnorm``: the largest magnitude in each sequence, ``max |x|``, in absolute units, so the weight reads "cost
   per unit of inf-norm" (1e-3 is a gentle push against MiniLM's residual outliers of a few hundred);
+- ``crest``: the crest factor ``max |x| / RMS(x)`` of each sequence: what a per-tensor grid's resolution depends on,
+  and scale-free, so the model cannot lower it by shrinking a whole residual sum that the LayerNorm after it
+  rescales anyway (which ``infnorm`` read on the float forward rewards: on bert/mini it shrank the embedding sum
+  until its learned grid was too coarse for it);
 - ``kurtosis``: ``E[(x - mu)^4] / (var^2 + 1e-6)`` of all values of each sequence (as the paper's validate_mlm.py),
   on a log scale (``log1p``) so that kurtosis in the thousands does not swamp the distillation.
 """
@@ -53,9 +57,13 @@ def outlier_penalty(tensors: list[torch.Tensor], kind: str, batch: int | None = 
         return torch.zeros(())
     vals = []
     for x in tensors:
-        flat = x.float().reshape(batch or x.shape[0], -1)  # (B, T * D): per sequence, as the paper's metrics
+        x = x if x.dtype == torch.float64 else x.float()  # half precision up to float32; float64 kept (gradcheck)
+        flat = x.reshape(batch or x.shape[0], -1)  # (B, T * D): per sequence, as the paper's metrics
         if kind == "infnorm":
             vals.append(flat.abs().amax(dim=1).mean())
+        elif kind == "crest":  # max |x| / RMS: scale-free, so shrinking a whole tensor (LayerNorm undoes it) pays nothing
+            rms = flat.pow(2).mean(dim=1).add(1e-12).sqrt()
+            vals.append((flat.abs().amax(dim=1) / rms).mean())
         elif kind == "kurtosis":
             mu = flat.mean(dim=1, keepdim=True)
             var = (flat - mu).pow(2).mean(dim=1)
