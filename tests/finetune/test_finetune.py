@@ -263,15 +263,15 @@ def test_penalty_on_float_reaches_the_weights_of_an_outlier_the_learned_ranges_c
     with torch.no_grad():
         dense.bias[5] += 200.0  # an outlier channel far outside every calibrated range
     cfg = FinetuneConfig(model="m", out="o", method="qat", penalty="infnorm", penalty_weight=1.0,
-                         penalty_on=penalty_on)
+                         penalty_on=penalty_on, float_weight=1.0)
     step = StepLoss(cfg, "mlm", Student(model, ranges, "mlm"), model, teacher, qm)
-    loss, parts = step(data[2])
-    loss.backward()
+    _, parts = step(data[2])
+    parts["penalty"].backward()  # the penalty's own gradient (the float distillation also reaches the bias)
     grad = float(dense.bias.grad[5])
     if penalty_on == "float":
         assert float(parts["penalty"].detach()) > 20 and grad > 1e-3  # the float residual sums carry it; the bias is pushed
     else:
-        assert float(parts["penalty"].detach()) < 20 and grad == 0.0  # clipped at the FFN output's range: nothing flows back
+        assert float(parts["penalty"].detach()) < 20 and grad == 0.0  # clipped at the FFN output's range: no gradient
     assert not step.tap.tensors  # captured tensors are dropped after each step
     qm.remove()
 
@@ -291,6 +291,7 @@ def _cli(args, capsys):
     (["--layer-weight", "1", "--layer-tokens", "first"], "unknown --layer-tokens"),
     (["--penalty-on", "float"], "applies to the outlier penalty"),
     (["--outlier-penalty", "infnorm", "--penalty-weight", "1", "--penalty-on", "both"], "unknown --penalty-on"),
+    (["--outlier-penalty", "infnorm", "--penalty-weight", "1", "--penalty-on", "float"], "needs --float-weight"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(tiny_bert, tmp_path, capsys, extra, words):
     code, err = _cli(small_flags(tiny_bert, tmp_path / "o", *extra), capsys)
