@@ -1,4 +1,4 @@
-"""Plot of the bert/mini cures measured over 4 mask draws (docs/results.md, fifth sitting).
+"""Plot of the bert/mini cures measured over 4 mask draws (docs/results.md, fifth and sixth sittings).
 
 Reads the `quantize --mask-draws 4` outputs (one directory each, named RECIPE-sSEED, plus `original`) and writes
 bert-mini/mask_draws.json (W8A8 and float minus the original's float, per recipe and seed, with how each was made)
@@ -22,6 +22,11 @@ RECIPES = {  # directory prefix -> the finetune flags beyond the common ones
     "lt-pen4": "--layer-tokens ordinary + infnorm 1e-4",
     "lt-pen3": "--layer-tokens ordinary + infnorm 1e-3",
     "lt-nopen": "--layer-tokens ordinary alone",
+    # sixth sitting: --layer-tokens ordinary and the penalty read on the float forward (--penalty-on float)
+    "pf-1e-3": "ordinary + infnorm 1e-3 on float (--penalty-on float)",
+    "pf-1e-2": "ordinary + infnorm 1e-2 on float (--penalty-on float)",
+    "pf-crest-1e-2": "ordinary + crest 1e-2 on float (--outlier-penalty crest --penalty-on float)",
+    "pf-kurtosis-1e-2": "ordinary + kurtosis 1e-2 on float (--outlier-penalty kurtosis --penalty-on float)",
 }
 COMMON = ("outlierfree finetune src/outlierfree/released/bert-mini-vanilla --method retrofit+qat --steps 600 --lr 5e-5 "
           "--range-lr 5e-3 --calib-batches 16 --eval-batches 22 --layer-weight 1 --float-weight 3 "
@@ -56,14 +61,16 @@ def main(root: Path) -> None:
         "model": "released vanilla bert/mini", "fine-tune": COMMON, "measurement": MEASURE,
         "original": {"float": ref, "w8a8": orig["quantized"]["perplexity"]}, "rows": rows,
         "machine": "2 cores AMD EPYC (avx2, avx512f, avx512_vnni, avx512_bf16; no AMX)"}, indent=1))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for i, (key, label) in enumerate(RECIPES.items()):
         ys = [r["w8a8_minus_original_float"] for r in rows if r["recipe"] == label]
         if ys:
             ax.scatter([i] * len(ys), ys, color="C%d" % i, zorder=3)
             ax.hlines(sum(ys) / len(ys), i - 0.25, i + 0.25, color="C%d" % i)
     ax.axhline(0.5, color="k", ls=":", lw=1, label="goal (+0.5)")
-    ax.set_xticks(range(len(RECIPES)), [v.split(" (")[0].replace(" + ", "\n+ ") for v in RECIPES.values()], fontsize=7)
+    ax.set_xticks(range(len(RECIPES)), [v.split(" (")[0].replace("--layer-tokens ordinary", "ordinary").replace(" alone", "\nalone")
+                                          .replace(" + ", "\n+ ").replace(" on float", "\non float")
+                                          for v in RECIPES.values()], fontsize=6)
     ax.set_ylabel("W8A8 - original float (perplexity)")
     ax.set_title(f"bert/mini cures, 600 steps, 4 mask draws (original: +{orig['quantized']['perplexity'] - ref:.1f})",
                  fontsize=9)
