@@ -171,3 +171,38 @@ def test_evaluate_quantized_api_reports_config_and_metrics():
     assert r["config"]["activation"]["estimator"] == "running_minmax" and r["config"]["weight"]["symmetric"]
     x = model_output(m, batches[2], "clm")  # hooks are gone: plain float forward
     assert x.shape[-1] == m.config.vocab_size
+
+
+def test_a_weight_read_through_its_transpose_property_is_quantized_like_a_linear_weight():
+    """Falcon's FalconLinear computes ``x @ self.weight.T``: the matmul sees a transposed copy, not the parameter.
+    Its weight must be quantized all the same, on the grid nn.Linear's gets: a model built of such layers gives,
+    under W8A8, exactly the outputs of the same model with nn.Linear (and every weight matrix quantized)."""
+    import torch.nn as nn
+
+    class TransposedLinear(nn.Linear):  # FalconLinear's forward
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    class Net(nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.a, self.b = linear(16, 32), linear(32, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    plain = Net(nn.Linear).eval()
+    falcon = Net(TransposedLinear).eval()
+    falcon.load_state_dict(plain.state_dict())
+    xs = [torch.randn(4, 10, 16) for _ in range(3)]
+    outs = []
+    for m in (plain, falcon):
+        with quantize(m, paper_w8a8(), "encoder") as qm:
+            qm.calibrate(xs[:2], lambda mod, b: mod(b), progress=False)
+            with torch.no_grad():
+                outs.append(m(xs[2]))
+            assert {qz.name for _, _, qz in qm.weights.values()} == {"a.weight", "b.weight"}
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    with torch.no_grad():
+        assert not torch.equal(outs[1], falcon(xs[2]))  # quantization did change the output

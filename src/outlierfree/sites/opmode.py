@@ -10,7 +10,7 @@ as tensor operations, named here by the path of the module whose forward runs th
    module. Anything added to attention scores (padding and causal masks, position biases, ALiBi) is 4-D, or runs
    inside an attention module, so it is never taken for a residual sum.
 2. **weights**: every parameter the model passes to any tensor function (``F.linear``, ``torch.addmm`` of GPT-2's
-   ``Conv1D``, ``matmul``/``einsum`` with a parameter, ``F.embedding``, ``F.conv*``, a norm's ``weight * x``, a
+   ``Conv1D``, ``matmul``/``einsum`` with a parameter or its ``.T`` (Falcon's ``x @ W.T``), ``F.embedding``, ``F.conv*``, a norm's ``weight * x``, a
    position-embedding parameter added to the patches...) is offered to ``weight_fn``, which may return a
    replacement (the simulator's fake-quantized copy). The parameters themselves are never modified.
 3. **grids**: a tensor that a site function replaced (a quantized tensor) carries the name of its site, and so do
@@ -55,6 +55,8 @@ SCALAR_OPS = frozenset({"mul", "__mul__", "__rmul__", "div", "__truediv__", "neg
 ATTENTION_OPS = frozenset({"softmax", "_softmax", "scaled_dot_product_attention"})
 MATMUL_FUNCS = frozenset({"linear", "addmm", "matmul", "mm", "bmm", "baddbmm", "einsum", "__matmul__",
                           "__rmatmul__", "conv1d", "conv2d", "conv3d"})
+# properties that transpose a tensor: a parameter read through them is offered to weight_fn as a matmul's weight
+TRANSPOSING = (torch.Tensor.T, torch.Tensor.mT)
 # tensor functions that only read metadata: never offered to weight_fn
 _METADATA = frozenset({"size", "dim", "numel", "data_ptr", "stride", "is_contiguous", "element_size",
                        "is_floating_point", "requires_grad_", "untyped_storage", "__len__", "__format__", "__repr__",
@@ -176,6 +178,10 @@ class OpMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if self.weight_fn is not None and name != "__get__":
             args, kwargs = self._weights(name, args, kwargs)
+        elif self.weight_fn is not None and getattr(func, "__self__", None) in TRANSPOSING:
+            # ``x @ self.weight.T`` (Falcon's FalconLinear): the property reads the parameter, and the matmul only
+            # sees its transposed copy, so the weight is offered here, as a matmul's
+            args, kwargs = self._weights("matmul", args, kwargs)
         out = func(*args, **kwargs)
         self._propagate(name, args, out)
         if name in ATTENTION_OPS and self.stack.frames and not self.stack.in_attention():
