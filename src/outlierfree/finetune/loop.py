@@ -353,7 +353,7 @@ class StepLoss:
                + layer_weight * layer_loss(LayerNorm outputs) [+ float_weight * distill(float student, teacher)]
 
     Under QAT the penalty reads the residual sums of the quantized forward, or with ``--penalty-on float`` those of
-    the float forward (run once for both the penalty and ``float_weight``).
+    the float forward that ``float_weight`` runs.
     """
 
     def __init__(self, cfg: FinetuneConfig, task: str, student: nn.Module, model: nn.Module, teacher: nn.Module,
@@ -370,11 +370,10 @@ class StepLoss:
         from ..quant.evaluate import model_output
 
         cfg, layers, none = self.cfg, self.layers, contextlib.nullcontext()
-        # the penalty reads the quantized forward, or (--penalty-on float under QAT) the float forward of the weights
-        float_pass = self.qm is not None and (cfg.float_weight > 0 or
-                                              (self.tap is not None and cfg.penalty_on == "float"))
-        tap_q = self.tap if not (float_pass and cfg.penalty_on == "float") else None
-        tap_f = self.tap if tap_q is None else None
+        # the penalty reads the quantized forward, or (--penalty-on float under QAT) the float forward of the weights,
+        # which --float-weight runs (FinetuneConfig requires it with --penalty-on float under QAT)
+        on_float = self.qm is not None and cfg.penalty_on == "float"
+        tap_q, tap_f = (None, self.tap) if on_float else (self.tap, None)
         mask = batch.get("attention_mask")  # (B, T) real tokens, or None (images)
         # the positions whose output is distilled: every real token, or a masked LM's scored (masked) ones
         out_mask = (batch["labels"] != -100).long() if cfg.distill_positions == "masked" else mask
@@ -390,11 +389,10 @@ class StepLoss:
         dist = distill_loss(out, target, self.task, out_mask)
         pen = outlier_penalty(tap_q.tensors, cfg.penalty, rows) if tap_q is not None else torch.zeros(())
         loss = dist + cfg.penalty_weight * pen + cfg.layer_weight * lay
-        if float_pass:  # the float forward: keeps the float model close to the original, and/or feeds the penalty
+        if self.qm is not None and cfg.float_weight > 0:  # keep the float model close to the original too
             with self.qm.float_mode(), (tap_f if tap_f is not None else none):
                 fout = self.student(batch)
-            if cfg.float_weight > 0:
-                loss = loss + cfg.float_weight * distill_loss(fout, target, self.task, out_mask)
+            loss = loss + cfg.float_weight * distill_loss(fout, target, self.task, out_mask)
             if tap_f is not None:
                 pen = outlier_penalty(tap_f.tensors, cfg.penalty, rows)
                 loss = loss + cfg.penalty_weight * pen

@@ -207,15 +207,16 @@ def evaluate_pair(qm: QuantizedModel, batches: Iterable[dict[str, torch.Tensor]]
                     qvr.add(y, batch, r)
     finally:
         model.train(was)
-    f = fs.result()
-    if task == "encoder":
-        f.update(cosine=1.0, pooled_cosine=1.0)
-    out = {"float": f, "quantized": qs.result(), "seconds": {"float": tf, "quantized": tq}}
-    if reference is not None:
-        rf = rs.result()
+    def own(s: Scores) -> dict[str, Any]:  # a float model against itself: an encoder's cosines are 1 by definition
+        r = s.result()
         if task == "encoder":
-            rf.update(cosine=1.0, pooled_cosine=1.0)
-        out["reference"] = {"float": rf, "float_vs_reference": fvr.result(), "quantized_vs_reference": qvr.result()}
+            r.update(cosine=1.0, pooled_cosine=1.0)
+        return r
+
+    out = {"float": own(fs), "quantized": qs.result(), "seconds": {"float": tf, "quantized": tq}}
+    if reference is not None:
+        out["reference"] = {"float": own(rs), "float_vs_reference": fvr.result(),
+                            "quantized_vs_reference": qvr.result()}
     return out
 
 

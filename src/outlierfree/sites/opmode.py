@@ -10,9 +10,10 @@ as tensor operations, named here by the path of the module whose forward runs th
    module. Anything added to attention scores (padding and causal masks, position biases, ALiBi) is 4-D, or runs
    inside an attention module, so it is never taken for a residual sum.
 2. **weights**: every parameter the model passes to any tensor function (``F.linear``, ``torch.addmm`` of GPT-2's
-   ``Conv1D``, ``matmul``/``einsum`` with a parameter or its ``.T`` (Falcon's ``x @ W.T``), ``F.embedding``, ``F.conv*``, a norm's ``weight * x``, a
-   position-embedding parameter added to the patches...) is offered to ``weight_fn``, which may return a
-   replacement (the simulator's fake-quantized copy). The parameters themselves are never modified.
+   ``Conv1D``, ``matmul``/``einsum`` with a parameter or its ``.T`` (Falcon's ``x @ W.T``), ``F.embedding``,
+   ``F.conv*``, a norm's ``weight * x``, a position-embedding parameter added to the patches...) is offered to
+   ``weight_fn``, which may return a replacement (the simulator's fake-quantized copy). The parameters themselves
+   are never modified.
 3. **grids**: a tensor that a site function replaced (a quantized tensor) carries the name of its site, and so do
    the tensors derived from it by operations that keep every value on the same grid (views, transposes, copies,
    ``contiguous``, dtype casts, splits, concatenations of such tensors, multiplication by a Python number, dropout
