@@ -203,6 +203,11 @@ def test_a_weight_read_through_its_transpose_property_is_quantized_like_a_linear
             with torch.no_grad():
                 outs.append(m(xs[2]))
             assert {qz.name for _, _, qz in qm.weights.values()} == {"a.weight", "b.weight"}
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    # nn.Linear runs addmm, ``x @ W.T + b`` a matmul and an add: their float sums may differ in the last bit on some
+    # CPUs and move a value across a rounding boundary, so the outputs agree to two steps of an 8-bit grid over
+    # their range (the weights themselves are the same grid: the names above and the test's premise)
+    step = float(outs[0].max() - outs[0].min()) / 255
+    assert float((outs[1] - outs[0]).abs().max()) <= 2 * step
+    assert float((outs[1] - outs[0]).abs().mean()) <= 0.01 * step
     with torch.no_grad():
         assert not torch.equal(outs[1], falcon(xs[2]))  # quantization did change the output
