@@ -292,6 +292,7 @@ def _cli(args, capsys):
     (["--penalty-on", "float"], "applies to the outlier penalty"),
     (["--outlier-penalty", "infnorm", "--penalty-weight", "1", "--penalty-on", "both"], "unknown --penalty-on"),
     (["--outlier-penalty", "infnorm", "--penalty-weight", "1", "--penalty-on", "float"], "needs --float-weight"),
+    (["--task-weight", "-1"], "--task-weight -1.0 is negative"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(tiny_bert, tmp_path, capsys, extra, words):
     code, err = _cli(small_flags(tiny_bert, tmp_path / "o", *extra), capsys)
@@ -443,6 +444,55 @@ def test_distill_positions_masked_distils_exactly_the_scored_positions(tiny_bert
                       "4", "--seq-len", "32", "--train-batches", "3", "--calib-batches", "2", "--eval-batches", "2",
                       "--distill-positions", "masked", "--no-progress"], capsys)
     assert code == 2 and "--distill-positions masked needs a masked language model" in err and err.count("\n") == 0
+    assert not out.exists()
+
+
+def test_task_weight_adds_the_models_own_loss_of_the_student_output(tiny_bert):
+    """--task-weight w adds w x the masked-LM loss of the student's (quantized) output on the batch's own labels:
+    the step's loss grows by exactly that, and the part equals the model's own masked-LM loss of that output."""
+    from outlierfree.train.losses import masked_lm_loss_sum
+
+    model = build_model("bert", "tiny", "vanilla", seed=0).eval()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    data = _batches(3)
+    for b in data:  # a masked LM's batch: some positions masked and labelled
+        b["labels"] = torch.full_like(b["input_ids"], -100)
+        b["labels"][:, 2::5] = b["input_ids"][:, 2::5]
+    qm = quantize(model, paper_w8a8(), "mlm")
+    qm.calibrate(data[:2], lambda m, b: model_output(m, b, "mlm"), progress=False)
+    ranges, _ = make_trainable(qm)
+    totals = {}
+    for w in (0.0, 0.5):
+        cfg = FinetuneConfig(model="m", out="o", method="qat", task_weight=w)
+        loss, parts = StepLoss(cfg, "mlm", Student(model, ranges, "mlm"), model, teacher, qm)(data[2])
+        totals[w] = (float(loss.detach()), float(parts["task"].detach()))
+    with torch.no_grad():
+        nll, n = masked_lm_loss_sum(model_output(model, data[2], "mlm"), data[2]["labels"])
+    own = float(nll / n)
+    assert totals[0.0][1] == 0.0 and own > 1.0
+    assert abs(totals[0.5][1] - own) < 1e-5
+    assert abs(totals[0.5][0] - totals[0.0][0] - 0.5 * own) < 1e-5
+    qm.remove()
+
+
+def test_task_weight_on_an_encoder_is_one_line(tiny_bert, tmp_path, capsys):
+    """A base encoder has no task head, so no loss of its own: one line, exit 2, nothing written."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    enc = tmp_path / "enc"
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(tiny_bert / "model")).save_pretrained(enc)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny_bert / "model" / f).exists():
+            shutil.copy(tiny_bert / "model" / f, enc / f)
+    out = tmp_path / "enc-run"
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, err = _cli(["finetune", str(enc), "--out", str(out), "--data", str(tiny_bert / "text.txt"), "--batch-size",
+                      "4", "--seq-len", "32", "--train-batches", "3", "--calib-batches", "2", "--eval-batches", "2",
+                      "--task-weight", "1", "--no-progress"], capsys)
+    assert code == 2 and "has no task head" in err and err.count("\n") == 0
     assert not out.exists()
 
 

@@ -52,6 +52,7 @@ def card(cfg: FinetuneConfig, result: dict[str, Any]) -> str:
         f"outlier penalty: {cfg.penalty}" + (f" x {cfg.penalty_weight}" if cfg.penalty != "none" else "")
         + (" (on the float forward)" if cfg.penalty_on == "float" else "")
         + (f", layer-wise distillation x {cfg.layer_weight}" if cfg.layer_weight else "")
+        + (f", the task's own loss x {cfg.task_weight}" if cfg.task_weight else "")
         + (", output distilled at the masked positions only" if cfg.distill_positions == "masked" else ""),
         f"- quantization: {q.get('describe', '')}",
         f"- time: {result.get('train_seconds', 0) / 60:.1f} min of fine-tuning on {result.get('world_size', 1)} "

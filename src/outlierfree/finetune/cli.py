@@ -44,6 +44,8 @@ def _d(name: str) -> Any:
 @click.option("--beta", type=float, default=None, help="ncs: beta [default: 1]")
 @click.option("--float-weight", type=float, default=0.0, show_default=True,
               help="QAT: also distil the float forward with this weight (keeps float quality)")
+@click.option("--task-weight", type=float, default=0.0, show_default=True,
+              help="also train on the task's own loss (masked / next tokens, image labels) with this weight")
 @click.option("--layer-weight", type=float, default=0.0, show_default=True,
               help="also distil every LayerNorm output (hidden states) of the original with this weight")
 @click.option("--layer-tokens", default=_d("layer_tokens"), show_default=True,

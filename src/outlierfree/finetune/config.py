@@ -26,14 +26,14 @@ PYTHON_ONLY = ("grad_clip", "measure_batches")
 # fields that are flags of their (dashed) name, except as _FLAG_NAMES says; the attention and the --no-* flags are
 # written by FinetuneConfig.flags() itself
 _FLAG_FIELDS = ("method", "steps", "lr", "range_lr", "gate_lr", "data", "sites", "weight_granularity",
-                "float_weight", "layer_weight", "layer_tokens", "distill_positions", "penalty", "penalty_weight", "penalty_on", "batch_size", "seq_len", "seed", "calib_batches",
+                "float_weight", "task_weight", "layer_weight", "layer_tokens", "distill_positions", "penalty", "penalty_weight", "penalty_on", "batch_size", "seq_len", "seed", "calib_batches",
                 "train_batches", "eval_batches", "mask_draws", "warmup_steps", "save_every")
 _FLAG_NAMES = {"penalty": "--outlier-penalty"}
 # on/off flags of the quantization grids (quantize's and export's flags of the same names)
 GRID_FLAGS = ("fp32_head", "int8_head", "symmetric_attention")
 # fields added after runs existed: left out of the identity at their default, so those runs still resume
 LATER_FIELDS = {**{k: False for k in GRID_FLAGS}, "distill_positions": "all", "layer_tokens": "all",
-                "mask_draws": 1, "penalty_on": "quantized"}
+                "mask_draws": 1, "penalty_on": "quantized", "task_weight": 0.0}
 
 
 def retrofit_attention(attention: str = "gated", *, gate_init: float | None = None, alpha: float | None = None,
@@ -79,6 +79,10 @@ class FinetuneConfig:
         attention: the retrofitted variant (``AttentionConfig`` dict); gated gets ``gate_finetune``.
         float_weight: QAT only: also distil the student's float forward (same weights, no quantization) with this
             weight, so that the cured model's float quality is kept while its W8A8 quality improves (0: off).
+        task_weight: also train on the task's own loss with the labels the data carries for free (a masked LM's
+            masked tokens, a language model's next tokens, an image classifier's labels), on the student's output
+            (the quantized forward under QAT), with this weight (0: off; pure self-distillation). Encoders without
+            a task head have no such loss.
         distill_positions: where the output is distilled: ``all`` real tokens, or ``masked``: a masked LM's masked
             positions only (those its perplexity scores; the others only echo their input).
         layer_weight: also distil every LayerNorm output (the hidden states between and inside the blocks) of the
@@ -119,6 +123,7 @@ class FinetuneConfig:
     symmetric_attention: bool = False
     attention: dict[str, Any] = field(default_factory=lambda: {"variant": "gated"})
     float_weight: float = 0.0
+    task_weight: float = 0.0
     layer_weight: float = 0.0
     layer_tokens: str = "all"
     distill_positions: str = "all"
@@ -171,6 +176,7 @@ class FinetuneConfig:
         require(self.penalty in PENALTIES, f"unknown --outlier-penalty {self.penalty!r}",
                 f"use one of {'|'.join(PENALTIES)}")
         require(self.float_weight >= 0, f"--float-weight {self.float_weight} is negative", "pass 0 or more")
+        require(self.task_weight >= 0, f"--task-weight {self.task_weight} is negative", "pass 0 or more")
         require(self.layer_weight >= 0, f"--layer-weight {self.layer_weight} is negative", "pass 0 or more")
         require(self.penalty_weight >= 0, f"--penalty-weight {self.penalty_weight} is negative", "pass 0 or more")
         require(self.penalty == "none" or self.penalty_weight > 0, f"--outlier-penalty {self.penalty} needs a weight",

@@ -36,7 +36,7 @@ from ..records import git_commit, machine, progress, write_json, write_text
 from ..train.config import config_difference
 from ..train.rundir import CHECKPOINT, DONE_FILE, RunDir
 from .config import FinetuneConfig
-from .losses import NormTap, distill_loss, layer_loss, outlier_penalty
+from .losses import NormTap, distill_loss, layer_loss, outlier_penalty, task_loss
 from .result import CARD_FILE, RESULT_FILE, FinetuneResult
 
 STEP_DELAY_ENV = "OUTLIERFREE_TEST_STEP_DELAY"  # the same testing aid as train/loop.py
@@ -218,6 +218,9 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     for flag, on in (("--outlier-penalty", cfg.penalty != "none"), ("--layer-weight", cfg.layer_weight > 0)):
         require(not on or bool(norm_modules(model)), f"{type(model).__name__} has no normalisation layers for {flag} "
                 f"to read (it taps their inputs or outputs)", f"drop {flag}")
+    require(cfg.task_weight == 0 or task != "encoder", f"--task-weight: {type(model).__name__} has no task head, so "
+            "there is no task loss to train on (its hidden states are distilled)", "drop --task-weight, or pass a "
+            "checkpoint with its head (masked LM, causal LM, image classifier)")
     framing = _framing_ids(cfg, q.tokenizer, model) if cfg.layer_tokens == "ordinary" else None
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.retrofit:
@@ -259,7 +262,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     losses = StepLoss(cfg, task, task_student, model, teacher, qm, framing)
     step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     log_every = max(1, min(10, cfg.steps // 10 or 1))
-    sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "layers": 0.0, "n": 0}
+    sums = dict.fromkeys(("loss", *StepLoss.PARTS), 0.0) | {"n": 0}
     task_student.train()
     model.eval()
     with progress("[bold]finetune", cfg.steps, main and cfg.progress, completed=start, keep=True,
@@ -289,7 +292,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 run.log({"event": "train", "step": s, **avg, "lr": scheduler.get_last_lr()[0],
                          "elapsed_s": time.perf_counter() - t_start})
                 bar.show(loss=avg["loss"])
-                sums = {"loss": 0.0, "distill": 0.0, "penalty": 0.0, "layers": 0.0, "n": 0}
+                sums = dict.fromkeys(("loss", *StepLoss.PARTS), 0.0) | {"n": 0}
             bar()
             if (cfg.save_every and s % cfg.save_every == 0) or s == cfg.steps:
                 run.save_checkpoint(accelerator, s)
@@ -347,14 +350,17 @@ def param_groups(model: nn.Module, ranges: nn.ModuleDict, cfg: FinetuneConfig) -
 
 class StepLoss:
     """The loss of one fine-tuning step: ``losses(batch) -> (loss, parts)``, ``parts`` = ``{"distill", "penalty",
-    "layers"}`` (each a scalar tensor, 0 when off).
+    "layers", "task"}`` (each a scalar tensor, 0 when off).
 
         loss = distill(student, teacher; positions) + penalty_weight * penalty(residual sums)
-               + layer_weight * layer_loss(LayerNorm outputs) [+ float_weight * distill(float student, teacher)]
+               + layer_weight * layer_loss(LayerNorm outputs) + task_weight * task_loss(student, labels)
+               [+ float_weight * distill(float student, teacher)]
 
     Under QAT the penalty reads the residual sums of the quantized forward, or with ``--penalty-on float`` those of
     the float forward that ``float_weight`` runs.
     """
+
+    PARTS = ("distill", "penalty", "layers", "task")
 
     def __init__(self, cfg: FinetuneConfig, task: str, student: nn.Module, model: nn.Module, teacher: nn.Module,
                  qm: Any, framing: torch.Tensor | None = None):
@@ -388,7 +394,8 @@ class StepLoss:
         lay = layer_loss(layers[0].tensors, layers[1].tensors, lay_mask) if layers else torch.zeros(())
         dist = distill_loss(out, target, self.task, out_mask)
         pen = outlier_penalty(tap_q.tensors, cfg.penalty, rows) if tap_q is not None else torch.zeros(())
-        loss = dist + cfg.penalty_weight * pen + cfg.layer_weight * lay
+        own = task_loss(out, batch, self.task) if cfg.task_weight > 0 else torch.zeros(())
+        loss = dist + cfg.penalty_weight * pen + cfg.layer_weight * lay + cfg.task_weight * own
         if self.qm is not None and cfg.float_weight > 0:  # keep the float model close to the original too
             with self.qm.float_mode(), (tap_f if tap_f is not None else none):
                 fout = self.student(batch)
@@ -399,7 +406,7 @@ class StepLoss:
         for t in (self.tap, *(layers or ())):
             if t is not None:
                 t.tensors = []
-        return loss, {"distill": dist, "penalty": pen, "layers": lay}
+        return loss, {"distill": dist, "penalty": pen, "layers": lay, "task": own}
 
 
 def _rows(batch: dict[str, torch.Tensor], parts: int, index: int) -> dict[str, torch.Tensor]:

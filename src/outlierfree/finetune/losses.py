@@ -12,6 +12,11 @@ Layer-wise distillation (``--layer-weight``): the encoder loss above between eve
 student and the teacher (the hidden states between and inside the blocks), averaged; it gives every layer its
 own target, where the output loss reaches the early layers only through the whole network.
 
+The task's own loss (``--task-weight``): the loss the model was trained with, on the labels the data carries for
+free (a masked LM's masked tokens, a language model's next tokens, an image classifier's labels): train/losses.py's
+definitions, averaged over the predicted positions. Distillation holds the cured model to the original; the task
+loss lets it also improve where the original is undertrained.
+
 Outlier penalty on the residual sums (the inputs of the LayerNorms, where post-norm BERT's outliers sit), averaged
 over those tensors and the sequences of the batch:
 
@@ -48,6 +53,23 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, task: str,
         m = mask.to(per.dtype)
         return (per * m).sum() / m.sum().clamp_min(1.0)
     return per.mean()
+
+
+def task_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The task's own mean loss of ``logits`` on ``batch``'s labels (``mlm``: the masked positions' ``labels``;
+    ``clm``: the next tokens of ``input_ids``, padding excluded; ``image``: ``labels``), the definitions training
+    uses (train/losses.py); an ``encoder`` has none (ValueError)."""
+    from ..train.losses import causal_lm_loss_sum, classification_loss_sum, masked_lm_loss_sum
+
+    if task == "mlm":
+        total, n = masked_lm_loss_sum(logits, batch["labels"])
+    elif task == "clm":
+        total, n = causal_lm_loss_sum(logits, batch["input_ids"], batch.get("attention_mask"))
+    elif task == "image":
+        total, n, _ = classification_loss_sum(logits, batch["labels"])
+    else:
+        raise ValueError(f"task {task!r} has no loss of its own")
+    return total / n.clamp_min(1) if isinstance(n, torch.Tensor) else total / max(1, int(n))
 
 
 def outlier_penalty(tensors: list[torch.Tensor], kind: str, batch: int | None = None) -> torch.Tensor:
