@@ -46,17 +46,23 @@ def reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def assert_softmax_close(y: torch.Tensor, x: torch.Tensor, dim: int = -1, shifted: bool = True,
                          exact_ref: bool = True) -> None:
     """|y - ref| <= rtol |ref| + atol elementwise, with ref = torch.softmax of x in float64 (``exact_ref``) or in
-    x's dtype, and rtol = TOL + the rounding of x - max(x) where the computation subtracts the max (torch.softmax,
+    x's dtype (then also within that reference's own distance from the float64 one, which depends on the CPU), and
+    rtol = TOL + the rounding of x - max(x) where the computation subtracts the max (torch.softmax,
     the three-pass and online forms, ``shifted``): that difference is rounded to x's precision, an error of
     |x - max| * 2^-24 (float32) in the exponent, which the two-pass form (exp(x) = m 2^n, no subtraction) avoids."""
     tol = TOL[x.dtype]
     eps = torch.finfo(x.dtype).eps / 2
     xd = x.double()
     u = (xd - xd.amax(dim, keepdim=True)).nan_to_num(0.0, 0.0, 0.0).abs()  # -inf entries: output 0 exactly
-    ref = reference(xd if exact_ref else x, dim).double()
+    ref64 = reference(xd, dim).double()
+    ref = ref64 if exact_ref else reference(x, dim).double()
     rtol = tol["rtol"] + (eps * u if shifted else 0.0) + (0.0 if exact_ref else eps * u)
+    # torch.softmax in x's own dtype is itself off the float64 one by its exp and its sum's rounding, which depend on
+    # the CPU's vector width (float32 rows of 4,099: up to 4e-6 relative on an AVX2-only CPU, under 1e-6 with
+    # AVX-512): that error, measured here, is allowed on top (|y - ref| <= |y - ref64| + |ref - ref64|)
+    own = 0.0 if exact_ref else (ref - ref64).abs()
     err = (y.double() - ref).abs()
-    bad = err > rtol * ref.abs() + tol["atol"]
+    bad = err > rtol * ref.abs() + tol["atol"] + own
     assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} outside; worst relative error "
                            f"{(err / ref.abs().clamp_min(tol['atol']))[bad].max().item():.3g}")
 
