@@ -397,6 +397,25 @@ def test_grid_flags_learn_the_grids_the_export_uses_and_the_card_says_how(tiny_b
     assert "outlierfree export DIR --out INT8_DIR --int8-head --symmetric-attention" in card
 
 
+def _finetune_headless(tiny_bert, tmp_path, out, capsys, *flags):
+    """``outlierfree finetune`` on the tiny BERT's encoder without its head (a BertModel saved beside its
+    tokenizer) with ``flags``: (exit code, stderr)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    enc = tmp_path / "enc"
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(tiny_bert / "model")).save_pretrained(enc)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny_bert / "model" / f).exists():
+            shutil.copy(tiny_bert / "model" / f, enc / f)
+    capsys.readouterr()  # save_pretrained's progress bar
+    return _cli(["finetune", str(enc), "--out", str(out), "--data", str(tiny_bert / "text.txt"), "--batch-size",
+                 "4", "--seq-len", "32", "--train-batches", "3", "--calib-batches", "2", "--eval-batches", "2",
+                 "--no-progress", *flags], capsys)
+
+
 def test_distill_positions_masked_distils_exactly_the_scored_positions(tiny_bert, tmp_path, monkeypatch, capsys):
     """--distill-positions masked: the output loss (and the float forward's) of a masked LM sees the positions its
     perplexity scores (labels != -100) and no others; on a model that is not a masked LM it is a one-line error
@@ -427,22 +446,8 @@ def test_distill_positions_masked_distils_exactly_the_scored_positions(tiny_bert
         assert 0 < int(scored.sum()) < int(q.batches.calib[batches[i // 2]]["attention_mask"].sum())
         assert torch.equal(mask, scored)
     # an encoder has no masked positions: one line, exit 2, no directory
-    import shutil
-
-    from transformers import BertConfig, BertModel
-
-    enc = tmp_path / "enc"
-    torch.manual_seed(0)
-    BertModel(BertConfig.from_pretrained(tiny_bert / "model")).save_pretrained(enc)
-
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        if (tiny_bert / "model" / f).exists():
-            shutil.copy(tiny_bert / "model" / f, enc / f)
     out = tmp_path / "enc-run"
-    capsys.readouterr()
-    code, err = _cli(["finetune", str(enc), "--out", str(out), "--data", str(tiny_bert / "text.txt"), "--batch-size",
-                      "4", "--seq-len", "32", "--train-batches", "3", "--calib-batches", "2", "--eval-batches", "2",
-                      "--distill-positions", "masked", "--no-progress"], capsys)
+    code, err = _finetune_headless(tiny_bert, tmp_path, out, capsys, "--distill-positions", "masked")
     assert code == 2 and "--distill-positions masked needs a masked language model" in err and err.count("\n") == 0
     assert not out.exists()
 
@@ -477,21 +482,8 @@ def test_task_weight_adds_the_models_own_loss_of_the_student_output(tiny_bert):
 
 def test_task_weight_on_an_encoder_is_one_line(tiny_bert, tmp_path, capsys):
     """A base encoder has no task head, so no loss of its own: one line, exit 2, nothing written."""
-    import shutil
-
-    from transformers import BertConfig, BertModel
-
-    enc = tmp_path / "enc"
-    torch.manual_seed(0)
-    BertModel(BertConfig.from_pretrained(tiny_bert / "model")).save_pretrained(enc)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        if (tiny_bert / "model" / f).exists():
-            shutil.copy(tiny_bert / "model" / f, enc / f)
     out = tmp_path / "enc-run"
-    capsys.readouterr()  # save_pretrained's progress bar
-    code, err = _cli(["finetune", str(enc), "--out", str(out), "--data", str(tiny_bert / "text.txt"), "--batch-size",
-                      "4", "--seq-len", "32", "--train-batches", "3", "--calib-batches", "2", "--eval-batches", "2",
-                      "--task-weight", "1", "--no-progress"], capsys)
+    code, err = _finetune_headless(tiny_bert, tmp_path, out, capsys, "--task-weight", "1")
     assert code == 2 and "has no task head" in err and err.count("\n") == 0
     assert not out.exists()
 
