@@ -59,17 +59,10 @@ def task_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str) -
     """The task's own mean loss of ``logits`` on ``batch``'s labels (``mlm``: the masked positions' ``labels``;
     ``clm``: the next tokens of ``input_ids``, padding excluded; ``image``: ``labels``), the definitions training
     uses (train/losses.py); an ``encoder`` has none (ValueError)."""
-    from ..train.losses import causal_lm_loss_sum, classification_loss_sum, masked_lm_loss_sum
+    from ..train.losses import output_loss_sum
 
-    if task == "mlm":
-        total, n = masked_lm_loss_sum(logits, batch["labels"])
-    elif task == "clm":
-        total, n = causal_lm_loss_sum(logits, batch["input_ids"], batch.get("attention_mask"))
-    elif task == "image":
-        total, n, _ = classification_loss_sum(logits, batch["labels"])
-    else:
-        raise ValueError(f"task {task!r} has no loss of its own")
-    return total / n.clamp_min(1) if isinstance(n, torch.Tensor) else total / max(1, int(n))
+    total, n, _ = output_loss_sum(logits, batch, task)
+    return total / n.clamp_min(1)
 
 
 def outlier_penalty(tensors: list[torch.Tensor], kind: str, batch: int | None = None) -> torch.Tensor:

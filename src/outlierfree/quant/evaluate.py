@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..records import track
-from ..train.losses import causal_lm_loss_sum, classification_loss_sum, masked_lm_loss_sum
+from ..train.losses import output_loss_sum
 from .config import QuantConfig
 from ..data.evaluation import task_of
 from .simulator import QuantizedModel, default_forward, quantize
@@ -68,18 +68,13 @@ class Scores:
     def add(self, y: torch.Tensor, batch: dict[str, torch.Tensor], ref: torch.Tensor | None) -> None:
         """Score output ``y`` of one batch (and compare it with the float output ``ref`` when given)."""
         y = y.float()
-        if self.task == "mlm":  # the task losses training uses (train/losses.py), summed over the batch
-            nll, n = masked_lm_loss_sum(y, batch["labels"])
-            self.nll += float(nll)
+        if self.task in ("mlm", "clm", "image"):  # the task losses training uses (train/losses.py), summed
+            nll, n, correct = output_loss_sum(y, batch, self.task)
             self.n += int(n)
-        elif self.task == "clm":
-            nll, n = causal_lm_loss_sum(y, batch["input_ids"], batch.get("attention_mask"))
-            self.nll += float(nll)
-            self.n += int(n)
-        elif self.task == "image":
-            _, n, correct = classification_loss_sum(y, batch["labels"])
-            self.correct += int(correct)
-            self.n += int(n)
+            if correct is None:
+                self.nll += float(nll)
+            else:  # images are scored by top-1
+                self.correct += int(correct)
         if ref is not None:
             ref = ref.float()
             pad = _padding(batch)

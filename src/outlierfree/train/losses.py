@@ -59,6 +59,21 @@ def classification_loss_sum(logits: torch.Tensor, labels: torch.Tensor
     return loss, torch.tensor(labels.numel(), device=logits.device), (logits.argmax(-1) == labels).sum()
 
 
+def output_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss sum, count, correct top-1 or None) of a model's output ``logits`` on ``batch``'s own labels, by task:
+    ``mlm`` the masked positions' ``labels``, ``clm`` the next tokens of ``input_ids`` (padding excluded), ``image``
+    ``labels`` (the one that counts correct predictions). An ``encoder`` has no loss of its own (ValueError).
+    For callers that already hold the logits: evaluation's scores and a fine-tune's task loss."""
+    if task == "mlm":
+        return (*masked_lm_loss_sum(logits, batch["labels"]), None)
+    if task == "clm":
+        return (*causal_lm_loss_sum(logits, batch["input_ids"], batch.get("attention_mask")), None)
+    if task == "image":
+        return classification_loss_sum(logits, batch["labels"])
+    raise ValueError(f"task {task!r} has no loss of its own")
+
+
 def mlm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-LM loss sum with the LM head applied to the masked positions only (the vocabulary projection is
