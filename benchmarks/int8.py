@@ -21,7 +21,8 @@ Engines (each skipped when its package is missing; ``--skip`` names more):
   CPUs with AVX512-BF16 / AMX);
 - ``nncf``: ``nncf.quantize(model_type=TRANSFORMER)`` on the same calibration batches, run by OpenVINO (f32 hint);
 - ``of-{sites}-ort``, ``of-{sites}-ov``: ``outlierfree export`` of each site set (``--sites``: paper, paper:sym:head (with ``--symmetric-attention --int8-head``), full,
-  linear; ``--weight-granularity``), the same file in ONNX Runtime and as OpenVINO IR.
+  linear; ``:u8`` adds ``--weight-dtype uint8``; ``--weight-granularity``), the same file in ONNX Runtime and as
+  OpenVINO IR.
 
 Accuracy against PyTorch float on the evaluation batches: encoders: mean token cosine over real tokens, mean
 cosine of mean-pooled L2-normalised sentence embeddings, nearest-neighbour agreement (is each embedding's nearest
@@ -230,12 +231,14 @@ def build_engines(model: Any, model_path: str, task: str, calib: list[dict], wor
     float_onnx = None
     for sites in args.sites.split(","):
         # modifiers after ":" -- sym: --symmetric-attention (queries, keys, values on symmetric grids); head:
-        # --int8-head (the masked-LM head in integers too), e.g. paper:sym:head
+        # --int8-head (the masked-LM head in integers too); u8: --weight-dtype uint8 (the weights stored around zero
+        # point 128, for CPUs without VNNI), e.g. paper:sym:head
         base, *mods = sites.split(":")
-        unknown = set(mods) - {"sym", "head"}
+        unknown = set(mods) - {"sym", "head", "u8"}
         if base not in cfgs or unknown:
-            raise SystemExit(f"error: unknown --sites entry {sites!r}; use paper|full|linear|matmul with optional :sym, :head")
-        sym, head = "sym" in mods, "head" in mods
+            raise SystemExit(f"error: unknown --sites entry {sites!r}; use paper|full|linear|matmul with optional "
+                             f":sym, :head, :u8")
+        sym, head, u8 = "sym" in mods, "head" in mods, "u8" in mods
         cfg = cfgs[base]().replace(symmetric_attention=sym, int8_head=head)
         if args.weight_granularity != "per_tensor":
             from dataclasses import replace
@@ -247,13 +250,14 @@ def build_engines(model: Any, model_path: str, task: str, calib: list[dict], wor
         with quantize(model, cfg, task) as qm:
             qm.calibrate(calib, lambda m, b: model_output(m, b, task), progress=False)
             real = real_int8(qm, calib[:1], task, calib[0], out_dir=d, threads=th, with_float=float_onnx is None,
-                             runtimes=runtimes)
+                             runtimes=runtimes, weight_dtype="uint8" if u8 else "int8")
         if float_onnx is None:
             float_onnx = d / "model_float.onnx"
         records[sites] = {"config": cfg.to_dict(), "export": real["export"], "ort_kernels": real["kernels"],
                           "ov_kernels": (real.get("openvino") or {}).get("kernels")}
         how = (f"outlierfree export --sites {base} --weight-granularity {args.weight_granularity}"
-               + (" --symmetric-attention" if sym else "") + (" --int8-head" if head else ""))
+               + (" --symmetric-attention" if sym else "") + (" --int8-head" if head else "")
+               + (" --weight-dtype uint8" if u8 else ""))
         if f"of-{sites}-ort" not in skip:
             engines.append(ort_engine(f"of-{sites}-ort", f"outlierfree INT8 ({sites}), ONNX Runtime",
                                       d / "model_int8.onnx", how))
@@ -311,7 +315,7 @@ def main() -> None:
                          "'released' (bert-mini vanilla, clipped, gated)")
     ap.add_argument("--sites", default="paper,paper:sym:head,full,linear",
                     help="site sets, comma-separated; modifiers after ':': sym (--symmetric-attention), head "
-                         "(--int8-head), e.g. paper:sym:head")
+                         "(--int8-head), u8 (--weight-dtype uint8), e.g. paper:sym:head")
     ap.add_argument("--weight-granularity", default="per_tensor", choices=["per_tensor", "per_channel"])
     ap.add_argument("--calib-batches", type=int, default=8, help="of 8 sequences (64 paragraphs)")
     ap.add_argument("--eval-batches", type=int, default=22, help="of 8 sequences (176: the offline validation split has 179)")

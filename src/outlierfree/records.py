@@ -220,6 +220,12 @@ def cpu() -> tuple[str, list[str]]:
     return name, flags
 
 
+def vnni() -> bool:
+    """Whether this CPU multiplies int8 with VNNI or AMX: without them (AVX2 only) the runtimes' u8 x s8 kernels
+    saturate 16-bit pair sums (see :func:`outlierfree.export.onnx.fold_weight_qdq`)."""
+    return any(f in cpu()[1] for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def machine() -> str:
     """A one-line description of this machine: processor, cores, torch and its threads, GPU."""
     import torch

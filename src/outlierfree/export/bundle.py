@@ -72,6 +72,7 @@ def card(report: dict[str, Any], meta: dict[str, Any]) -> str:
             sq = r.get("output_sqnr_db")
             table.append(f"| {name} | {r.get(m, float('nan')):.4g} | {'(reference)' if sq is None else f'{sq:.1f}'} |")
     files = ", ".join(f"`{f}`" for f in meta["files"].values())
+    wdt = (report.get("export") or {}).get("weight_dtype", "int8")
     usage = ('model(["A sentence."])  # ' + ("last hidden state (B, T, H); model.embed(texts): sentence embeddings"
                                             if meta["task"] == "encoder" else "logits")
              if "input_ids" in meta["inputs"] else "model(pixels)  # float32 (B, C, H, W) -> logits (B, classes)")
@@ -80,7 +81,8 @@ def card(report: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Exported by outlierfree from `{report.get('model')}` ({report.get('model_class')}, task {meta['task']}) "
         f"with `{report.get('command')}` at commit {report.get('commit')}.",
         f"Ranges: {report['ranges']['source']}; {report['ranges']['activation_sites']} activation sites, "
-        f"{report['ranges']['quantized_weights']} quantized weights (grids in `ranges.json`).", "",
+        f"{report['ranges']['quantized_weights']} quantized weights (grids in `ranges.json`), stored as {wdt}"
+        + (" around zero point 128 (for CPUs without VNNI)." if wdt == "uint8" else "."), "",
         *(table if len(table) > 2 else ["(not evaluated: exported with --eval-batches 0)"]), "",
         f"Evaluated on {report.get('eval_batches')} validation batches; data: "
         + ", ".join(f"{k} {v}" for k, v in (report.get("data") or {}).items() if v is not None) + ".", "",

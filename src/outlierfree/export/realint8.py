@@ -35,13 +35,16 @@ def versions() -> dict[str, str]:
 
 def real_int8(qm: Any, eval_batches: list[dict[str, torch.Tensor]], task: str, example: dict[str, torch.Tensor],
               out_dir: str | Path | None = None, threads: int = 0, with_float: bool = True,
-              runtimes: tuple[str, ...] = ("onnxruntime",)) -> dict[str, Any]:
+              runtimes: tuple[str, ...] = ("onnxruntime",), weight_dtype: str = "int8") -> dict[str, Any]:
     """Export ``qm`` (calibrated) to ``out_dir`` (a temporary directory when ``None``) and evaluate it.
 
     Returns ``{"export": {...files, sizes, QDQ counts}, "kernels": {...ops in ONNX Runtime's optimised graph},
     "int8": metrics of the INT8 model in ONNX Runtime, "float": metrics of the float ONNX model (``None`` without
     ``with_float``), "agreement": the INT8 model's outputs against the simulator's, "seconds": ...}``. Metrics
     compare against the PyTorch float outputs (output SQNR, cosine for encoders).
+
+    ``weight_dtype``: how the weight integers are stored (``uint8`` for CPUs without VNNI, see
+    :func:`outlierfree.export.onnx.fold_weight_qdq`).
 
     ``runtimes`` containing ``"openvino"``: the INT8 model is also converted to OpenVINO IR (``model_int8.xml`` /
     ``.bin`` beside the ONNX files) and scored there; the result gains ``"openvino": {"int8", "float", "kernels",
@@ -55,7 +58,7 @@ def real_int8(qm: Any, eval_batches: list[dict[str, torch.Tensor]], task: str, e
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(out_dir) if out_dir is not None else Path(tmp)
-        info = export_onnx(qm, example, d, task, with_float=with_float)
+        info = export_onnx(qm, example, d, task, with_float=with_float, weight_dtype=weight_dtype)
         t_export = time.perf_counter() - t0
         was = qm.model.training
         qm.model.eval()
