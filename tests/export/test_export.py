@@ -532,8 +532,12 @@ def test_unknown_weight_dtype_is_one_line(tmp_path, capsys):
     from outlierfree.errors import OutlierfreeError
     from outlierfree.export.run import ExportRequest
 
+    from outlierfree.export.realint8 import scorer
+
     with pytest.raises(OutlierfreeError, match="--weight-dtype"):
         ExportRequest("whatever", str(tmp_path / "x"), weight_dtype="int4")
+    with pytest.raises(OutlierfreeError, match="--weight-dtype"):
+        scorer("onnxruntime", "int4")
     code, err = cli_run(["export", "whatever", "--weight-dtype", "int4", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "--weight-dtype" in err and not (tmp_path / "x").exists()
 
@@ -596,6 +600,14 @@ def test_cli_export_uint8_weights(tiny_gated_bert, capsys):
     types = {i.data_type for i in onnx.load(str(root / "onnx-u8" / "model.onnx")).graph.initializer
              if i.name.endswith("_int")}
     assert types == {onnx.TensorProto.UINT8}
+    # quantize --backend measures the same form
+    main(["quantize", str(root / "model"), "--data", str(root / "text.txt"), "--calib-batches", "2", "--eval-batches",
+          "2", "--batch-size", "4", "--seq-len", "32", "--quiet", "--diag-batches", "0", "--backend", "onnxruntime",
+          "--weight-dtype", "uint8", "--out", str(root / "quant-u8")])
+    run = json.loads((root / "quant-u8" / "quant.json").read_text())["runs"][0]
+    assert run["onnxruntime"]["weight_dtype"] == "uint8"
+    assert abs(run["onnxruntime"]["int8"]["perplexity"] - run["quantized"]["perplexity"]) \
+        < 0.01 * run["quantized"]["perplexity"]
 
 
 def test_mask_rewrite_exact_with_fully_padded_row(tmp_path):

@@ -90,23 +90,30 @@ def real_int8(qm: Any, eval_batches: list[dict[str, torch.Tensor]], task: str, e
     return out
 
 
-def scorer(backend: str = "onnxruntime") -> Callable[[Any, list, str, dict], dict[str, Any]]:
+def scorer(backend: str = "onnxruntime",
+           weight_dtype: str = "int8") -> Callable[[Any, list, str, dict], dict[str, Any]]:
     """The real-INT8 hook of :func:`outlierfree.quant.evaluate.evaluate_quantized` (``real=``): the calibrated
-    model exported to static QDQ INT8 and scored in ONNX Runtime (and, with ``backend="openvino"``, in OpenVINO
-    too) on the same evaluation batches as the simulator. A runtime that is not installed is a one-line error
-    here, before any work."""
+    model exported to static QDQ INT8 (weights stored as ``weight_dtype``) and scored in ONNX Runtime (and, with
+    ``backend="openvino"``, in OpenVINO too) on the same evaluation batches as the simulator. A runtime that is
+    not installed, or an unknown weight type, is a one-line error here, before any work."""
+    from ..errors import require
+    from .onnx import WEIGHT_DTYPES
     from .openvino import require_openvino
 
+    require(weight_dtype in WEIGHT_DTYPES, f"unknown --weight-dtype {weight_dtype!r}",
+            f"use one of {', '.join(WEIGHT_DTYPES)}")
     require_onnx()
     if backend == "openvino":
         require_openvino()
 
     def score(qm: Any, eval_batches: list[dict[str, torch.Tensor]], task: str,
               example: dict[str, torch.Tensor]) -> dict[str, Any]:
-        real = real_int8(qm, eval_batches, task, example, runtimes=("onnxruntime", backend))
+        real = real_int8(qm, eval_batches, task, example, runtimes=("onnxruntime", backend),
+                         weight_dtype=weight_dtype)
         out: dict[str, Any] = {"onnxruntime": {k: real[k] for k in ("int8", "float", "kernels", "agreement",
                                                                     "threads")}}
         out["onnxruntime"]["bytes"] = real["export"]["bytes"]  # INT8 and float ONNX files
+        out["onnxruntime"]["weight_dtype"] = weight_dtype
         if "openvino" in real:  # the same INT8 model compiled by OpenVINO
             out["openvino"] = {k: real["openvino"][k] for k in ("int8", "float", "kernels", "agreement", "bytes")}
         out["seconds"] = sum(real["seconds"].values())

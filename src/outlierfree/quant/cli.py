@@ -79,12 +79,16 @@ def head_and_grid_options(command: Any) -> Any:
               help="onnxruntime: also export the calibrated model to static QDQ INT8 ONNX and score it in ONNX "
                    "Runtime on the same validation batches (needs outlierfree[deploy]; w8a8 static only); openvino: "
                    "also in OpenVINO (needs outlierfree[openvino])")
+@click.option("--weight-dtype", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True,
+              help="with --backend: how the exported weights are stored (uint8 for CPUs without VNNI, whose int8 "
+                   "kernels saturate; as `outlierfree export`)")
 @click.option("--reference", default=None, help="a checkpoint to compare against as well (e.g. the original a "
               "fine-tune started from): its float model runs on the same evaluation batches, and every result also "
               "reads against its float outputs")
 @click.option("--out", required=True, help="output directory (quant.json, quant.md, sites.png)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def quantize_cmd(model_path: str, out: str, quiet: bool, transform: str | None, **flags: Any) -> None:
+def quantize_cmd(model_path: str, out: str, quiet: bool, transform: str | None, weight_dtype: str,
+                 **flags: Any) -> None:
     """Simulate full W/A quantization of MODEL (every weight and activation, including residual sums and
     LayerNorm inputs) and report float vs quantized metrics, per-site SQNR and which sites hurt most.
 
@@ -106,7 +110,7 @@ def quantize_cmd(model_path: str, out: str, quiet: bool, transform: str | None, 
     if request.backend != "simulator":  # the export layer scores the real runtime (quant sits below it)
         from ..export.realint8 import scorer
 
-        real = scorer(request.backend)
+        real = scorer(request.backend, weight_dtype)
     result = quantize_checkpoint(request, real=real, echo=lambda line: click.echo(line, err=True),
                                  on_run=lambda cfg, r, info: click.echo(line_of(cfg, r, info, request.batch_size)))
     result.command = command_line()
