@@ -329,6 +329,20 @@ def test_data_too_short_unpatchable_and_foreign_out_are_one_line(tiny_bert, tmp_
     assert code == 2 and "other files" in err and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
 
+def test_clipped_retrofit_does_not_warn_of_dead_rows(tiny_bert, tmp_path, capsys):
+    """A clipped retrofit whose final gamma would zero near-uniform rows (alpha 4: gamma = -4 / T) starts from the
+    original softmax (gamma ramps up from 0), so the from-scratch warning "zeroes every near-uniform row ... at
+    initialisation" does not apply and is not printed; the same alpha in a from-scratch model still warns."""
+    from outlierfree.models.build import DeadAttentionWarning
+
+    main(small_flags(tiny_bert, tmp_path / "o", "--steps", "1", "--method", "retrofit", "--attention", "clipped",
+                     "--alpha", "4", "--no-measure"))
+    err = capsys.readouterr().err
+    assert (tmp_path / "o" / "model").is_dir() and "near-uniform" not in err
+    with pytest.warns(DeadAttentionWarning, match="near-uniform"):
+        build_model("bert", "tiny", {"variant": "clipped", "alpha": 4.0, "alpha_t": "row"}, seed=0)
+
+
 def test_cli_end_to_end_card_and_quantize_reads_the_cured_model(tiny_bert, tmp_path, capsys):
     out = tmp_path / "cli"
     main(small_flags(tiny_bert, out, "--steps", "3", "--method", "retrofit+qat", "--no-real-int8"))

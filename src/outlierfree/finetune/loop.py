@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -180,7 +181,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     from accelerate.utils import set_seed
     from rich.console import Console
 
-    from ..models.build import patch_model
+    from ..models.build import DeadAttentionWarning, patch_model
     from ..quant.evaluate import model_output
     from ..quant.learned import attach_ranges, collect, make_trainable
     from ..quant.simulator import quantize
@@ -232,7 +233,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         require(bool(hf_compat.attention_modules(model)),
                 f"cannot patch {type(model).__name__} for --method {cfg.method}: its attention does not go through "
                 f"transformers' attention interface", "use --method qat (quantization-aware training needs no patch)")
-        patch_model(model, retrofit_for(model, cfg, console), strict=False)  # one-line error for what it cannot
+        with warnings.catch_warnings():
+            # "rows dead at initialisation" is about training from scratch: a retrofit ramps gamma up from 0 (the
+            # original softmax) over the first half, so every row starts alive whatever --alpha asks for at the end
+            warnings.simplefilter("ignore", DeadAttentionWarning)
+            patch_model(model, retrofit_for(model, cfg, console), strict=False)  # one-line error for what it cannot
         _set_ramp(model, cfg, 0)
     qcfg = qat_config(cfg)
     qm, ranges, names = None, nn.ModuleDict(), {}
