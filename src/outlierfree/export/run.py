@@ -196,7 +196,8 @@ def export_checkpoint(request: ExportRequest, *, command: str | None = None) -> 
     if r.weight_dtype == "int8" and not vnni() and r.progress:  # measured on an AVX2-only CPU: docs/export.md
         print("notice: this CPU has no VNNI: its int8 kernels saturate where large weights meet large activations "
               "(per-channel weights and int8 heads lose 1-7 dB of output SQNR); --weight-dtype uint8 stores the "
-              "same weights in a form that does not", file=sys.stderr)
+              "same weights in a form that does not (and that OpenVINO runs about 1.8x faster on such a CPU)",
+              file=sys.stderr)
     t0 = time.perf_counter()
     q = load_for_quant(r.model, tokenizer=r.tokenizer, calib_batches=r.calib_batches,
                        eval_batches=max(r.eval_batches, 1), batch_size=r.batch_size, seq_len=r.seq_len, seed=r.seed,
