@@ -98,14 +98,14 @@ def fold_weight_qdq(path: Path, weight_dtype: str = "int8") -> dict[str, int]:
     import onnx
     from onnx import numpy_helper
 
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise OutlierfreeError(f"unknown weight type {weight_dtype!r}", f"use one of {', '.join(WEIGHT_DTYPES)}")
     model = onnx.load(str(path))
     g = model.graph
     inits = {i.name for i in g.initializer}
     vals = const_values(g)
     # the exporter deduplicates equal initializers (LayerNorm gains at init) into Identity nodes of one of them
     alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity" and n.input[0] in inits}
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise OutlierfreeError(f"unknown weight type {weight_dtype!r}", f"use one of {', '.join(WEIGHT_DTYPES)}")
     keep, new_inits, folded = [], [], 0
     rename: dict[str, str] = {}
     new_zp: dict[str, str] = {}  # uint8 storage: the folded QuantizeLinear's output -> its new zero point
@@ -463,6 +463,8 @@ def export_onnx(qm: Any, batch: dict[str, torch.Tensor], out_dir: str | Path, ta
     files, sizes in bytes, QDQ counts.
     """
     require_onnx()
+    if weight_dtype not in WEIGHT_DTYPES:  # before the (slow) tracing
+        raise OutlierfreeError(f"unknown weight type {weight_dtype!r}", f"use one of {', '.join(WEIGHT_DTYPES)}")
     out = Path(out_dir)
     f_path, q_path = out / "model_float.onnx", out / "model_int8.onnx"
     if with_float:
