@@ -9,6 +9,7 @@ import click
 
 from ..quant.cli import head_and_grid_options
 from ..quant.config import configs_from_flags, pop_config_flags
+from .onnx import WEIGHT_DTYPES
 
 
 @click.command("export")
@@ -32,7 +33,7 @@ from ..quant.config import configs_from_flags, pop_config_flags
 @click.option("--threads", type=int, default=0, show_default=True, help="runtime threads (0: all cores)")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True,
               help="openvino: also write OpenVINO IR (openvino_model.xml/.bin) and score it there (outlierfree[openvino])")
-@click.option("--weight-dtype", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True,
+@click.option("--weight-dtype", type=click.Choice(WEIGHT_DTYPES), default="int8", show_default=True,
               help="uint8: the same weights stored around zero point 128, for CPUs without VNNI (AVX2 only), whose "
               "int8 kernels saturate; int8 is faster where VNNI exists")
 @click.option("--out", required=True, help="new output directory (model.onnx, [openvino_model.xml], config.json, "

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import OutlierfreeError
+from ..errors import OutlierfreeError, require
 from .graph import const_values, consumers
 from .ort import require_onnx  # noqa: F401  (re-exported: callers import it from here)
 
@@ -83,6 +83,13 @@ def _export(model: nn.Module, batch: dict[str, torch.Tensor], task: str, path: P
 WEIGHT_DTYPES = ("int8", "uint8")
 
 
+def require_weight_dtype(weight_dtype: str) -> None:
+    """One-line error for a weight storage type the exporter does not write (the one check of ``--weight-dtype``,
+    for the export request, the quantize scorer and the exporter itself)."""
+    require(weight_dtype in WEIGHT_DTYPES, f"unknown --weight-dtype {weight_dtype!r}",
+            f"use one of {', '.join(WEIGHT_DTYPES)}")
+
+
 def fold_weight_qdq(path: Path, weight_dtype: str = "int8") -> dict[str, int]:
     """Replace every weight QuantizeLinear (input: a float initializer) by an int8/uint8 initializer, in place.
 
@@ -98,8 +105,7 @@ def fold_weight_qdq(path: Path, weight_dtype: str = "int8") -> dict[str, int]:
     import onnx
     from onnx import numpy_helper
 
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise OutlierfreeError(f"unknown weight type {weight_dtype!r}", f"use one of {', '.join(WEIGHT_DTYPES)}")
+    require_weight_dtype(weight_dtype)
     model = onnx.load(str(path))
     g = model.graph
     inits = {i.name for i in g.initializer}
@@ -463,8 +469,7 @@ def export_onnx(qm: Any, batch: dict[str, torch.Tensor], out_dir: str | Path, ta
     files, sizes in bytes, QDQ counts.
     """
     require_onnx()
-    if weight_dtype not in WEIGHT_DTYPES:  # before the (slow) tracing
-        raise OutlierfreeError(f"unknown weight type {weight_dtype!r}", f"use one of {', '.join(WEIGHT_DTYPES)}")
+    require_weight_dtype(weight_dtype)  # before the (slow) tracing
     out = Path(out_dir)
     f_path, q_path = out / "model_float.onnx", out / "model_int8.onnx"
     if with_float:

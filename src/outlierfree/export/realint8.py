@@ -96,12 +96,10 @@ def scorer(backend: str = "onnxruntime",
     model exported to static QDQ INT8 (weights stored as ``weight_dtype``) and scored in ONNX Runtime (and, with
     ``backend="openvino"``, in OpenVINO too) on the same evaluation batches as the simulator. A runtime that is
     not installed, or an unknown weight type, is a one-line error here, before any work."""
-    from ..errors import require
-    from .onnx import WEIGHT_DTYPES
+    from .onnx import require_weight_dtype
     from .openvino import require_openvino
 
-    require(weight_dtype in WEIGHT_DTYPES, f"unknown --weight-dtype {weight_dtype!r}",
-            f"use one of {', '.join(WEIGHT_DTYPES)}")
+    require_weight_dtype(weight_dtype)
     require_onnx()
     if backend == "openvino":
         require_openvino()

@@ -23,7 +23,7 @@ from ..data import defaults
 from ..errors import require
 from ..quant.config import QuantConfig, paper_w8a8
 from ..records import vnni
-from .onnx import WEIGHT_DTYPES
+from .onnx import require_weight_dtype
 
 RUNTIMES = ("onnxruntime", "openvino")
 
@@ -80,8 +80,7 @@ class ExportRequest:
         require(self.seq_len is None or self.seq_len >= 2, f"--seq-len {self.seq_len} is too short", "pass 2 or more")
         require(self.threads >= 0, f"--threads {self.threads} is negative", "pass 0 (all cores) or more")
         require(self.runtime in RUNTIMES, f"unknown --runtime {self.runtime!r}", f"use one of {', '.join(RUNTIMES)}")
-        require(self.weight_dtype in WEIGHT_DTYPES, f"unknown --weight-dtype {self.weight_dtype!r}",
-                f"use one of {', '.join(WEIGHT_DTYPES)}")
+        require_weight_dtype(self.weight_dtype)
 
     @property
     def config(self) -> QuantConfig:
